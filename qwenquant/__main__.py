@@ -1,0 +1,3 @@
+from qwenquant.cli import run
+
+run()

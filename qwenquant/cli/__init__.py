@@ -1,0 +1,58 @@
+"""`qwenquant` command line: thin wrappers that build a Recipe and call the library."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import typer
+
+from qwenquant.errors import QwenquantError
+
+app = typer.Typer(
+    name="qwenquant",
+    help="Quantize Qwen3 checkpoints (FP8, INT4 GPTQ/AWQ) into folders that transformers, vLLM and SGLang load.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+
+@app.callback()
+def _root() -> None:
+    """Quantize Qwen3 checkpoints into folders that transformers, vLLM and SGLang load."""
+
+
+from qwenquant.cli import fp8 as _fp8  # noqa: E402,F401  (registers commands)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: one-line errors on stderr, documented exit codes (see README)."""
+    args = sys.argv[1:] if argv is None else argv
+    want_json = "--json" in args
+    try:
+        app(args=args, standalone_mode=False, prog_name="qwenquant")
+    except QwenquantError as err:
+        return _fail(str(err), err.exit_code, want_json)
+    except typer.Abort:
+        return _fail("aborted", 130, want_json)
+    except typer.TyperException as err:  # bad flags or values (typer's click exceptions)
+        message = err.format_message() if hasattr(err, "format_message") else str(err)
+        return _fail(message.replace("\n", " "), 2, want_json)
+    except KeyboardInterrupt:
+        return _fail("interrupted; no output folder was left behind", 130, want_json)
+    except SystemExit as err:  # typer.Exit from commands
+        return int(err.code or 0)
+    return 0
+
+
+def _fail(message: str, code: int, want_json: bool) -> int:
+    print(f"qwenquant: error: {message}", file=sys.stderr)
+    if want_json:
+        print(json.dumps({"ok": False, "error": message, "exit_code": code}))
+    return code
+
+
+def run() -> None:
+    sys.exit(main())

@@ -1,0 +1,68 @@
+"""Options shared by the quantize commands, and the code that runs a built Recipe."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from qwenquant.model.loader import default_output_name
+from qwenquant.recipe import CalibrationConfig, EvalConfig, ExportConfig, ModelConfig
+
+_C, _E = CalibrationConfig(), EvalConfig()
+
+Model = Annotated[str, typer.Option("--model", "-m", help="Local folder, hub id, or shorthand like Qwen3-4B (= Qwen/Qwen3-4B).")]
+Out = Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder [default: ./<model>-<SCHEME>].")]
+Revision = Annotated[Optional[str], typer.Option(help="Hub revision (branch, tag or commit).")]
+Calib = Annotated[str, typer.Option("--calib", help="builtin | builtin:en | builtin:zh | FILE.txt | FILE.jsonl | hub dataset id[:config][@split].")]
+NumSamples = Annotated[int, typer.Option(help="Calibration samples.")]
+SeqLen = Annotated[int, typer.Option(help="Tokens per calibration sample.")]
+Seed = Annotated[int, typer.Option(help="Seed for calibration sampling.")]
+Device = Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N: where each layer is processed.")]
+EvalText = Annotated[str, typer.Option(help="wikitext2 (WikiText-2 test) or a text file for perplexity.")]
+EvalWindows = Annotated[Optional[int], typer.Option(help="Evaluate only the first N windows (quick runs).")]
+Window = Annotated[int, typer.Option("--eval-window", help="Tokens per perplexity window (capped at the model's max positions).")]
+NoPpl = Annotated[bool, typer.Option("--no-ppl", help="Skip perplexity (KL and verification still run).")]
+NoVerify = Annotated[bool, typer.Option("--no-verify", help="Do not reload and compare the written checkpoint.")]
+VerifyMaxKL = Annotated[float, typer.Option(help="Fail if the reloaded checkpoint's mean next-token KL vs the source exceeds this (nats).")]
+Overwrite = Annotated[bool, typer.Option(help="Replace an existing output folder.")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")]
+Json = Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")]
+PrintRecipe = Annotated[bool, typer.Option("--print-recipe", help="Print the resolved recipe as YAML and exit.")]
+
+
+def base_configs(model: str, revision, calib, num_samples, seq_len, seed, eval_text, eval_windows, eval_window,
+                 no_ppl, no_verify, verify_max_kl) -> dict:
+    """Recipe sections shared by every quantize command, built from their flags."""
+    return {
+        "model": ModelConfig(id=model, revision=revision),
+        "calibration": CalibrationConfig(dataset=calib, num_samples=num_samples, seq_len=seq_len, seed=seed),
+        "eval": EvalConfig(perplexity=not no_ppl, eval_text=eval_text, window=eval_window, max_windows=eval_windows,
+                           verify=not no_verify, verify_max_kl=verify_max_kl),
+    }
+
+
+def execute(recipe, out: Path | None, suffix: str, overwrite: bool, quiet: bool, json_out: bool, print_recipe: bool) -> None:
+    """Run a recipe and print the result (or just the recipe)."""
+    from qwenquant.progress import Reporter
+    from qwenquant.report import summary
+    from qwenquant.run import run_recipe
+
+    if print_recipe:
+        sys.stdout.write(recipe.to_yaml())
+        return
+    out = out or Path(default_output_name(recipe.model.id, suffix))
+    reporter = Reporter(quiet=quiet or json_out)
+    command = "qwenquant " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    report = run_recipe(recipe, out, overwrite=overwrite, reporter=reporter, command=command)
+    if json_out:
+        print(json.dumps(summary(report) | {"out": str(out)}))
+    elif not quiet:
+        s = summary(report)
+        ppl = (f"perplexity {s['source_ppl']:.3f} -> {s['quantized_ppl']:.3f} ({s['delta_ppl_pct']:+.2f}%), "
+               if s["source_ppl"] else "")
+        reporter.console.print(f"[green]wrote {out}[/green]: {ppl}mean KL {s['mean_kl']:.5f} nats; see {out}/REPORT.md")

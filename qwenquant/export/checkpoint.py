@@ -1,0 +1,98 @@
+"""Assemble an engine-loadable checkpoint folder from the quantized model: shards, config, tokenizer."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from qwenquant.pipeline import QuantState
+from qwenquant.recipe import Recipe
+
+
+def ignore_list(model: nn.Module, state: QuantState, always: tuple[str, ...]) -> list[str]:
+    """Linears left in the source dtype: always-ignored ones (lm_head) plus decoder Linears not quantized."""
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in state.records]
+    return sorted(set(names) | set(always))
+
+
+def _int_format_module(fmt: str):
+    if fmt == "compressed-tensors":
+        from qwenquant.export import ct_packed as mod
+    elif fmt == "gptq":
+        from qwenquant.export import gptq_v1 as mod
+    elif fmt == "awq":
+        from qwenquant.export import awq_gemm as mod
+    else:
+        raise ValueError(f"format {fmt} cannot store INT weights")
+    return mod
+
+
+def linear_tensors(recipe: Recipe, name: str, state: QuantState) -> dict[str, torch.Tensor]:
+    """Format-specific tensors of one quantized Linear, with local names."""
+    qw = state.records[name]
+    fmt = recipe.export.format
+    if qw.kind == "fp8":
+        if fmt == "hf-fp8":
+            from qwenquant.export import hf_fp8
+
+            return hf_fp8.linear_tensors(qw)
+        from qwenquant.export.compressed_tensors import fp8_linear_tensors, fp8_scheme
+
+        spec = state.activations.get(name)
+        input_scale = spec.input_scale if spec is not None and spec.mode == "tensor" else None
+        return fp8_linear_tensors(qw, fp8_scheme(recipe.stage("fp8")), input_scale)
+    return _int_format_module(fmt).linear_tensors(qw)
+
+
+def quantization_config(recipe: Recipe, ignore: list[str]) -> tuple[dict, dict | None]:
+    """(config.json quantization_config, quantize_config.json content or None)."""
+    fmt = recipe.export.format
+    if recipe.quantizer == "fp8":
+        fp8 = recipe.stage("fp8")
+        if fmt == "hf-fp8":
+            from qwenquant.export import hf_fp8
+
+            return hf_fp8.quantization_config(fp8.block_size, ignore), None
+        from qwenquant.export.compressed_tensors import fp8_quantization_config
+
+        return fp8_quantization_config(fp8, ignore), None
+    stage = recipe.stage(recipe.quantizer)
+    actorder = getattr(stage, "actorder", "none")
+    actorder = None if actorder == "none" else actorder
+    config = _int_format_module(fmt).quantization_config(stage.bits, stage.group_size, stage.symmetric, actorder, ignore)
+    return config, (config if fmt == "gptq" else None)
+
+
+def write_checkpoint(folder: Path, model: nn.Module, tokenizer, recipe: Recipe, state: QuantState, always_ignore) -> dict:
+    """Write weights (sharded), config.json with quantization_config, generation config and tokenizer."""
+    from qwenquant.export.writer import ShardWriter
+
+    folder = Path(folder)
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    writer = ShardWriter(folder, recipe.export.max_shard_size_mb * 1024 * 1024)
+    for key, tensor in model.state_dict().items():
+        if tied and key == "lm_head.weight":
+            continue  # one shared table: engines re-tie from the config
+        module = key.rsplit(".", 1)[0]
+        if key.endswith(".weight") and module in state.records:
+            for local, t in linear_tensors(recipe, module, state).items():
+                writer.add(f"{module}.{local}", t)
+        else:
+            writer.add(key, tensor)
+    files = writer.finish()
+
+    ignore = ignore_list(model, state, always_ignore)
+    qconfig, quantize_config = quantization_config(recipe, ignore)
+    model.config.save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = qconfig
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    if quantize_config is not None:
+        (folder / "quantize_config.json").write_text(json.dumps(quantize_config, indent=2) + "\n")
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return {"files": files, "tensor_bytes": writer.total_bytes}

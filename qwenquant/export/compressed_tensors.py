@@ -1,0 +1,64 @@
+"""compressed-tensors FP8 (`float-quantized`) layout, built with the compressed-tensors library itself.
+
+INT weight-only records go through `ct_packed` (pack-quantized). Both produce per-Linear tensors with local
+names (`weight`, `weight_scale`, `input_scale`, ...) and the config.json `quantization_config`.
+"""
+
+from __future__ import annotations
+
+import torch
+from compressed_tensors.compressors import BaseCompressor
+from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
+
+from qwenquant.quant.records import QuantizedWeight
+from qwenquant.recipe import FP8Stage
+
+
+def fp8_scheme(cfg: FP8Stage, targets: list[str] | None = None) -> QuantizationScheme:
+    """The compressed-tensors scheme for an FP8 stage (weights and activations)."""
+    weight_kw: dict = {"strategy": cfg.weights}
+    if cfg.weights == "block":
+        weight_kw["block_structure"] = [cfg.block_size, cfg.block_size]
+    weights = QuantizationArgs(num_bits=8, type="float", symmetric=True, dynamic=False, **weight_kw)
+    acts = None
+    if cfg.activations == "dynamic" and cfg.weights == "block":
+        acts = QuantizationArgs(num_bits=8, type="float", symmetric=True, dynamic=True, strategy="group", group_size=cfg.block_size)
+    elif cfg.activations == "dynamic":
+        acts = QuantizationArgs(num_bits=8, type="float", symmetric=True, dynamic=True, strategy="token")
+    elif cfg.activations == "static":
+        acts = QuantizationArgs(num_bits=8, type="float", symmetric=True, dynamic=False, strategy="tensor")
+    return QuantizationScheme(targets=targets or ["Linear"], weights=weights, input_activations=acts)
+
+
+def fp8_linear_tensors(qw: QuantizedWeight, scheme: QuantizationScheme, input_scale: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """Compress one FP8 Linear with compressed-tensors from our dequantized weight and scale."""
+    compressor = BaseCompressor.load_from_registry("float-quantized")
+    state = {"weight": qw.dequantize(torch.float32), "weight_scale": qw.scale}
+    out = dict(compressor.compress(state, scheme))
+    if input_scale is not None:
+        out["input_scale"] = input_scale.reshape(1).to(qw.scale.dtype)
+    return out
+
+
+def fp8_quantization_config(cfg: FP8Stage, ignore: list[str]) -> dict:
+    config = QuantizationConfig(
+        config_groups={"group_0": fp8_scheme(cfg)},
+        format="float-quantized",
+        quantization_status="compressed",
+        ignore=ignore,
+    )
+    return _clean(config.model_dump())
+
+
+def _clean(d: dict) -> dict:
+    """JSON-ready dict: enums to values; drop keys older loaders reject (scale_dtype/zp_dtype, see formats.md)."""
+    import json
+
+    data = json.loads(json.dumps(d, default=lambda o: getattr(o, "value", str(o))))
+    for group in data.get("config_groups", {}).values():
+        for key in ("weights", "input_activations", "output_activations"):
+            args = group.get(key) if isinstance(group, dict) else None
+            if isinstance(args, dict):
+                for legacy in ("scale_dtype", "zp_dtype"):
+                    args.pop(legacy, None)
+    return data

@@ -1,0 +1,104 @@
+"""Writing an output folder safely: a temporary sibling renamed into place, sharded safetensors with an index."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors.torch import save_file
+
+from qwenquant.errors import BadInputError, ResourceError
+
+
+def check_output_dir(out: Path, overwrite: bool) -> None:
+    """Refuse an existing output folder unless --overwrite; refuse a path that is a file."""
+    if out.exists():
+        if out.is_file():
+            raise BadInputError(f"--out {out}: is a file; choose a folder path")
+        if not overwrite:
+            raise BadInputError(f"--out {out}: already exists; pass --overwrite to replace it or choose another --out")
+    parent = out.resolve().parent
+    while not parent.exists():  # missing parents are created at write time; check the first existing one
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise BadInputError(f"--out {out}: {parent} is not a writable folder; choose another --out")
+
+
+@contextmanager
+def atomic_output_dir(out: Path, overwrite: bool) -> Iterator[Path]:
+    """Yield a temporary sibling folder; rename it to `out` only if the block succeeds, else delete it."""
+    out = Path(out)
+    check_output_dir(out, overwrite)
+    out.resolve().parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.resolve().parent / f".{out.name}.partial-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        yield tmp
+        if out.exists():
+            old = out.resolve().parent / f".{out.name}.old-{os.getpid()}"
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if err.errno == errno.ENOSPC:
+            raise ResourceError(f"disk full while writing {out}; free space or choose another --out") from err
+        raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+class ShardWriter:
+    """Accumulate tensors and write `model-0000i-of-0000n.safetensors` shards of at most `max_bytes`."""
+
+    def __init__(self, folder: Path, max_bytes: int):
+        self.folder = Path(folder)
+        self.max_bytes = max_bytes
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.shards: list[tuple[str, list[str]]] = []  # (temporary file name, tensor names)
+        self.total_bytes = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        size = tensor.numel() * tensor.element_size()
+        if self.pending and self.pending_bytes + size > self.max_bytes:
+            self.flush()
+        self.pending[name] = tensor.detach().to("cpu").contiguous()
+        self.pending_bytes += size
+        self.total_bytes += size
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        fname = f"shard-{len(self.shards):05d}.safetensors"
+        save_file(self.pending, str(self.folder / fname), metadata={"format": "pt"})
+        self.shards.append((fname, list(self.pending)))
+        self.pending, self.pending_bytes = {}, 0
+
+    def finish(self) -> list[str]:
+        """Rename shards to their final names; write the index when there is more than one."""
+        self.flush()
+        n = len(self.shards)
+        if n == 1:
+            (self.folder / self.shards[0][0]).rename(self.folder / "model.safetensors")
+            return ["model.safetensors"]
+        weight_map, names = {}, []
+        for i, (fname, keys) in enumerate(self.shards):
+            final = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            (self.folder / fname).rename(self.folder / final)
+            names.append(final)
+            weight_map.update({k: final for k in keys})
+        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+        (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        return names

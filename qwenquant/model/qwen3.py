@@ -1,0 +1,85 @@
+"""Everything qwenquant knows about Qwen3's module layout, as data.
+
+Adding an architecture means adding one `ArchAdapter` here; nothing else names transformers modules.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class SmoothMapping:
+    """Activation scaling factors fold into `smooth` (an RMSNorm, or a Linear's output rows) and into the
+    input columns of the `balance` Linears that read its output. `kind` is "norm" or "linear"; "gqa" marks
+    v_proj -> o_proj, where one v channel feeds several query heads' o_proj columns."""
+
+    smooth: str
+    balance: tuple[str, ...]
+    kind: str
+    gqa: bool = False
+
+
+@dataclass(frozen=True)
+class ArchAdapter:
+    """Module paths and groupings of one decoder architecture (names relative to a decoder layer)."""
+
+    architectures: tuple[str, ...]
+    layers_path: str
+    linears: tuple[str, ...]
+    sequential_groups: tuple[tuple[str, ...], ...]  # quantize in this order, each seeing quantized predecessors
+    fused_groups: tuple[tuple[str, ...], ...]  # vLLM fuses these: one scheme, one ignore status
+    smooth_mappings: tuple[SmoothMapping, ...]
+    always_ignore: tuple[str, ...] = ("lm_head",)
+
+    def fused_group_of(self, linear: str) -> tuple[str, ...]:
+        for group in self.fused_groups:
+            if linear in group:
+                return group
+        return (linear,)
+
+
+QWEN3 = ArchAdapter(
+    architectures=("Qwen3ForCausalLM",),
+    layers_path="model.layers",
+    linears=(
+        "self_attn.q_proj",
+        "self_attn.k_proj",
+        "self_attn.v_proj",
+        "self_attn.o_proj",
+        "mlp.gate_proj",
+        "mlp.up_proj",
+        "mlp.down_proj",
+    ),
+    sequential_groups=(
+        ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+        ("self_attn.o_proj",),
+        ("mlp.gate_proj", "mlp.up_proj"),
+        ("mlp.down_proj",),
+    ),
+    fused_groups=(
+        ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+        ("mlp.gate_proj", "mlp.up_proj"),
+    ),
+    # q_norm/k_norm act on q/k *outputs*, so scaling q/k/v inputs through input_layernorm is exact; nothing is
+    # ever folded through q_norm/k_norm (that would change the function).
+    smooth_mappings=(
+        SmoothMapping("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "norm"),
+        SmoothMapping("self_attn.v_proj", ("self_attn.o_proj",), "linear", gqa=True),
+        SmoothMapping("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "norm"),
+        SmoothMapping("mlp.up_proj", ("mlp.down_proj",), "linear"),
+    ),
+)
+
+ADAPTERS: tuple[ArchAdapter, ...] = (QWEN3,)
+
+
+def supported_architectures() -> list[str]:
+    return [a for adapter in ADAPTERS for a in adapter.architectures]
+
+
+def adapter_for(architecture: str) -> ArchAdapter | None:
+    for adapter in ADAPTERS:
+        if architecture in adapter.architectures:
+            return adapter
+    return None

@@ -1,0 +1,237 @@
+"""The sequential per-layer pipeline: capture layer inputs, run the recipe's stages on one decoder layer at a
+time, then propagate the *quantized* layer's outputs as the next layer's inputs.
+
+Only this module and `qwenquant/stages.py` touch live modules; algorithms in `qwenquant/quant/` are pure.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+from qwenquant.model.qwen3 import ArchAdapter
+from qwenquant.quant.fp8 import fake_quantize_activation
+from qwenquant.quant.records import QuantizedWeight
+
+
+class _StopForward(Exception):
+    """Raised by the capture hook once layer 0's inputs are recorded."""
+
+
+def get_module(root: nn.Module, dotted: str) -> nn.Module:
+    return root.get_submodule(dotted)
+
+
+def decoder_layers(model: nn.Module, adapter: ArchAdapter) -> nn.ModuleList:
+    return get_module(model, adapter.layers_path)  # type: ignore[return-value]
+
+
+@dataclass
+class ActivationCache:
+    """Inputs of the current decoder layer, one entry per calibration batch, kept on `store_device`."""
+
+    hidden: list[torch.Tensor]
+    kwargs: list[dict]
+    store_device: torch.device = torch.device("cpu")
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(h.shape[0] * h.shape[1] for h in self.hidden)
+
+
+def _to(obj, device):
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, tuple):
+        return tuple(_to(o, device) for o in obj)
+    if isinstance(obj, list):
+        return [_to(o, device) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+@torch.no_grad()
+def capture_layer0_inputs(
+    model: nn.Module, adapter: ArchAdapter, ids: torch.Tensor, batch_size: int, device: torch.device
+) -> ActivationCache:
+    """Run the embedding (and rotary) on each calibration batch and record what decoder layer 0 receives."""
+    layers = decoder_layers(model, adapter)
+    hidden, kwargs_list = [], []
+
+    def hook(_module, args, kwargs):
+        h = args[0] if args else kwargs["hidden_states"]
+        hidden.append(h.detach().to("cpu"))
+        kw = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "past_key_values", "use_cache")}
+        kwargs_list.append(_to(kw, "cpu"))
+        raise _StopForward
+
+    handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+    # Only the modules in front of layer 0 need the device (embeddings, rotary embedding).
+    base = model.get_submodule(adapter.layers_path.rsplit(".", 1)[0])
+    front = [m for n, m in base.named_children() if n != adapter.layers_path.rsplit(".", 1)[1]]
+    try:
+        for m in front:
+            m.to(device)
+        for start in range(0, ids.shape[0], batch_size):
+            try:
+                model(input_ids=ids[start : start + batch_size].to(device), use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+        for m in front:
+            m.to("cpu")
+    return ActivationCache(hidden, kwargs_list)
+
+
+@dataclass
+class ActivationSpec:
+    """How a quantized Linear's input is quantized at inference: mode token | group | tensor."""
+
+    mode: str
+    input_scale: torch.Tensor | None = None
+    group_size: int = 128
+
+
+@dataclass
+class QuantState:
+    """Everything the run produced per Linear (full dotted names), plus per-layer reports."""
+
+    records: dict[str, QuantizedWeight] = field(default_factory=dict)
+    activations: dict[str, ActivationSpec] = field(default_factory=dict)
+    layer_reports: list[dict] = field(default_factory=list)
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    peak_device_bytes: int = 0
+
+    def add_time(self, stage: str, seconds: float) -> None:
+        self.stage_seconds[stage] = self.stage_seconds.get(stage, 0.0) + seconds
+
+
+@contextmanager
+def activation_quantization(model: nn.Module, specs: dict[str, ActivationSpec], prefix: str = "") -> Iterator[None]:
+    """Simulate FP8 activation quantization on the inputs of the given Linears (names relative to `model`,
+    after stripping `prefix`) for the duration of the block; hooks are always removed."""
+    handles = []
+    try:
+        for name, spec in specs.items():
+            if prefix and not name.startswith(prefix):
+                continue
+            module = model.get_submodule(name[len(prefix):])
+
+            def hook(_m, args, spec=spec):
+                x = fake_quantize_activation(args[0], spec.mode, spec.input_scale, spec.group_size)
+                return (x, *args[1:])
+
+            handles.append(module.register_forward_pre_hook(hook))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@dataclass
+class LayerContext:
+    """What a stage sees: one decoder layer on the compute device and its captured inputs."""
+
+    index: int
+    prefix: str  # e.g. "model.layers.3."
+    layer: nn.Module
+    adapter: ArchAdapter
+    cache: ActivationCache
+    device: torch.device
+    model_config: object
+    state: QuantState
+
+    def linear(self, name: str) -> nn.Linear:
+        return self.layer.get_submodule(name)  # type: ignore[return-value]
+
+    def full_name(self, name: str) -> str:
+        return self.prefix + name
+
+    @torch.no_grad()
+    def forward(self, keep_outputs: bool = False) -> list[torch.Tensor]:
+        """Run the layer over every calibration batch (with the current weights and hooks)."""
+        outs = []
+        for h, kw in zip(self.cache.hidden, self.cache.kwargs):
+            out = self.layer(h.to(self.device), **_to(kw, self.device))
+            out = out[0] if isinstance(out, tuple) else out
+            if keep_outputs:
+                outs.append(out.detach().to(self.cache.store_device))
+        return outs
+
+    @contextmanager
+    def observe_inputs(self, names: list[str], fn: Callable[[str, torch.Tensor], None]) -> Iterator[None]:
+        """Call fn(name, input) for each listed Linear during forwards inside the block."""
+        handles = []
+        try:
+            for name in names:
+                def hook(_m, args, name=name):
+                    fn(name, args[0].detach())
+
+                handles.append(self.linear(name).register_forward_pre_hook(hook))
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def activation_specs(self) -> dict[str, ActivationSpec]:
+        """This layer's activation specs, keyed by names relative to the layer."""
+        return {
+            name[len(self.prefix):]: spec
+            for name, spec in self.state.activations.items()
+            if name.startswith(self.prefix)
+        }
+
+
+Stage = Callable[[LayerContext], dict]
+
+
+def peak_host_bytes() -> int:
+    """Peak resident set size of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+@torch.no_grad()
+def run_sequential(
+    model: nn.Module,
+    adapter: ArchAdapter,
+    ids: torch.Tensor,
+    stages: list[tuple[str, Stage]],
+    device: torch.device,
+    state: QuantState,
+    batch_size: int = 8,
+    on_layer_done: Callable[[int, int], None] | None = None,
+) -> QuantState:
+    """For each decoder layer: onload, run each (name, stage) in order, propagate quantized outputs, offload."""
+    t0 = time.perf_counter()
+    cache = capture_layer0_inputs(model, adapter, ids, batch_size, device)
+    state.add_time("capture", time.perf_counter() - t0)
+    layers = decoder_layers(model, adapter)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    for i, layer in enumerate(layers):
+        layer.to(device)
+        ctx = LayerContext(i, f"{adapter.layers_path}.{i}.", layer, adapter, cache, device, model.config, state)
+        report: dict = {"layer": i}
+        for name, stage in stages:
+            t = time.perf_counter()
+            report[name] = stage(ctx)
+            state.add_time(name, time.perf_counter() - t)
+        t = time.perf_counter()
+        with activation_quantization(layer, ctx.activation_specs()):
+            cache = ActivationCache(ctx.forward(keep_outputs=True), cache.kwargs, cache.store_device)
+        state.add_time("propagate", time.perf_counter() - t)
+        layer.to("cpu")
+        state.layer_reports.append(report)
+        if on_layer_done:
+            on_layer_done(i + 1, len(layers))
+    if device.type == "cuda":
+        state.peak_device_bytes = max(state.peak_device_bytes, torch.cuda.max_memory_allocated(device))
+    return state

@@ -1,0 +1,233 @@
+"""GPTQ (Frantar et al., 2022) as pure tensor functions, in the paper's symbols.
+
+Minimise ||W X - W_hat X||^2 one column at a time with H = 2 X X^T / n (here X is [T, K], so H = 2 X^T X / n):
+quantize column k, then spread its error over the columns not yet quantized,
+    err = (w_k - q_k) / [Hinv]_kk,    W[:, k+1:] -= err [Hinv]_{k, k+1:},
+where Hinv is the upper Cholesky factor of (H + lambda I)^-1, lambda = dampening_frac * mean(diag H).
+Column blocks of `block_size` defer the update of later columns (lazy batch updates).
+Act-order quantizes columns by descending diag(H): "group" forms groups in that order (g_idx needed),
+"static" keeps natural groups k // G with qparams computed up front (no g_idx in the checkpoint).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from qwenquant.quant.intq import (
+    check_bits,
+    compute_group_qparams,
+    compute_qparams,
+    dequantize_codes,
+    make_int_record,
+    quantize_codes,
+    quantize_rtn,
+    resolve_group_size,
+)
+from qwenquant.quant.records import QuantizedWeight
+
+ACTORDERS = (None, "static", "group")
+CHOLESKY_RETRIES = 3  # each retry multiplies the dampening by 10
+MIN_RETRY_DAMPENING_FRAC = 1e-4  # retry base when dampening_frac is 0
+
+
+@dataclass
+class GPTQConfig:
+    """GPTQ settings for one Linear: INT grid, act-order mode, dampening and lazy-update block width."""
+
+    bits: int = 4
+    group_size: int = 128  # -1: per output channel
+    symmetric: bool = True
+    actorder: str | None = None  # None | "static" | "group"
+    dampening_frac: float = 0.01
+    block_size: int = 128
+
+    def __post_init__(self) -> None:
+        check_bits(self.bits)
+        if self.group_size != -1 and self.group_size <= 0:
+            raise ValueError(f"group_size must be positive or -1 (per-channel), got {self.group_size}")
+        if self.actorder not in ACTORDERS:
+            raise ValueError(f"actorder must be one of {ACTORDERS}, got {self.actorder!r}")
+        if not (self.dampening_frac >= 0 and math.isfinite(self.dampening_frac)):
+            raise ValueError(f"dampening_frac must be a finite number >= 0, got {self.dampening_frac}")
+        if self.block_size <= 0:
+            raise ValueError(f"block_size must be positive, got {self.block_size}")
+
+
+@torch.no_grad()
+def accumulate_hessian(H: torch.Tensor | None, x: torch.Tensor, n_seen: int) -> tuple[torch.Tensor, int]:
+    """Running mean H = 2 X^T X / n over all tokens seen, updated with x [..., K] (float32)."""
+    x = x.reshape(-1, x.shape[-1]).float()  # [T, K]
+    t, k = x.shape
+    if H is None:
+        H = torch.zeros(k, k, dtype=torch.float32, device=x.device)
+    if t == 0:
+        return H, n_seen
+    n_total = n_seen + t
+    H = H * (n_seen / n_total)
+    x = x * math.sqrt(2.0 / n_total)
+    return H + x.T @ x, n_total
+
+
+def _factor_hinv(H: torch.Tensor, dampening_frac: float) -> torch.Tensor | None:
+    """Upper Cholesky factor of (H + lambda I)^-1, or None when H + lambda I is not positive definite."""
+    k = H.shape[0]
+    damp = dampening_frac * torch.diagonal(H).mean()
+    Hd = H + damp * torch.eye(k, dtype=H.dtype, device=H.device)
+    L, info = torch.linalg.cholesky_ex(Hd)
+    if info.item() != 0:
+        return None
+    Hinv, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+    if info.item() != 0 or not torch.isfinite(Hinv).all() or not (torch.diagonal(Hinv) > 0).all():
+        return None
+    return Hinv
+
+
+def _factor_hinv_with_retries(H: torch.Tensor, dampening_frac: float) -> torch.Tensor | None:
+    """Try the requested dampening, then 10x, 100x, ... (warning each time); None if all fail."""
+    frac = dampening_frac
+    for attempt in range(CHOLESKY_RETRIES + 1):
+        Hinv = _factor_hinv(H, frac)
+        if Hinv is not None:
+            return Hinv
+        if attempt < CHOLESKY_RETRIES:
+            new_frac = max(frac, MIN_RETRY_DAMPENING_FRAC) * 10
+            warnings.warn(
+                f"GPTQ: Cholesky failed with dampening_frac={frac:g} (Hessian not positive definite); "
+                f"retrying with {new_frac:g}",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            frac = new_frac
+    return None
+
+
+def _aligned_block_size(block_size: int, group_size: int) -> int:
+    """Block width such that each group either starts a block or lies inside one (exact group qparams)."""
+    if group_size % block_size == 0 or block_size % group_size == 0:
+        return block_size
+    return max(block_size // group_size, 1) * group_size
+
+
+def _check_inputs(W: torch.Tensor, H: torch.Tensor) -> None:
+    """Shapes must agree and values be finite: NaN/Inf would silently poison every later column."""
+    if W.dim() != 2:
+        raise ValueError(f"expected a 2-D weight, got shape {tuple(W.shape)}")
+    k = W.shape[1]
+    if tuple(H.shape) != (k, k):
+        raise ValueError(f"Hessian shape {tuple(H.shape)} does not match weight input width K={k}")
+    if not torch.isfinite(W).all():
+        raise ValueError("GPTQ: the weight contains NaN or Inf values")
+    if not torch.isfinite(H).all():
+        raise ValueError("GPTQ: the Hessian contains NaN or Inf values (check the calibration activations)")
+
+
+@torch.no_grad()
+def quantize_weight(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    config: GPTQConfig,
+    scale_dtype: torch.dtype = torch.bfloat16,
+) -> tuple[QuantizedWeight, float]:
+    """GPTQ-quantize W [N, K] given H [K, K]; returns the record and the loss sum_k (w_k - q_k)^2 / (2 [Hinv]_kk^2).
+
+    The record's q is in original column order and dequantizes exactly to GPTQ's final weight.
+    On Cholesky failure after retries it warns and falls back to RTN (loss = 1/2 sum_k max(H_kk, 0) ||E_:k||^2).
+    """
+    _check_inputs(W, H)
+    W = W.detach().float().clone()
+    H = H.detach().float().clone()
+    n, K = W.shape
+    G = resolve_group_size(K, config.group_size)
+    bits, sym = config.bits, config.symmetric
+
+    # dead inputs (never active): any weight works, make it 0 and keep H invertible
+    dead = torch.diagonal(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+
+    # natural-group qparams up front: static act-order, and channel-wise (one group = whole row)
+    static_params = None
+    if config.actorder == "static" or G == K:
+        static_params = compute_group_qparams(W, bits, G, sym, 1.0, scale_dtype)  # [N, n_groups] x2
+
+    perm = None
+    if config.actorder is not None:
+        perm = torch.argsort(torch.diagonal(H), descending=True)
+        W = W[:, perm]
+        H = H[perm][:, perm]
+
+    Hinv = _factor_hinv_with_retries(H, config.dampening_frac)
+    if Hinv is None:
+        return _fallback_rtn(W, H, perm, config, scale_dtype)
+
+    codes = torch.zeros(n, K, dtype=torch.int32, device=W.device)  # quantization order
+    n_groups = K // G
+    scale = torch.zeros(n, n_groups, dtype=torch.float32, device=W.device)
+    zero = torch.zeros_like(scale)
+    losses = torch.zeros(n, dtype=torch.float32, device=W.device)
+    B = _aligned_block_size(config.block_size, G)
+    natural_group = torch.arange(K, device=W.device) // G
+    col_group = natural_group if perm is None or static_params is None else natural_group[perm]
+    s = z = None
+
+    for i1 in range(0, K, B):
+        i2 = min(i1 + B, K)
+        W1 = W[:, i1:i2].clone()  # [N, b], receives in-block updates
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            g = int(col_group[col])
+            if static_params is not None:
+                s, z = static_params[0][:, g : g + 1], static_params[1][:, g : g + 1]  # [N, 1]
+            elif col % G == 0:
+                # group starts here: params from the weight as updated by all earlier columns
+                cur = W1[:, i : i + G] if i + G <= i2 - i1 else W[:, col : col + G]
+                s, z = compute_qparams(cur, bits, sym, 1.0, scale_dtype)  # [N, 1]
+                scale[:, g : g + 1], zero[:, g : g + 1] = s, z
+            w = W1[:, i : i + 1]  # [N, 1]
+            code = quantize_codes(w, s, z, bits)
+            codes[:, col : col + 1] = code
+            q = dequantize_codes(code, s, z)
+            d = Hinv1[i, i]
+            losses += ((w - q).squeeze(1) / d) ** 2 / 2
+            err = (w - q) / d  # [N, 1]
+            W1[:, i:] -= err @ Hinv1[i : i + 1, i:]
+            Err1[:, i : i + 1] = err
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]  # lazy batch update of the later blocks
+
+    if static_params is not None:
+        scale, zero = static_params
+    g_idx = None
+    if perm is not None:
+        inv = torch.argsort(perm)
+        codes = codes[:, inv]
+        if config.actorder == "group":
+            g_idx = natural_group[inv]  # original column perm[c] sits in group c // G
+    record = make_int_record(codes, scale, zero, bits, G, sym, scale_dtype, g_idx, config.actorder)
+    return record, float(losses.sum())
+
+
+def _fallback_rtn(
+    W: torch.Tensor, H: torch.Tensor, perm: torch.Tensor | None, config: GPTQConfig, scale_dtype: torch.dtype
+) -> tuple[QuantizedWeight, float]:
+    """RTN in natural order when no dampening makes H positive definite.
+
+    Loss uses only diag(H), clamped at 0: the full form 1/2 tr(E H E^T) can be negative for an indefinite H.
+    """
+    warnings.warn(
+        "GPTQ: Hessian is not positive definite even with extra dampening; falling back to round-to-nearest",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+    if perm is not None:
+        inv = torch.argsort(perm)
+        W, H = W[:, inv], H[inv][:, inv]
+    record = quantize_rtn(W, config.bits, config.group_size, config.symmetric, 1.0, scale_dtype)
+    E = W - record.dequantize()  # [N, K]
+    loss = 0.5 * float((E.pow(2) * torch.diagonal(H).clamp(min=0)).sum())
+    return record, loss

@@ -1,0 +1,57 @@
+"""The record every quantizer returns and every exporter reads: codes plus what is needed to dequantize them.
+
+Conventions (one place, so algorithms and writers agree):
+- FP8 (`kind="fp8"`): `q` is float8_e4m3fn [N, K]; `scale` multiplies: w_hat = q * scale, broadcast per
+  granularity: "tensor" -> [1], "channel" -> [N, 1], "block" -> [ceil(N/B), ceil(K/B)] for block size B.
+- INT (`kind="int"`): `q` holds unsigned codes in [0, 2**bits - 1] as int32 [N, K]; `zero_point` [N, K/G] holds
+  unsigned zero points (symmetric: always 2**(bits-1)); `scale` [N, K/G]; w_hat = (q - z[g_idx]) * scale[g_idx]
+  where column k belongs to group g_idx[k] (k // G without act-order). Channel-wise = one group of size K.
+- `scale` is stored in the model dtype (bf16 for Qwen3); codes were computed with that rounded scale, so
+  dequantization in float32 reproduces exactly what an engine computes from the checkpoint.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class QuantizedWeight:
+    """One Linear's quantized weight."""
+
+    kind: str  # "fp8" | "int"
+    q: torch.Tensor
+    scale: torch.Tensor
+    granularity: str  # fp8: tensor | channel | block ; int: group | channel
+    bits: int = 8
+    symmetric: bool = True
+    zero_point: torch.Tensor | None = None
+    group_size: int | None = None  # int: columns per group (K for channel-wise)
+    g_idx: torch.Tensor | None = None  # int: [K] group of each input column (act-order), else None
+    actorder: str | None = None  # int: None | "static" | "group" (how g_idx was produced)
+    block_size: int | None = None  # fp8 block granularity
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.q.shape)  # type: ignore[return-value]
+
+    def group_index(self) -> torch.Tensor:
+        """[K] group of each input column (derived when no act-order permutation was used)."""
+        if self.g_idx is not None:
+            return self.g_idx.long()
+        k = self.q.shape[1]
+        gs = self.group_size or k
+        return torch.arange(k, device=self.q.device) // gs
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """w_hat in `dtype`, computed in float32."""
+        if self.kind == "fp8":
+            from qwenquant.quant.fp8 import dequantize_fp8
+
+            return dequantize_fp8(self.q, self.scale, self.granularity, self.block_size).to(dtype)
+        g = self.group_index()
+        scale = self.scale.float()[:, g]  # [N, K]
+        zero = self.zero_point.float()[:, g] if self.zero_point is not None else 2 ** (self.bits - 1)
+        return ((self.q.float() - zero) * scale).to(dtype)

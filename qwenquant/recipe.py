@@ -1,0 +1,337 @@
+"""The Recipe: the single, versioned description of a run. CLI flags build one; recipes/*.yaml load into one;
+the output folder keeps the resolved one (`recipe.yaml`) so any result can be reproduced.
+
+Schema (version 1):
+```
+version: 1
+model: {id, revision, dtype}
+calibration: {dataset, num_samples, seq_len, seed}
+stages:            # ordered, each a one-key mapping
+  - smooth: {alpha}
+  - fp8: {weights, activations, block_size}
+  - gptq: {...} | awq: {...} | rtn: {...}
+export: {format, max_shard_size_mb}
+eval: {perplexity, eval_text, window, max_windows, kl_tokens, verify, verify_max_kl}
+device: auto | cpu | cuda | cuda:N
+```
+Each config validates itself in `__post_init__` (ValueError naming the key and the allowed values).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from qwenquant.errors import BadInputError
+
+RECIPE_VERSION = 1
+
+
+def _choice(name: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name}: {value!r} is not allowed; use one of {', '.join(map(str, allowed))}")
+
+
+def _positive(name: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name}: must be a positive integer, got {value!r}")
+
+
+@dataclass
+class ModelConfig:
+    id: str = ""
+    revision: str | None = None
+    dtype: str = "bfloat16"
+
+    def __post_init__(self) -> None:
+        _choice("model.dtype", self.dtype, ("bfloat16", "float16", "float32"))
+
+
+@dataclass
+class CalibrationConfig:
+    dataset: str = "builtin"
+    num_samples: int = 128
+    seq_len: int = 512
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _positive("calibration.num_samples", self.num_samples)
+        _positive("calibration.seq_len", self.seq_len)
+        if self.seq_len < 8:
+            raise ValueError(f"calibration.seq_len: must be >= 8, got {self.seq_len}")
+
+
+@dataclass
+class SmoothStage:
+    """SmoothQuant-style activation scaling folded into preceding norms/linears."""
+
+    alpha: float = 0.5
+    mappings: str = "all"  # all | norms (only input/post-attention layernorms)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.alpha, (int, float)) or not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"smooth.alpha: must be a number in [0, 1], got {self.alpha!r}")
+        _choice("smooth.mappings", self.mappings, ("all", "norms"))
+
+
+@dataclass
+class FP8Stage:
+    """E4M3 weights (+ optional FP8 activations)."""
+
+    weights: str = "channel"  # tensor | channel | block
+    activations: str = "dynamic"  # dynamic | static | none
+    block_size: int = 128
+
+    def __post_init__(self) -> None:
+        _choice("fp8.weights", self.weights, ("tensor", "channel", "block"))
+        _choice("fp8.activations", self.activations, ("dynamic", "static", "none"))
+        _positive("fp8.block_size", self.block_size)
+        if self.weights == "block" and self.activations == "static":
+            raise ValueError("fp8: block weights pair with dynamic group activations; use activations: dynamic")
+
+
+@dataclass
+class IntStage:
+    """Shared fields of the INT weight-only quantizers (RTN, GPTQ, AWQ)."""
+
+    bits: int = 4
+    group_size: int = 128  # -1 = per output channel
+    symmetric: bool = True
+
+    def __post_init__(self) -> None:
+        _choice(f"{self.name}.bits", self.bits, (2, 3, 4, 8))
+        _choice(f"{self.name}.group_size", self.group_size, (-1, 32, 64, 128))
+        if not isinstance(self.symmetric, bool):
+            raise ValueError(f"{self.name}.symmetric: must be true or false")
+
+    name = "int"
+
+
+@dataclass
+class RTNStage(IntStage):
+    name = "rtn"
+
+
+@dataclass
+class GPTQStage(IntStage):
+    actorder: str = "static"  # static | group | none
+    dampening_frac: float = 0.01
+    block_size: int = 128
+    name = "gptq"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _choice("gptq.actorder", self.actorder, ("static", "group", "none"))
+        if not 0.0 <= self.dampening_frac < 1.0:
+            raise ValueError(f"gptq.dampening_frac: must be in [0, 1), got {self.dampening_frac}")
+
+
+@dataclass
+class AWQStage(IntStage):
+    symmetric: bool = False
+    n_grid: int = 20
+    clip: bool = True
+    norm_mappings: bool = True  # input_layernorm -> q/k/v (measured on Qwen3, see benchmarks)
+    name = "awq"
+
+
+STAGE_TYPES: dict[str, type] = {
+    "smooth": SmoothStage,
+    "fp8": FP8Stage,
+    "rtn": RTNStage,
+    "gptq": GPTQStage,
+    "awq": AWQStage,
+}
+QUANTIZER_STAGES = ("fp8", "rtn", "gptq", "awq")
+EXPORT_FORMATS = ("compressed-tensors", "hf-fp8", "gptq", "awq")
+
+
+@dataclass
+class ExportConfig:
+    format: str = "compressed-tensors"
+    max_shard_size_mb: int = 4096
+
+    def __post_init__(self) -> None:
+        _choice("export.format", self.format, EXPORT_FORMATS)
+        _positive("export.max_shard_size_mb", self.max_shard_size_mb)
+
+
+@dataclass
+class EvalConfig:
+    perplexity: bool = True
+    eval_text: str = "wikitext2"  # wikitext2 | path to .txt/.raw
+    window: int = 2048  # tokens per non-overlapping window (capped at the model's max positions)
+    max_windows: int | None = None  # None = the whole text
+    kl_tokens: int = 4096  # tokens on which KL(source || quantized) and verification are measured
+    verify: bool = True
+    verify_max_kl: float = 0.05  # mean per-token KL of the reloaded checkpoint vs the source, in nats
+
+    def __post_init__(self) -> None:
+        _positive("eval.window", self.window)
+        _positive("eval.kl_tokens", self.kl_tokens)
+        if self.max_windows is not None:
+            _positive("eval.max_windows", self.max_windows)
+        if self.verify_max_kl <= 0:
+            raise ValueError(f"eval.verify_max_kl: must be > 0, got {self.verify_max_kl}")
+
+
+@dataclass
+class Recipe:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    stages: list = field(default_factory=list)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    device: str = "auto"
+    version: int = RECIPE_VERSION
+
+    def __post_init__(self) -> None:
+        if self.version != RECIPE_VERSION:
+            raise ValueError(f"version: recipe version {self.version} is not supported; this qwenquant reads {RECIPE_VERSION}")
+        if not (self.device in ("auto", "cpu", "cuda") or str(self.device).startswith("cuda:")):
+            raise ValueError(f"device: {self.device!r} is not allowed; use auto, cpu, cuda or cuda:N")
+        names = [stage_name(s) for s in self.stages]
+        quantizers = [n for n in names if n in QUANTIZER_STAGES]
+        if len(quantizers) != 1:
+            raise ValueError(f"stages: need exactly one quantizer stage ({', '.join(QUANTIZER_STAGES)}), got {quantizers or 'none'}")
+        if "smooth" in names and names.index("smooth") > names.index(quantizers[0]):
+            raise ValueError("stages: smooth must come before the quantizer")
+        q = quantizers[0]
+        fmt = self.export.format
+        if q == "fp8" and fmt not in ("compressed-tensors", "hf-fp8"):
+            raise ValueError(f"export.format: {fmt} stores INT weights; FP8 exports to compressed-tensors or hf-fp8")
+        if q != "fp8" and fmt == "hf-fp8":
+            raise ValueError("export.format: hf-fp8 stores FP8 weights; INT runs export to compressed-tensors, gptq or awq")
+        if fmt == "hf-fp8":
+            fp8 = self.stage("fp8")
+            if fp8.weights != "block" or fp8.activations != "dynamic":
+                raise ValueError("export.format: hf-fp8 (Qwen's layout) needs fp8.weights: block and fp8.activations: dynamic")
+
+    def stage(self, name: str):
+        return next((s for s in self.stages if stage_name(s) == name), None)
+
+    @property
+    def quantizer(self) -> str:
+        return next(stage_name(s) for s in self.stages if stage_name(s) in QUANTIZER_STAGES)
+
+    def to_dict(self) -> dict:
+        return {
+            "version": self.version,
+            "model": dataclasses.asdict(self.model),
+            "calibration": dataclasses.asdict(self.calibration),
+            "stages": [{stage_name(s): dataclasses.asdict(s)} for s in self.stages],
+            "export": dataclasses.asdict(self.export),
+            "eval": dataclasses.asdict(self.eval),
+            "device": self.device,
+        }
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
+
+
+def stage_name(stage) -> str:
+    for name, cls in STAGE_TYPES.items():
+        if type(stage) is cls:
+            return name
+    raise TypeError(f"not a stage: {stage!r}")
+
+
+def _build(cls: type, data: Any, where: str):
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: expected a mapping, got {type(data).__name__}")
+    allowed = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        raise ValueError(f"{where}.{unknown[0]}: unknown key; allowed keys: {', '.join(sorted(allowed))}")
+    return cls(**data)
+
+
+def recipe_from_dict(data: dict) -> Recipe:
+    """Build and validate a Recipe; raises ValueError whose message starts with the offending key path."""
+    if not isinstance(data, dict):
+        raise ValueError("recipe: expected a mapping at the top level")
+    top = {"version", "model", "calibration", "stages", "export", "eval", "device"}
+    unknown = sorted(set(data) - top)
+    if unknown:
+        raise ValueError(f"{unknown[0]}: unknown key; allowed keys: {', '.join(sorted(top))}")
+    stages = []
+    for i, entry in enumerate(data.get("stages") or []):
+        if not isinstance(entry, dict) or len(entry) != 1:
+            raise ValueError(f"stages[{i}]: each stage is a one-key mapping like '- fp8: {{...}}'")
+        (name, body), = entry.items()
+        if name not in STAGE_TYPES:
+            raise ValueError(f"stages[{i}].{name}: unknown stage; allowed: {', '.join(STAGE_TYPES)}")
+        stages.append(_build(STAGE_TYPES[name], body, f"stages[{i}].{name}"))
+    return Recipe(
+        version=data.get("version", RECIPE_VERSION),
+        model=_build(ModelConfig, data.get("model"), "model"),
+        calibration=_build(CalibrationConfig, data.get("calibration"), "calibration"),
+        stages=stages,
+        export=_build(ExportConfig, data.get("export"), "export"),
+        eval=_build(EvalConfig, data.get("eval"), "eval"),
+        device=data.get("device", "auto"),
+    )
+
+
+def _line_of(node: yaml.Node, path: str) -> int | None:
+    """1-based line of a dotted key path like `stages[1].fp8.weights` in a composed YAML tree."""
+    import re
+
+    parts = [p for p in re.split(r"\.|\[(\d+)\]", path) if p]
+    line = node.start_mark.line + 1
+    for part in parts:
+        if isinstance(node, yaml.MappingNode):
+            match = next(((k, v) for k, v in node.value if k.value == part), None)
+            if match is None:
+                return line
+            line, node = match[0].start_mark.line + 1, match[1]
+        elif isinstance(node, yaml.SequenceNode) and part.isdigit() and int(part) < len(node.value):
+            node = node.value[int(part)]
+            line = node.start_mark.line + 1
+        else:
+            return line
+    return line
+
+
+def load_recipe(path: str | Path, overrides: dict | None = None) -> Recipe:
+    """Read a recipe file; errors name the file, line and key. `overrides` (e.g. model.id) are applied first."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+        node = yaml.compose(text)
+        data = yaml.safe_load(text)
+    except OSError as err:
+        raise BadInputError(f"recipe {path}: cannot read it ({err.strerror})") from err
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f":{mark.line + 1}" if mark else ""
+        raise BadInputError(f"recipe {path}{at}: not valid YAML ({getattr(err, 'problem', err)})") from err
+    data = data or {}
+    for dotted, value in (overrides or {}).items():
+        section, _, key = dotted.partition(".")
+        data.setdefault(section, {})
+        if data[section] is None:
+            data[section] = {}
+        data[section][key] = value
+    try:
+        return recipe_from_dict(data)
+    except (ValueError, TypeError) as err:
+        msg = str(err)
+        key = msg.split(":", 1)[0]
+        line = _line_of(node, key) if node is not None else None
+        at = f":{line}" if line else ""
+        raise BadInputError(f"recipe {path}{at}: {msg}") from err
+
+
+def validate(build) -> Recipe:
+    """Run a Recipe constructor, turning ValueError into a one-line BadInputError for the CLI."""
+    try:
+        return build()
+    except (ValueError, TypeError) as err:
+        raise BadInputError(f"invalid settings: {err}") from err

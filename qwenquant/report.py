@@ -1,0 +1,187 @@
+"""The run report: `qwenquant_report.json` (schema-versioned, for machines) and `REPORT.md` (for people).
+
+Schema 1, top-level keys: schema_version, qwenquant_version, created, command, model, recipe, calibration,
+evaluation {text, window, windows, kl_tokens, source, quantized, delta_ppl_pct, kl_vs_source}, verification,
+sizes {source_bytes, output_bytes, ratio}, memory {peak_host_bytes, peak_device_bytes, device}, timings_s,
+layers [{layer, <stage>: {...}}], environment {torch, transformers, compressed_tensors, python, platform}.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+REPORT_SCHEMA_VERSION = 1
+
+
+def _versions() -> dict:
+    import torch
+    import transformers
+
+    try:
+        import compressed_tensors
+
+        ct = compressed_tensors.__version__
+    except Exception:  # optional at report time
+        ct = None
+    return {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "compressed_tensors": ct,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+    }
+
+
+def build_report(*, recipe, resolved, command, version, calib_hash, calib_tokens, eval_desc, src_ppl, q_ppl, kl, state,
+                 timings, source_bytes, output_bytes, peak_host, device, verification, started) -> dict:
+    evaluation = dict(eval_desc)
+    if src_ppl is not None and q_ppl is not None:
+        evaluation["source"] = src_ppl.to_dict()
+        evaluation["quantized"] = q_ppl.to_dict()
+        evaluation["delta_ppl_pct"] = 100.0 * (q_ppl.perplexity / src_ppl.perplexity - 1.0)
+    evaluation["kl_vs_source"] = kl
+    return {
+        "schema_version": REPORT_SCHEMA_VERSION,
+        "qwenquant_version": version,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+        "command": command,
+        "model": {
+            "reference": resolved.reference,
+            "repo_id": resolved.repo_id,
+            "revision": recipe.model.revision,
+            "architecture": resolved.config.get("architectures", [None])[0],
+            "num_layers": resolved.config.get("num_hidden_layers"),
+        },
+        "recipe": recipe.to_dict(),
+        "calibration": {"dataset": recipe.calibration.dataset, "tokens": calib_tokens, "sha256_token_ids": calib_hash},
+        "evaluation": evaluation,
+        "verification": verification,
+        "sizes": {"source_bytes": source_bytes, "output_bytes": output_bytes,
+                  "ratio": output_bytes / source_bytes if source_bytes else None},
+        "memory": {"peak_host_bytes": peak_host, "peak_device_bytes": state.peak_device_bytes, "device": str(device)},
+        "timings_s": timings,
+        "layers": state.layer_reports,
+        "environment": _versions(),
+    }
+
+
+def _mb(n: int | None) -> str:
+    return "n/a" if n is None else f"{n / 2**20:.1f} MiB"
+
+
+def render_markdown(r: dict) -> str:
+    ev, v = r["evaluation"], r.get("verification")
+    lines = [
+        f"# qwenquant report: {r['model']['reference']}",
+        "",
+        f"Created {r['created']} by qwenquant {r['qwenquant_version']} on `{r['memory']['device']}`.",
+        f"Quantizer: **{_stage_summary(r['recipe'])}**, export format `{r['recipe']['export']['format']}`.",
+        "",
+        "## Accuracy",
+        "",
+        f"Perplexity on {ev['text']}, non-overlapping windows of {ev['window']} tokens ({ev['windows']} windows).",
+        "",
+        "| model | perplexity | tokens |",
+        "|---|---|---|",
+    ]
+    if "source" in ev:
+        lines += [
+            f"| source | {ev['source']['perplexity']:.4f} | {ev['source']['tokens']} |",
+            f"| quantized | {ev['quantized']['perplexity']:.4f} | {ev['quantized']['tokens']} |",
+            "",
+            f"Change: **{ev['delta_ppl_pct']:+.3f}%**.",
+        ]
+    kl = ev["kl_vs_source"]
+    lines += [
+        "",
+        f"Next-token KL(source || quantized) over {kl['tokens']} tokens: mean {kl['mean_kl']:.5f} nats, "
+        f"max {kl['max_kl']:.4f}; top-1 agreement {100 * kl['top1_agreement']:.2f}%.",
+        "",
+        "## Verification",
+        "",
+    ]
+    if v is None:
+        lines.append("Skipped (--no-verify).")
+    else:
+        status = "PASSED" if v["passed"] else f"FAILED: {v['reason']}"
+        lines.append(f"Reloaded with {v['loader']}: **{status}**.")
+        if "vs_source" in v:
+            lines += [
+                f"- vs source: mean KL {v['vs_source']['mean_kl']:.5f} nats (threshold {v['threshold_mean_kl_vs_source']}), "
+                f"top-1 agreement {100 * v['vs_source']['top1_agreement']:.2f}%",
+                f"- weights: {v['weights_checked'] - len(v['weights_mismatched'])}/{v['weights_checked']} quantized Linears "
+                "reload bit-identical to ours",
+                f"- vs our in-memory simulation: mean KL {v['vs_quantized_in_memory']['mean_kl']:.2e} nats (informational: "
+                "loaders simulate FP8 activations with different rounding)",
+            ]
+    s, m = r["sizes"], r["memory"]
+    lines += [
+        "",
+        "## Size, memory, time",
+        "",
+        f"- weights: source {_mb(s['source_bytes'])} -> output {_mb(s['output_bytes'])} (x{s['ratio']:.3f})",
+        f"- peak host memory (RSS) {_mb(m['peak_host_bytes'])}; peak device memory {_mb(m['peak_device_bytes'])}",
+        "- time per stage: " + ", ".join(f"{k} {v:.1f}s" for k, v in r["timings_s"].items() if isinstance(v, float)),
+        "",
+        "## Per-layer weight error (relative Frobenius norm)",
+        "",
+    ]
+    lines += _layer_table(r["layers"])
+    lines += ["", f"Calibration: `{r['calibration']['dataset']}`, {r['calibration']['tokens']} tokens, "
+              f"sha256 of token ids `{r['calibration']['sha256_token_ids'][:16]}...`.", ""]
+    return "\n".join(lines)
+
+
+def _stage_summary(recipe: dict) -> str:
+    parts = []
+    for st in recipe["stages"]:
+        (name, cfg), = st.items()
+        parts.append(name + "(" + ", ".join(f"{k}={v}" for k, v in cfg.items()) + ")")
+    return " -> ".join(parts)
+
+
+def _layer_table(layers: list[dict]) -> list[str]:
+    linears: list[str] = []
+    rows = []
+    for rep in layers:
+        errs = {}
+        for stage_rep in rep.values():
+            if isinstance(stage_rep, dict):
+                for name, val in stage_rep.items():
+                    if isinstance(val, dict) and "weight_rel_error" in val:
+                        errs[name] = val["weight_rel_error"]
+        for n in errs:
+            if n not in linears:
+                linears.append(n)
+        rows.append((rep["layer"], errs))
+    if not linears:
+        return ["(no quantized layers)"]
+    short = [n.split(".")[-1] for n in linears]
+    out = ["| layer | " + " | ".join(short) + " |", "|---" * (len(short) + 1) + "|"]
+    for i, errs in rows:
+        out.append(f"| {i} | " + " | ".join(f"{errs[n]:.4f}" if n in errs else "" for n in linears) + " |")
+    return out
+
+
+def write_report(folder: Path, report: dict) -> None:
+    (Path(folder) / "qwenquant_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (Path(folder) / "REPORT.md").write_text(render_markdown(report))
+
+
+def summary(report: dict) -> dict:
+    """The short JSON printed on stdout with --json."""
+    ev = report["evaluation"]
+    return {
+        "ok": bool(report.get("verification") is None or report["verification"]["passed"]),
+        "model": report["model"]["reference"],
+        "source_ppl": ev.get("source", {}).get("perplexity"),
+        "quantized_ppl": ev.get("quantized", {}).get("perplexity"),
+        "delta_ppl_pct": ev.get("delta_ppl_pct"),
+        "mean_kl": ev["kl_vs_source"]["mean_kl"],
+        "output_bytes": report["sizes"]["output_bytes"],
+        "verification": None if report["verification"] is None else report["verification"]["passed"],
+    }

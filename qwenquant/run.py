@@ -1,0 +1,206 @@
+"""One quantization run, start to finish: recipe in, checkpoint folder + report out."""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+from qwenquant import __version__
+from qwenquant.calibration import load_calibration, samples_hash
+from qwenquant.errors import BadInputError, VerificationError
+from qwenquant.eval.perplexity import eval_windows, kl_stats, load_eval_text, next_token_logprobs, perplexity
+from qwenquant.export.checkpoint import write_checkpoint
+from qwenquant.export.writer import atomic_output_dir, check_output_dir
+from qwenquant.model.loader import load_model, resolve_model
+from qwenquant.pipeline import QuantState, activation_quantization, peak_host_bytes, run_sequential
+from qwenquant.progress import Reporter
+from qwenquant.recipe import Recipe
+from qwenquant.report import build_report, write_report
+from qwenquant.stages import build_stages
+
+
+def resolve_device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if spec.startswith("cuda") and not torch.cuda.is_available():
+        raise BadInputError(f"--device {spec}: no CUDA GPU is visible; use --device cpu")
+    return torch.device(spec)
+
+
+def _dir_bytes(files) -> int:
+    return sum(Path(f).stat().st_size for f in files)
+
+
+class _Timer:
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    def __call__(self, name: str):
+        timer = self
+
+        class _Ctx:
+            def __enter__(self):
+                self.t = time.perf_counter()
+
+            def __exit__(self, *exc):
+                timer.seconds[name] = timer.seconds.get(name, 0.0) + time.perf_counter() - self.t
+
+        return _Ctx()
+
+
+@torch.no_grad()
+def _evaluate(model, windows, kl_windows, device, reporter: Reporter, label: str, act_specs=None):
+    """Perplexity over `windows` and log-probs over `kl_windows` (with activation quantization if given)."""
+    ctx = activation_quantization(model, act_specs) if act_specs else nullcontext()
+    with ctx:
+        ppl = None
+        if windows is not None:
+            with reporter.step(f"perplexity ({label})", windows.shape[0]) as advance:
+                ppl = perplexity(model, windows, device, on_step=advance)
+        logp = next_token_logprobs(model, kl_windows, device)
+    return ppl, logp
+
+
+def run_recipe(recipe: Recipe, out: Path, overwrite: bool = False, reporter: Reporter | None = None, command: str = "") -> dict:
+    """Quantize per the recipe, write `out` atomically, verify it, and return the report dict.
+
+    Raises VerificationError (after writing the folder and its report) when the reloaded checkpoint disagrees
+    with the source beyond the stated threshold.
+    """
+    reporter = reporter or Reporter(quiet=True)
+    timer = _Timer()
+    started = time.time()
+    out = Path(out)
+    check_output_dir(out, overwrite)  # fail fast, before any heavy work
+    device = resolve_device(recipe.device)
+
+    with timer("load"):
+        resolved = resolve_model(recipe.model.id, recipe.model.revision)
+        reporter.log(f"model {recipe.model.id} -> {resolved.path} ({resolved.config['architectures'][0]})")
+        model, tokenizer = load_model(resolved, recipe.model.dtype)
+    with timer("calibration_data"):
+        calib = load_calibration(
+            recipe.calibration.dataset, tokenizer, recipe.calibration.num_samples, recipe.calibration.seq_len, recipe.calibration.seed
+        )
+
+    # Source evaluation happens before the pipeline changes the model in place.
+    ev = recipe.eval
+    max_pos = int(resolved.config.get("max_position_embeddings", ev.window))
+    window = min(ev.window, max_pos)
+    text, text_desc = load_eval_text(ev.eval_text)
+    all_windows = eval_windows(tokenizer, text, window, None)
+    ppl_windows = all_windows[: ev.max_windows] if ev.max_windows else all_windows
+    kl_windows = all_windows[: max(1, math.ceil(ev.kl_tokens / window))]
+    model.to(device)
+    with timer("eval_source"):
+        src_ppl, src_logp = _evaluate(model, ppl_windows if ev.perplexity else None, kl_windows, device, reporter, "source")
+    model.to("cpu")
+
+    state = QuantState()
+    stages = build_stages(recipe)
+    n_layers = len(model.get_submodule(resolved.adapter.layers_path))
+    with timer("quantize"):
+        with reporter.step(f"quantize ({' -> '.join(n for n, _ in stages)})", n_layers) as advance:
+            run_sequential(model, resolved.adapter, calib, stages, device, state, on_layer_done=lambda i, n: advance())
+
+    model.to(device)
+    with timer("eval_quantized"):
+        q_ppl, q_logp = _evaluate(
+            model, ppl_windows if ev.perplexity else None, kl_windows, device, reporter, "quantized", state.activations
+        )
+    model.to("cpu")
+
+    verification = None
+    with atomic_output_dir(out, overwrite) as tmp:
+        with timer("export"):
+            written = write_checkpoint(tmp, model, tokenizer, recipe, state, resolved.adapter.always_ignore)
+            (tmp / "recipe.yaml").write_text(recipe.to_yaml())
+        if ev.verify:
+            with timer("verify"):
+                verification = verify_checkpoint(tmp, model, list(state.records), kl_windows, src_logp, q_logp, device, ev.verify_max_kl)
+        report = build_report(
+            recipe=recipe,
+            resolved=resolved,
+            command=command,
+            version=__version__,
+            calib_hash=samples_hash(calib),
+            calib_tokens=int(calib.numel()),
+            eval_desc={"text": text_desc, "window": window, "windows": int(ppl_windows.shape[0]),
+                       "kl_tokens": int(kl_windows.numel())},
+            src_ppl=src_ppl,
+            q_ppl=q_ppl,
+            kl=kl_stats(src_logp, q_logp),
+            state=state,
+            timings=dict(timer.seconds) | {"stages": state.stage_seconds},
+            source_bytes=_dir_bytes(resolved.weight_files),
+            output_bytes=_dir_bytes(tmp / f for f in written["files"]),
+            peak_host=peak_host_bytes(),
+            device=device,
+            verification=verification,
+            started=started,
+        )
+        write_report(tmp, report)
+    if verification is not None and not verification["passed"]:
+        raise VerificationError(
+            f"verification failed: {verification['reason']}; the folder {out} was written with its report for inspection"
+        )
+    return report
+
+
+def _effective_weight(module) -> torch.Tensor:
+    """The weight a reloaded Linear computes with (dequantizing FP8 block storage if the loader kept it)."""
+    w = module.weight
+    if w.dtype == torch.float8_e4m3fn and hasattr(module, "weight_scale_inv"):
+        from qwenquant.export.hf_fp8 import read_linear
+
+        block = getattr(module, "block_size", None) or (128, 128)
+        return read_linear({"weight": w, "weight_scale_inv": module.weight_scale_inv}, block[0])
+    return w.float()
+
+
+@torch.no_grad()
+def verify_checkpoint(folder: Path, model, names: list[str], kl_windows, src_logp, q_logp, device, max_kl: float) -> dict:
+    """Reload with transformers (the reference loader); check weights and next-token distributions.
+
+    1. Every quantized Linear of the reloaded model computes with exactly our dequantized weight (format check).
+    2. Mean next-token KL(source || reloaded) <= `max_kl` nats (quality check, threshold stated in the report).
+    KL vs our in-memory simulation is reported too; it differs from 0 where the loader simulates activation
+    quantization in bf16 (compressed-tensors on CPU) while we simulate it in float32 like vLLM's kernels.
+    """
+    from transformers import AutoModelForCausalLM
+
+    try:
+        reloaded = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
+    except Exception as err:  # a checkpoint the reference loader rejects is a failed verification
+        return {"passed": False, "reason": f"transformers could not load the checkpoint ({type(err).__name__}: {err})",
+                "loader": "transformers"}
+    reloaded.eval().to(device)
+    logp = next_token_logprobs(reloaded, kl_windows, device)  # the first forward also decompresses weights
+    mismatched = []
+    for name in names:
+        ours = model.get_submodule(name).weight.float().cpu()
+        theirs = _effective_weight(reloaded.get_submodule(name)).cpu()
+        if ours.shape != theirs.shape or not torch.equal(ours, theirs):
+            mismatched.append(name)
+    del reloaded
+    vs_source = kl_stats(src_logp, logp)
+    reason = ""
+    if mismatched:
+        reason = f"{len(mismatched)} reloaded weights differ from ours (first: {mismatched[0]})"
+    elif vs_source["mean_kl"] > max_kl:
+        reason = f"mean KL vs source {vs_source['mean_kl']:.4g} > {max_kl} nats"
+    return {
+        "passed": not reason,
+        "reason": reason,
+        "loader": "transformers.AutoModelForCausalLM",
+        "weights_checked": len(names),
+        "weights_mismatched": mismatched,
+        "vs_source": vs_source,
+        "vs_quantized_in_memory": kl_stats(q_logp, logp),
+        "threshold_mean_kl_vs_source": max_kl,
+    }

@@ -1,0 +1,207 @@
+"""GPTQ: beats RTN on correlated inputs, matches a dense float64 reference, keeps the record exact."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from qwenquant.quant.gptq import GPTQConfig, accumulate_hessian, quantize_weight
+from qwenquant.quant.intq import quantize_rtn
+
+
+def correlated_inputs(t: int, k: int, seed: int) -> torch.Tensor:
+    """X = Z A (mixed channels) with a few outlier channels, like LLM activations."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(t, k, generator=g)
+    a = torch.randn(k, k, generator=g) / k**0.5 + 0.5 * torch.eye(k)
+    x = z @ a
+    x[:, [3, 50, 101]] *= 10.0
+    return x
+
+
+def output_error(x: torch.Tensor, w: torch.Tensor, w_hat: torch.Tensor) -> float:
+    return float((x @ w.T - x @ w_hat.T).norm())
+
+
+@pytest.fixture(scope="module")
+def layer() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    x = correlated_inputs(512, 256, seed=0)
+    w = torch.randn(64, 256, generator=torch.Generator().manual_seed(1))
+    h, n = accumulate_hessian(None, x[:200], 0)
+    h, n = accumulate_hessian(h, x[200:].view(2, 156, 256), n)  # batches of any leading shape
+    assert n == 512
+    return x, w, h
+
+
+def reference_gptq(W, H, bits, G, symmetric, actorder, dampening_frac, scale_dtype=torch.bfloat16):
+    """Dense float64 GPTQ: one column at a time, no blocks; returns (codes, dequantized) in original order."""
+    W, H = W.double().clone(), H.double().clone()
+    K = W.shape[1]
+    qmax = 2**bits - 1
+
+    def qparams(w):  # [N, G'] -> scale, zero [N]
+        if symmetric:
+            s = (w.abs().amax(1) / (qmax / 2)).to(scale_dtype).double()
+            return s, torch.full_like(s, 2 ** (bits - 1))
+        lo, hi = w.amin(1).clamp(max=0), w.amax(1).clamp(min=0)
+        s = ((hi - lo) / qmax).to(scale_dtype).double()
+        return s, torch.round(-lo / s).clamp(0, qmax)
+
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    static = [qparams(W[:, j : j + G]) for j in range(0, K, G)] if actorder == "static" or G == K else None
+    perm = torch.argsort(torch.diag(H), descending=True) if actorder else torch.arange(K)
+    W, H = W[:, perm], H[perm][:, perm]
+    H += dampening_frac * torch.diag(H).mean() * torch.eye(K, dtype=H.dtype)
+    Hinv = torch.linalg.cholesky(torch.linalg.inv(H), upper=True)
+    codes, deq = torch.zeros_like(W), torch.zeros_like(W)
+    for c in range(K):
+        if static is not None:
+            s, z = static[int(perm[c]) // G]
+        elif c % G == 0:
+            s, z = qparams(W[:, c : c + G])
+        codes[:, c] = (torch.round(W[:, c] / s) + z).clamp(0, qmax)
+        deq[:, c] = (codes[:, c] - z) * s
+        err = (W[:, c] - deq[:, c]) / Hinv[c, c]
+        W[:, c:] -= err[:, None] * Hinv[c, c:][None, :]
+    inv = torch.argsort(perm)
+    return codes[:, inv], deq[:, inv]
+
+
+@pytest.mark.parametrize("bits", [4, 3])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("actorder", [None, "static", "group"])
+def test_gptq_beats_rtn(layer, bits: int, symmetric: bool, actorder: str | None) -> None:
+    x, w, h = layer
+    config = GPTQConfig(bits=bits, group_size=64, symmetric=symmetric, actorder=actorder, block_size=32)
+    qw, loss = quantize_weight(w, h, config)
+    rtn = quantize_rtn(w, bits, 64, symmetric)
+    ratio = output_error(x, w, qw.dequantize()) / output_error(x, w, rtn.dequantize())
+    # measured on this layer: 0.46-0.59 (none 0.53-0.59, static/group 0.46-0.51)
+    assert ratio < 0.7, ratio
+    assert loss > 0
+    assert qw.q.dtype == torch.int32 and int(qw.q.min()) >= 0 and int(qw.q.max()) <= 2**bits - 1
+    assert qw.scale.shape == (64, 4) and qw.zero_point.shape == (64, 4) and qw.actorder == actorder
+    if actorder == "group":
+        # each group holds 64 original columns, taken in descending diag(H) order
+        perm = torch.argsort(torch.diagonal(h), descending=True)
+        assert torch.equal(qw.g_idx[perm].long(), torch.arange(256) // 64)
+        assert not bool((qw.g_idx[1:] >= qw.g_idx[:-1]).all())  # non-monotone
+    else:
+        assert qw.g_idx is None
+
+
+@pytest.mark.parametrize(
+    ("actorder", "group_size", "block_size", "symmetric"),
+    [
+        (None, 32, 128, True),
+        (None, 32, 48, False),  # blocks not a multiple of groups: aligned internally
+        ("static", 32, 16, True),
+        ("group", 32, 64, False),
+        ("group", -1, 32, True),
+    ],
+)
+def test_gptq_matches_dense_reference(actorder, group_size: int, block_size: int, symmetric: bool) -> None:
+    x = correlated_inputs(256, 128, seed=2)
+    w = torch.randn(16, 128, generator=torch.Generator().manual_seed(3))
+    h, _ = accumulate_hessian(None, x, 0)
+    config = GPTQConfig(4, group_size, symmetric, actorder, dampening_frac=0.01, block_size=block_size)
+    qw, loss = quantize_weight(w, h, config)
+    g = 128 if group_size == -1 else group_size
+    codes_ref, deq_ref = reference_gptq(w, h, 4, g, symmetric, actorder, 0.01)
+    assert (qw.q.double() == codes_ref).float().mean() > 0.99
+    assert (qw.dequantize().double() - deq_ref).abs().max() < 0.05 * w.abs().max()
+    # the accumulated OBS loss equals the final quadratic error 1/2 tr(E H_damped E^T)
+    h_d = h.double() + 0.01 * h.diagonal().mean().double() * torch.eye(128, dtype=torch.float64)
+    e = w.double() - qw.dequantize().double()
+    assert loss == pytest.approx(0.5 * float(((e @ h_d) * e).sum()), rel=1e-3)
+
+
+def test_dequantize_reproduces_final_weights_and_dead_columns() -> None:
+    x = correlated_inputs(256, 128, seed=4)
+    x[:, 10] = 0.0  # a dead input channel
+    w = torch.randn(16, 128, generator=torch.Generator().manual_seed(5))
+    h, _ = accumulate_hessian(None, x, 0)
+    for actorder in (None, "static", "group"):
+        qw, loss = quantize_weight(w, h, GPTQConfig(4, 32, False, actorder, block_size=64))
+        w_hat = qw.dequantize()
+        assert torch.isfinite(w_hat).all() and torch.isfinite(torch.tensor(loss))
+        assert (w_hat[:, 10] == 0).all()
+        # codes re-derived from the stored grid reproduce w_hat exactly (the record is self-consistent)
+        g = qw.group_index()
+        recomputed = (qw.q.float() - qw.zero_point.float()[:, g]) * qw.scale.float()[:, g]
+        assert torch.equal(recomputed, w_hat)
+        _, deq_ref = reference_gptq(w, h, 4, 32, False, actorder, 0.01)
+        assert (w_hat.double() - deq_ref).abs().max() < 0.05 * w.abs().max()
+
+
+def test_static_actorder_uses_natural_group_params() -> None:
+    x = correlated_inputs(256, 128, seed=6)
+    w = torch.randn(16, 128, generator=torch.Generator().manual_seed(7))
+    h, _ = accumulate_hessian(None, x, 0)
+    qw, _ = quantize_weight(w, h, GPTQConfig(4, 32, True, "static"))
+    rtn = quantize_rtn(w, 4, 32, True)
+    assert torch.equal(qw.scale, rtn.scale) and qw.g_idx is None
+
+
+def test_rank_deficient_hessian_warns_and_stays_finite() -> None:
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(16, 64, generator=g)  # 16 tokens for 64 channels: H has rank 16
+    w = torch.randn(32, 64, generator=g)
+    h, _ = accumulate_hessian(None, x, 0)
+    with pytest.warns(RuntimeWarning, match="Cholesky failed"):
+        qw, loss = quantize_weight(w, h, GPTQConfig(4, 32, dampening_frac=0.0))
+    assert torch.isfinite(qw.dequantize()).all() and loss == loss
+
+
+def test_indefinite_hessian_falls_back_to_rtn() -> None:
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(128, 64, generator=g)
+    w = torch.randn(32, 64, generator=g)
+    h, _ = accumulate_hessian(None, x, 0)
+    h = h - 5 * h.diagonal().mean() * torch.eye(64)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        qw, loss = quantize_weight(w, h, GPTQConfig(4, 32, actorder="group"))
+    messages = [str(c.message) for c in caught]
+    assert any("falling back to round-to-nearest" in m for m in messages)
+    assert torch.equal(qw.q, quantize_rtn(w, 4, 32).q) and qw.g_idx is None
+    assert loss >= 0 and torch.isfinite(torch.tensor(loss))
+
+
+def test_non_finite_inputs_raise() -> None:
+    w, h = torch.randn(8, 32), torch.eye(32)
+    bad_w = w.clone()
+    bad_w[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="weight contains NaN"):
+        quantize_weight(bad_w, h, GPTQConfig(group_size=32))
+    bad_h = h.clone()
+    bad_h[1, 1] = float("inf")
+    with pytest.raises(ValueError, match="Hessian contains NaN"):
+        quantize_weight(w, bad_h, GPTQConfig(group_size=32))
+    with pytest.raises(ValueError, match="does not match"):
+        quantize_weight(w, torch.eye(16), GPTQConfig(group_size=32))
+    with pytest.raises(ValueError, match="not divisible"):
+        quantize_weight(w, h, GPTQConfig(group_size=24))
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"bits": 1}, {"bits": 9}, {"group_size": 0}, {"actorder": "weight"}, {"dampening_frac": -0.1}, {"block_size": 0}],
+)
+def test_config_validation(kwargs) -> None:
+    with pytest.raises(ValueError):
+        GPTQConfig(**kwargs)
+
+
+def test_accumulate_hessian_is_running_mean() -> None:
+    x = torch.randn(3, 10, 8)
+    h, n = None, 0
+    for batch in x:
+        h, n = accumulate_hessian(h, batch, n)
+    flat = x.reshape(-1, 8).double()
+    assert n == 30
+    assert torch.allclose(h.double(), 2 * flat.T @ flat / 30, atol=1e-5)
