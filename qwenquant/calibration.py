@@ -11,7 +11,7 @@ import torch
 
 from qwenquant.errors import BadInputError
 
-BUILTIN_DIR = Path(__file__).resolve().parent.parent / "calibration"
+BUILTIN_DIR = Path(__file__).resolve().parent / "data" / "calibration"  # also linked from <repo>/calibration/
 BUILTIN_SETS = {"builtin": ("en", "zh"), "builtin:en": ("en",), "builtin:zh": ("zh",)}
 
 
@@ -64,7 +64,12 @@ def _read_hub(dataset: str) -> list[str]:
 def read_texts(source: str) -> list[str]:
     """Documents of a calibration source; builtin sets are interleaved across languages."""
     if source in BUILTIN_SETS:
-        per_lang = [_read_jsonl(BUILTIN_DIR / f"{lang}.jsonl") for lang in BUILTIN_SETS[source]]
+        files = [BUILTIN_DIR / f"{lang}.jsonl" for lang in BUILTIN_SETS[source]]
+        missing = [f for f in files if not f.is_file()]
+        if missing:
+            raise BadInputError(f"builtin calibration data is missing ({missing[0]}); reinstall qwenquant or pass "
+                                "--calib FILE.txt|FILE.jsonl")
+        per_lang = [_read_jsonl(f) for f in files]
         texts = []
         for i in range(max(len(p) for p in per_lang)):
             texts.extend(p[i] for p in per_lang if i < len(p))

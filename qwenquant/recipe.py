@@ -206,10 +206,27 @@ class Recipe:
             raise ValueError(f"export.format: {fmt} stores INT weights; FP8 exports to compressed-tensors or hf-fp8")
         if q != "fp8" and fmt == "hf-fp8":
             raise ValueError("export.format: hf-fp8 stores FP8 weights; INT runs export to compressed-tensors, gptq or awq")
+        if q in ("rtn", "gptq", "awq"):
+            self._check_int_format(self.stage(q), fmt)
         if fmt == "hf-fp8":
             fp8 = self.stage("fp8")
             if fp8.weights != "block" or fp8.activations != "dynamic":
                 raise ValueError("export.format: hf-fp8 (Qwen's layout) needs fp8.weights: block and fp8.activations: dynamic")
+
+    @staticmethod
+    def _check_int_format(stage, fmt: str) -> None:
+        """Refuse layouts a format cannot store (see docs/formats.md)."""
+        actorder = getattr(stage, "actorder", "none")
+        if fmt == "compressed-tensors" and actorder == "group":
+            raise ValueError("export.format: compressed-tensors (>= 0.13) cannot store act-order 'group' (g_idx); "
+                             "use actorder static or format gptq")
+        if fmt == "awq":
+            if actorder == "group":
+                raise ValueError("export.format: awq cannot store act-order 'group'; use actorder static/none or format gptq")
+            if stage.bits != 4:
+                raise ValueError(f"export.format: awq stores 4-bit weights only, got bits {stage.bits}")
+        if fmt == "gptq" and stage.bits not in (2, 4, 8):
+            raise ValueError(f"export.format: gptq packs 2, 4 or 8 bits, got bits {stage.bits}; use compressed-tensors")
 
     def stage(self, name: str):
         return next((s for s in self.stages if stage_name(s) == name), None)

@@ -13,6 +13,7 @@ import torch
 from qwenquant import __version__
 from qwenquant.calibration import load_calibration, samples_hash
 from qwenquant.errors import BadInputError, VerificationError
+from qwenquant.eval.verify import reader_for, verify_checkpoint
 from qwenquant.eval.perplexity import eval_windows, kl_stats, load_eval_text, next_token_logprobs, perplexity
 from qwenquant.export.checkpoint import write_checkpoint
 from qwenquant.export.writer import atomic_output_dir, check_output_dir
@@ -30,6 +31,31 @@ def resolve_device(spec: str) -> torch.device:
     if spec.startswith("cuda") and not torch.cuda.is_available():
         raise BadInputError(f"--device {spec}: no CUDA GPU is visible; use --device cpu")
     return torch.device(spec)
+
+
+def check_layout(recipe: Recipe, config: dict) -> None:
+    """Refuse, before any work, shapes the chosen scheme or format cannot handle."""
+    from qwenquant.model.qwen3 import linear_shapes
+
+    stage = recipe.stage(recipe.quantizer)
+    for name, (n, k) in linear_shapes(config).items():
+        if recipe.quantizer == "fp8" and stage.weights == "block" and k % stage.block_size:
+            raise BadInputError(f"{name} has {k} input features, not a multiple of --block-size {stage.block_size} "
+                                "(block activations are grouped by it); use a divisor of it or --weights channel")
+        if recipe.quantizer != "fp8":
+            if stage.group_size != -1 and k % stage.group_size:
+                raise BadInputError(f"{name} has {k} input features, not divisible by --group-size {stage.group_size}; "
+                                    "use a divisor of it or -1 (per channel)")
+            if recipe.export.format in ("gptq", "awq") and n % 8:
+                raise BadInputError(f"{name} has {n} output features; {recipe.export.format} packs 8 per int32, "
+                                    "use --format compressed-tensors")
+
+
+def check_not_source(out: Path, model_path: Path) -> None:
+    """Never let --out (with --overwrite) replace or nest inside the source checkpoint."""
+    o, m = out.resolve(), model_path.resolve()
+    if o == m or m in o.parents or o in m.parents:
+        raise BadInputError(f"--out {out} overlaps the source model folder {model_path}; choose another --out")
 
 
 def _dir_bytes(files) -> int:
@@ -81,6 +107,8 @@ def run_recipe(recipe: Recipe, out: Path, overwrite: bool = False, reporter: Rep
 
     with timer("load"):
         resolved = resolve_model(recipe.model.id, recipe.model.revision)
+        check_not_source(out, resolved.path)
+        check_layout(recipe, resolved.config)
         reporter.log(f"model {recipe.model.id} -> {resolved.path} ({resolved.config['architectures'][0]})")
         model, tokenizer = load_model(resolved, recipe.model.dtype)
     with timer("calibration_data"):
@@ -122,7 +150,10 @@ def run_recipe(recipe: Recipe, out: Path, overwrite: bool = False, reporter: Rep
             (tmp / "recipe.yaml").write_text(recipe.to_yaml())
         if ev.verify:
             with timer("verify"):
-                verification = verify_checkpoint(tmp, model, list(state.records), kl_windows, src_logp, q_logp, device, ev.verify_max_kl)
+                q = recipe.stage(recipe.quantizer)
+                reader = reader_for(recipe.export.format, recipe.quantizer, getattr(q, "symmetric", True))
+                verification = verify_checkpoint(tmp, model, list(state.records), reader, recipe.export.format,
+                                                 kl_windows, src_logp, q_logp, device, ev.verify_max_kl)
         report = build_report(
             recipe=recipe,
             resolved=resolved,
@@ -150,57 +181,3 @@ def run_recipe(recipe: Recipe, out: Path, overwrite: bool = False, reporter: Rep
             f"verification failed: {verification['reason']}; the folder {out} was written with its report for inspection"
         )
     return report
-
-
-def _effective_weight(module) -> torch.Tensor:
-    """The weight a reloaded Linear computes with (dequantizing FP8 block storage if the loader kept it)."""
-    w = module.weight
-    if w.dtype == torch.float8_e4m3fn and hasattr(module, "weight_scale_inv"):
-        from qwenquant.export.hf_fp8 import read_linear
-
-        block = getattr(module, "block_size", None) or (128, 128)
-        return read_linear({"weight": w, "weight_scale_inv": module.weight_scale_inv}, block[0])
-    return w.float()
-
-
-@torch.no_grad()
-def verify_checkpoint(folder: Path, model, names: list[str], kl_windows, src_logp, q_logp, device, max_kl: float) -> dict:
-    """Reload with transformers (the reference loader); check weights and next-token distributions.
-
-    1. Every quantized Linear of the reloaded model computes with exactly our dequantized weight (format check).
-    2. Mean next-token KL(source || reloaded) <= `max_kl` nats (quality check, threshold stated in the report).
-    KL vs our in-memory simulation is reported too; it differs from 0 where the loader simulates activation
-    quantization in bf16 (compressed-tensors on CPU) while we simulate it in float32 like vLLM's kernels.
-    """
-    from transformers import AutoModelForCausalLM
-
-    try:
-        reloaded = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
-    except Exception as err:  # a checkpoint the reference loader rejects is a failed verification
-        return {"passed": False, "reason": f"transformers could not load the checkpoint ({type(err).__name__}: {err})",
-                "loader": "transformers"}
-    reloaded.eval().to(device)
-    logp = next_token_logprobs(reloaded, kl_windows, device)  # the first forward also decompresses weights
-    mismatched = []
-    for name in names:
-        ours = model.get_submodule(name).weight.float().cpu()
-        theirs = _effective_weight(reloaded.get_submodule(name)).cpu()
-        if ours.shape != theirs.shape or not torch.equal(ours, theirs):
-            mismatched.append(name)
-    del reloaded
-    vs_source = kl_stats(src_logp, logp)
-    reason = ""
-    if mismatched:
-        reason = f"{len(mismatched)} reloaded weights differ from ours (first: {mismatched[0]})"
-    elif vs_source["mean_kl"] > max_kl:
-        reason = f"mean KL vs source {vs_source['mean_kl']:.4g} > {max_kl} nats"
-    return {
-        "passed": not reason,
-        "reason": reason,
-        "loader": "transformers.AutoModelForCausalLM",
-        "weights_checked": len(names),
-        "weights_mismatched": mismatched,
-        "vs_source": vs_source,
-        "vs_quantized_in_memory": kl_stats(q_logp, logp),
-        "threshold_mean_kl_vs_source": max_kl,
-    }

@@ -1,16 +1,23 @@
 """Per-layer stage glue: gather statistics with hooks, call the pure algorithms, write weights back.
 
-Each `make_*` returns a Stage: a function of a LayerContext returning a small JSON-able report for that layer.
+Each `*_layer(ctx, cfg)` runs one stage on one decoder layer and returns a small JSON-able report for it.
 """
 
 from __future__ import annotations
+
+from functools import partial
 
 import torch
 
 from qwenquant.pipeline import ActivationSpec, LayerContext, Stage
 from qwenquant.quant import fp8 as fp8q
 from qwenquant.quant import smooth as sq
-from qwenquant.recipe import FP8Stage, SmoothStage
+from qwenquant.quant import awq as awqq
+from qwenquant.quant import gptq as gptqq
+from qwenquant.quant import intq
+from qwenquant.recipe import AWQStage, FP8Stage, GPTQStage, RTNStage, SmoothStage
+
+MAX_AWQ_TOKENS = 8192  # calibration tokens kept per input for AWQ's searches (bounds memory)
 
 
 def collect_channel_absmax(ctx: LayerContext, names: list[str]) -> dict[str, torch.Tensor]:
@@ -51,10 +58,6 @@ def smooth_layer(ctx: LayerContext, cfg: SmoothStage) -> dict:
     return report
 
 
-def make_smooth(cfg: SmoothStage) -> Stage:
-    return lambda ctx: smooth_layer(ctx, cfg)
-
-
 def fp8_layer(ctx: LayerContext, cfg: FP8Stage) -> dict:
     """Quantize every Linear of the layer to FP8 and register how its activations are quantized."""
     names = list(ctx.adapter.linears)
@@ -88,8 +91,101 @@ def fp8_layer(ctx: LayerContext, cfg: FP8Stage) -> dict:
     return report
 
 
-def make_fp8(cfg: FP8Stage) -> Stage:
-    return lambda ctx: fp8_layer(ctx, cfg)
+def _store_int(ctx: LayerContext, name: str, qw, report: dict, extra: dict | None = None) -> None:
+    """Record an INT result and make the live module compute with the dequantized weight."""
+    lin = ctx.linear(name)
+    w = lin.weight.data
+    dtype = w.dtype
+    deq = qw.dequantize()
+    report[name] = {"weight_rel_error": float((w.float() - deq).norm() / w.float().norm().clamp(min=1e-12))} | (extra or {})
+    lin.weight.data = deq.to(dtype)
+    ctx.state.records[ctx.full_name(name)] = _to_cpu(qw)
+
+
+def rtn_layer(ctx: LayerContext, cfg: RTNStage) -> dict:
+    """Round-to-nearest with the same group layout: the baseline every INT benchmark reports."""
+    report: dict = {}
+    for name in ctx.adapter.linears:
+        w = ctx.linear(name).weight.data
+        qw = intq.quantize_rtn(w.float(), cfg.bits, cfg.group_size, cfg.symmetric, scale_dtype=w.dtype)
+        _store_int(ctx, name, qw, report)
+    return report
+
+
+def gptq_layer(ctx: LayerContext, cfg: GPTQStage) -> dict:
+    """GPTQ, true-sequential: each group (q/k/v, o, gate/up, down) sees inputs of the already quantized ones."""
+    gcfg = gptqq.GPTQConfig(
+        bits=cfg.bits, group_size=cfg.group_size, symmetric=cfg.symmetric,
+        actorder=None if cfg.actorder == "none" else cfg.actorder,
+        dampening_frac=cfg.dampening_frac, block_size=cfg.block_size,
+    )
+    report: dict = {}
+    for group in ctx.adapter.sequential_groups:
+        hessian: dict = {"H": None, "n": 0}
+
+        def observe(_name: str, x: torch.Tensor) -> None:
+            hessian["H"], hessian["n"] = gptqq.accumulate_hessian(hessian["H"], x, hessian["n"])
+
+        with ctx.observe_inputs([group[0]], observe):  # members of a group share one input
+            ctx.forward()
+        for name in group:
+            w = ctx.linear(name).weight.data
+            qw, loss = gptqq.quantize_weight(w.float(), hessian["H"], gcfg, scale_dtype=w.dtype)
+            _store_int(ctx, name, qw, report, {"gptq_loss": loss})
+    return report
+
+
+def _sample_inputs(ctx: LayerContext, names: list[str], max_tokens: int) -> dict[str, torch.Tensor]:
+    """Up to `max_tokens` input rows [T, K] per listed Linear, evenly strided over the calibration set."""
+    stride = max(1, ctx.cache.num_tokens // max_tokens)
+    xs: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+
+    def observe(name: str, x: torch.Tensor) -> None:
+        xs[name].append(x.reshape(-1, x.shape[-1])[::stride].float())
+
+    with ctx.observe_inputs(names, observe):
+        ctx.forward()
+    return {n: torch.cat(v)[:max_tokens] for n, v in xs.items()}
+
+
+def awq_layer(ctx: LayerContext, cfg: AWQStage) -> dict:
+    """AWQ: per smoothing group, search the activation-aware scale, fold it, then search clipping per group.
+
+    v_proj -> o_proj is skipped under GQA (one v channel feeds several heads, so no exact per-channel fold).
+    """
+    mc = ctx.model_config
+    gqa = mc.num_attention_heads != mc.num_key_value_heads
+    mappings = [m for m in ctx.adapter.smooth_mappings
+                if not (m.gqa and gqa) and (cfg.norm_mappings or m.kind != "norm" or m.smooth != "input_layernorm")]
+    inputs = sorted({g[0] for g in ctx.adapter.sequential_groups})
+    xs = _sample_inputs(ctx, inputs, MAX_AWQ_TOKENS)
+    input_of = {n: g[0] for g in ctx.adapter.sequential_groups for n in g}
+    report: dict = {"scales": {}}
+    for m in mappings:
+        balance = [ctx.linear(b) for b in m.balance]
+        x = xs[input_of[m.balance[0]]]
+        dtype = balance[0].weight.dtype
+        res = awqq.search_scales(x, [b.weight.data for b in balance], None, cfg.bits, cfg.group_size, cfg.symmetric,
+                                 cfg.n_grid, scale_dtype=dtype)
+        s = res.scales.to(ctx.device)
+        smooth_mod = ctx.layer.get_submodule(m.smooth)
+        if m.kind == "norm":
+            smooth_mod.weight.data = sq.fold_into_norm(smooth_mod.weight.data, s)
+        else:
+            smooth_mod.weight.data = sq.fold_into_output_rows(smooth_mod.weight.data, s)
+        for b in balance:
+            b.weight.data = sq.fold_into_input_columns(b.weight.data, s)
+        xs[input_of[m.balance[0]]] = x / s.to(x.device)
+        report["scales"][m.smooth] = {"alpha": res.ratio, "best_error": min(res.errors), "rtn_error": res.errors[0]}
+    for name in ctx.adapter.linears:
+        w = ctx.linear(name).weight.data
+        clip = None
+        if cfg.clip:
+            clip = awqq.search_clip(w.float(), xs[input_of[name]].to(w.device), cfg.bits, cfg.group_size, cfg.symmetric,
+                                    scale_dtype=w.dtype)
+        qw = awqq.quantize_weight(w.float(), clip, cfg.bits, cfg.group_size, cfg.symmetric, scale_dtype=w.dtype)
+        _store_int(ctx, name, qw, report, {"mean_clip": float(clip.mean()) if clip is not None else 1.0})
+    return report
 
 
 def _to_cpu(qw):
@@ -100,17 +196,17 @@ def _to_cpu(qw):
     return qw
 
 
-STAGE_FACTORIES = {"smooth": make_smooth, "fp8": make_fp8}
+LAYER_STAGES = {
+    "smooth": smooth_layer,
+    "fp8": fp8_layer,
+    "rtn": rtn_layer,
+    "gptq": gptq_layer,
+    "awq": awq_layer,
+}
 
 
 def build_stages(recipe) -> list[tuple[str, Stage]]:
     """Stages of the recipe in order, each bound to its config."""
     from qwenquant.recipe import stage_name
 
-    out = []
-    for cfg in recipe.stages:
-        name = stage_name(cfg)
-        if name not in STAGE_FACTORIES:
-            raise NotImplementedError(f"stage {name!r} is not available in this build")
-        out.append((name, STAGE_FACTORIES[name](cfg)))
-    return out
+    return [(stage_name(cfg), partial(LAYER_STAGES[stage_name(cfg)], cfg=cfg)) for cfg in recipe.stages]

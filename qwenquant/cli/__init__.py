@@ -25,6 +25,7 @@ def _root() -> None:
 
 
 from qwenquant.cli import fp8 as _fp8  # noqa: E402,F401  (registers commands)
+from qwenquant.cli import int4 as _int4  # noqa: E402,F401
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     want_json = "--json" in args
     try:
-        app(args=args, standalone_mode=False, prog_name="qwenquant")
+        app(args=args, standalone_mode=False, prog_name="qwenquant", obj={"argv": list(args)})
     except QwenquantError as err:
         return _fail(str(err), err.exit_code, want_json)
     except typer.Abort:

@@ -46,7 +46,21 @@ def base_configs(model: str, revision, calib, num_samples, seq_len, seed, eval_t
     }
 
 
-def execute(recipe, out: Path | None, suffix: str, overwrite: bool, quiet: bool, json_out: bool, print_recipe: bool) -> None:
+def silence_libraries() -> None:
+    """Turn off the progress bars and warnings transformers, hub and compressed-tensors print on their own."""
+    import os
+
+    os.environ["TQDM_DISABLE"] = "1"
+    import transformers
+    from huggingface_hub.utils import disable_progress_bars
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    disable_progress_bars()
+
+
+def execute(ctx: typer.Context, recipe, out: Path | None, suffix: str, overwrite: bool, quiet: bool, json_out: bool,
+            print_recipe: bool) -> None:
     """Run a recipe and print the result (or just the recipe)."""
     from qwenquant.progress import Reporter
     from qwenquant.report import summary
@@ -57,7 +71,9 @@ def execute(recipe, out: Path | None, suffix: str, overwrite: bool, quiet: bool,
         return
     out = out or Path(default_output_name(recipe.model.id, suffix))
     reporter = Reporter(quiet=quiet or json_out)
-    command = "qwenquant " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    silence_libraries()  # our own progress display replaces theirs
+    argv = (ctx.obj or {}).get("argv", sys.argv[1:])
+    command = "qwenquant " + " ".join(shlex.quote(a) for a in argv)
     report = run_recipe(recipe, out, overwrite=overwrite, reporter=reporter, command=command)
     if json_out:
         print(json.dumps(summary(report) | {"out": str(out)}))

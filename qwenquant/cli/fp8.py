@@ -33,6 +33,7 @@ class FP8Format(str, Enum):
 
 @app.command("fp8")
 def fp8_command(
+    ctx: typer.Context,
     model: c.Model,
     out: c.Out = None,
     weights: Annotated[Weights, typer.Option(help="Weight scale granularity: per output channel, per tensor, or 128x128 blocks.")] = Weights.channel,
@@ -72,4 +73,4 @@ def fp8_command(
         )
 
     recipe = validate(build)
-    c.execute(recipe, out, "FP8", overwrite, quiet, json_out, print_recipe)
+    c.execute(ctx, recipe, out, "FP8", overwrite, quiet, json_out, print_recipe)

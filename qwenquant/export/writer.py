@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,6 +24,9 @@ def check_output_dir(out: Path, overwrite: bool) -> None:
             raise BadInputError(f"--out {out}: is a file; choose a folder path")
         if not overwrite:
             raise BadInputError(f"--out {out}: already exists; pass --overwrite to replace it or choose another --out")
+        if any(out.iterdir()) and not (out / "qwenquant_report.json").is_file():
+            raise BadInputError(f"--out {out}: exists and is not a qwenquant output folder; "
+                                "refusing to replace it even with --overwrite, choose another --out")
     parent = out.resolve().parent
     while not parent.exists():  # missing parents are created at write time; check the first existing one
         parent = parent.parent
@@ -51,12 +55,19 @@ def atomic_output_dir(out: Path, overwrite: bool) -> Iterator[Path]:
             tmp.rename(out)
     except OSError as err:
         shutil.rmtree(tmp, ignore_errors=True)
-        if err.errno == errno.ENOSPC:
-            raise ResourceError(f"disk full while writing {out}; free space or choose another --out") from err
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            what = "disk full" if err.errno == errno.ENOSPC else "disk quota exceeded"
+            raise ResourceError(f"{what} while writing {out}; free space or choose another --out") from err
         raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 class ShardWriter:
@@ -82,7 +93,18 @@ class ShardWriter:
         if not self.pending:
             return
         fname = f"shard-{len(self.shards):05d}.safetensors"
-        save_file(self.pending, str(self.folder / fname), metadata={"format": "pt"})
+        try:
+            save_file(self.pending, str(self.folder / fname), metadata={"format": "pt"})
+        except OSError:
+            raise
+        except Exception as err:  # safetensors reports I/O failures as SafetensorError "... (os error 28)"
+            code = re.search(r"os error (\d+)", str(err))
+            if code is None:
+                raise
+            raise OSError(int(code.group(1)), f"{os.strerror(int(code.group(1)))}: {self.folder / fname}") from err
+        # safetensors 0.8 creates its file with mode 0600 whatever the umask; give the weights the same
+        # permissions as every other file in the folder, or an engine running as another user cannot read them.
+        os.chmod(self.folder / fname, 0o666 & ~_umask())
         self.shards.append((fname, list(self.pending)))
         self.pending, self.pending_bytes = {}, 0
 

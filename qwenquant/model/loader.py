@@ -81,6 +81,8 @@ def resolve_model(reference: str, revision: str | None = None) -> ResolvedModel:
         config = json.loads(config_file.read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise BadInputError(f"--model {reference}: config.json is unreadable ({err})") from err
+    if not isinstance(config, dict):
+        raise BadInputError(f"--model {reference}: config.json is not a JSON object; point --model at a Hugging Face model folder")
     archs = config.get("architectures") or []
     adapter = next((a for a in (adapter_for(x) for x in archs) if a is not None), None)
     if adapter is None:

@@ -83,3 +83,21 @@ def adapter_for(architecture: str) -> ArchAdapter | None:
         if architecture in adapter.architectures:
             return adapter
     return None
+
+
+def linear_shapes(config: dict) -> dict[str, tuple[int, int]]:
+    """(out_features, in_features) of each decoder Linear, from config.json alone (no weights loaded)."""
+    hidden = config["hidden_size"]
+    head_dim = config.get("head_dim") or hidden // config["num_attention_heads"]
+    q = config["num_attention_heads"] * head_dim
+    kv = config["num_key_value_heads"] * head_dim
+    inter = config["intermediate_size"]
+    return {
+        "self_attn.q_proj": (q, hidden),
+        "self_attn.k_proj": (kv, hidden),
+        "self_attn.v_proj": (kv, hidden),
+        "self_attn.o_proj": (hidden, q),
+        "mlp.gate_proj": (inter, hidden),
+        "mlp.up_proj": (inter, hidden),
+        "mlp.down_proj": (hidden, inter),
+    }
