@@ -15,6 +15,7 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
+from qwenquant.errors import BadInputError
 from qwenquant.model.qwen3 import ArchAdapter
 from qwenquant.quant.fp8 import fake_quantize_activation
 from qwenquant.quant.records import QuantizedWeight
@@ -222,7 +223,10 @@ def run_sequential(
         report: dict = {"layer": i}
         for name, stage in stages:
             t = time.perf_counter()
-            report[name] = stage(ctx)
+            try:
+                report[name] = stage(ctx)
+            except ValueError as err:  # algorithms reject non-finite or impossible inputs with ValueError
+                raise BadInputError(f"{name} failed on decoder layer {i}: {err}") from err
             state.add_time(name, time.perf_counter() - t)
         t = time.perf_counter()
         with activation_quantization(layer, ctx.activation_specs()):

@@ -284,7 +284,11 @@ def recipe_from_dict(data: dict) -> Recipe:
         (name, body), = entry.items()
         if name not in STAGE_TYPES:
             raise ValueError(f"stages[{i}].{name}: unknown stage; allowed: {', '.join(STAGE_TYPES)}")
-        stages.append(_build(STAGE_TYPES[name], body, f"stages[{i}].{name}"))
+        try:
+            stages.append(_build(STAGE_TYPES[name], body, f"stages[{i}].{name}"))
+        except ValueError as err:  # a stage names its own keys "fp8.weights": add where it sits
+            msg = str(err)
+            raise ValueError(msg if msg.startswith("stages[") else f"stages[{i}].{msg}") from err
     return Recipe(
         version=data.get("version", RECIPE_VERSION),
         model=_build(ModelConfig, data.get("model"), "model"),

@@ -131,6 +131,9 @@ def load_model(resolved: ResolvedModel, dtype: str = "bfloat16"):
     except Exception as err:
         raise BadInputError(f"--model {resolved.reference}: transformers could not load it ({err})") from err
     model.eval()
+    for name, param in model.named_parameters():
+        if not torch.isfinite(param).all():
+            raise BadInputError(f"--model {resolved.reference}: weight {name} contains NaN or Inf; the checkpoint is broken, re-download or re-export it")
     try:
         tokenizer = AutoTokenizer.from_pretrained(resolved.path)
     except Exception as err:
