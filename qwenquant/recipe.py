@@ -169,12 +169,15 @@ class EvalConfig:
     kl_tokens: int = 4096  # tokens on which KL(source || quantized) and verification are measured
     verify: bool = True
     verify_max_kl: float = 0.05  # mean per-token KL of the reloaded checkpoint vs the source, in nats
+    max_ppl_increase_pct: float | None = None  # quality gate: fail (exit 3) above this perplexity increase
 
     def __post_init__(self) -> None:
         _positive("eval.window", self.window)
         _positive("eval.kl_tokens", self.kl_tokens)
         if self.max_windows is not None:
             _positive("eval.max_windows", self.max_windows)
+        if self.max_ppl_increase_pct is not None and not self.perplexity:
+            raise ValueError("eval.max_ppl_increase_pct: needs perplexity evaluation (remove --no-ppl)")
         if self.verify_max_kl <= 0:
             raise ValueError(f"eval.verify_max_kl: must be > 0, got {self.verify_max_kl}")
 

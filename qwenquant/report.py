@@ -3,7 +3,8 @@
 Schema 1, top-level keys: schema_version, qwenquant_version, created, command, model, recipe, calibration,
 evaluation {text, window, windows, kl_tokens, source, quantized, delta_ppl_pct, kl_vs_source}, verification,
 sizes {source_bytes, output_bytes, ratio}, memory {peak_host_bytes, peak_device_bytes, device}, timings_s,
-layers [{layer, <stage>: {...}}], environment {torch, transformers, compressed_tensors, python, platform}.
+layers [{layer, <stage>: {...}}], environment {torch, transformers, compressed_tensors, python, platform},
+gates [{gate, limit, measured, passed, description}], model.files_sha256 {file: sha256}.
 """
 
 from __future__ import annotations
@@ -118,6 +119,9 @@ def render_markdown(r: dict) -> str:
                 f"- vs our in-memory simulation: mean KL {v['vs_quantized_in_memory']['mean_kl']:.2e} nats (informational: "
                 "loaders simulate FP8 activations with different rounding)",
             ]
+    if r.get("gates"):
+        lines += ["", "## Quality gates", ""]
+        lines += [f"- {g['gate']}: {'passed' if g['passed'] else 'FAILED'} ({g['description']})" for g in r["gates"]]
     s, m = r["sizes"], r["memory"]
     lines += [
         "",
@@ -176,7 +180,8 @@ def summary(report: dict) -> dict:
     """The short JSON printed on stdout with --json."""
     ev = report["evaluation"]
     return {
-        "ok": bool(report.get("verification") is None or report["verification"]["passed"]),
+        "ok": bool((report.get("verification") is None or report["verification"]["passed"])
+                   and all(g["passed"] for g in report.get("gates", []))),
         "model": report["model"]["reference"],
         "source_ppl": ev.get("source", {}).get("perplexity"),
         "quantized_ppl": ev.get("quantized", {}).get("perplexity"),
@@ -184,4 +189,5 @@ def summary(report: dict) -> dict:
         "mean_kl": ev["kl_vs_source"]["mean_kl"],
         "output_bytes": report["sizes"]["output_bytes"],
         "verification": None if report["verification"] is None else report["verification"]["passed"],
+        "gates": report.get("gates", []),
     }

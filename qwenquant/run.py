@@ -12,12 +12,13 @@ import torch
 
 from qwenquant import __version__
 from qwenquant.calibration import load_calibration, samples_hash
-from qwenquant.errors import BadInputError, VerificationError
+from qwenquant.errors import BadInputError, QualityGateError, VerificationError
 from qwenquant.eval.verify import reader_for, verify_checkpoint
 from qwenquant.eval.perplexity import eval_windows, kl_stats, load_eval_text, next_token_logprobs, perplexity
 from qwenquant.export.checkpoint import write_checkpoint
 from qwenquant.export.writer import atomic_output_dir, check_output_dir
-from qwenquant.model.loader import load_model, resolve_model
+from qwenquant.export.model_card import render_model_card, source_license
+from qwenquant.model.loader import file_sha256, load_model, resolve_model
 from qwenquant.pipeline import QuantState, activation_quantization, peak_host_bytes, run_sequential
 from qwenquant.progress import Reporter
 from qwenquant.recipe import Recipe
@@ -175,9 +176,26 @@ def run_recipe(recipe: Recipe, out: Path, overwrite: bool = False, reporter: Rep
             verification=verification,
             started=started,
         )
+        report["gates"] = check_gates(report, ev)
+        report["model"]["files_sha256"] = {f.name: file_sha256(f) for f in resolved.weight_files}
         write_report(tmp, report)
+        (tmp / "README.md").write_text(render_model_card(report, source_license(resolved.path)))
     if verification is not None and not verification["passed"]:
         raise VerificationError(
             f"verification failed: {verification['reason']}; the folder {out} was written with its report for inspection"
         )
+    failed = [g for g in report["gates"] if not g["passed"]]
+    if failed:
+        raise QualityGateError(f"quality gate failed: {failed[0]['description']}; the folder {out} and its report were written")
     return report
+
+
+def check_gates(report: dict, ev) -> list[dict]:
+    """Quality gates from the recipe, evaluated on the measured report."""
+    gates = []
+    if ev.max_ppl_increase_pct is not None:
+        delta = report["evaluation"]["delta_ppl_pct"]
+        gates.append({"gate": "max_ppl_increase_pct", "limit": ev.max_ppl_increase_pct, "measured": delta,
+                      "passed": delta <= ev.max_ppl_increase_pct,
+                      "description": f"perplexity increase {delta:+.3f}% vs limit {ev.max_ppl_increase_pct}%"})
+    return gates

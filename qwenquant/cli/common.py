@@ -32,17 +32,18 @@ VerifyMaxKL = Annotated[float, typer.Option(help="Fail if the reloaded checkpoin
 Overwrite = Annotated[bool, typer.Option(help="Replace an existing output folder.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")]
 Json = Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")]
+MaxPplIncrease = Annotated[Optional[float], typer.Option("--max-ppl-increase", help="Quality gate: exit 3 (after writing the report) if perplexity rises more than this many percent.")]
 PrintRecipe = Annotated[bool, typer.Option("--print-recipe", help="Print the resolved recipe as YAML and exit.")]
 
 
 def base_configs(model: str, revision, calib, num_samples, seq_len, seed, eval_text, eval_windows, eval_window,
-                 no_ppl, no_verify, verify_max_kl) -> dict:
+                 no_ppl, no_verify, verify_max_kl, max_ppl_increase=None) -> dict:
     """Recipe sections shared by every quantize command, built from their flags."""
     return {
         "model": ModelConfig(id=model, revision=revision),
         "calibration": CalibrationConfig(dataset=calib, num_samples=num_samples, seq_len=seq_len, seed=seed),
         "eval": EvalConfig(perplexity=not no_ppl, eval_text=eval_text, window=eval_window, max_windows=eval_windows,
-                           verify=not no_verify, verify_max_kl=verify_max_kl),
+                           verify=not no_verify, verify_max_kl=verify_max_kl, max_ppl_increase_pct=max_ppl_increase),
     }
 
 

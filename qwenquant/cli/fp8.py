@@ -54,6 +54,7 @@ def fp8_command(
     no_ppl: c.NoPpl = False,
     no_verify: c.NoVerify = False,
     verify_max_kl: c.VerifyMaxKL = c._E.verify_max_kl,
+    max_ppl_increase: c.MaxPplIncrease = None,
     overwrite: c.Overwrite = False,
     quiet: c.Quiet = False,
     json_out: c.Json = False,
@@ -69,7 +70,7 @@ def fp8_command(
             export=ExportConfig(format=format.value),
             device=device,
             **c.base_configs(model, revision, calib, num_samples, seq_len, seed, eval_text, eval_windows, eval_window,
-                             no_ppl, no_verify, verify_max_kl),
+                             no_ppl, no_verify, verify_max_kl, max_ppl_increase),
         )
 
     recipe = validate(build)

@@ -56,6 +56,7 @@ def gptq_command(
     no_ppl: c.NoPpl = False,
     no_verify: c.NoVerify = False,
     verify_max_kl: c.VerifyMaxKL = c._E.verify_max_kl,
+    max_ppl_increase: c.MaxPplIncrease = None,
     overwrite: c.Overwrite = False,
     quiet: c.Quiet = False,
     json_out: c.Json = False,
@@ -63,7 +64,7 @@ def gptq_command(
 ) -> None:
     """INT weight-only quantization with GPTQ (Hessian-aware error compensation)."""
     base = c.base_configs(model, revision, calib, num_samples, seq_len, seed, eval_text, eval_windows, eval_window,
-                          no_ppl, no_verify, verify_max_kl)
+                          no_ppl, no_verify, verify_max_kl, max_ppl_increase)
     stage = lambda: GPTQStage(bits=bits, group_size=group_size, symmetric=sym, actorder=act_order.value, dampening_frac=dampening)  # noqa: E731
     c.execute(ctx, _recipe(stage, format, device, base), out, f"W{bits}A16-GPTQ", overwrite, quiet, json_out, print_recipe)
 
@@ -91,6 +92,7 @@ def awq_command(
     no_ppl: c.NoPpl = False,
     no_verify: c.NoVerify = False,
     verify_max_kl: c.VerifyMaxKL = c._E.verify_max_kl,
+    max_ppl_increase: c.MaxPplIncrease = None,
     overwrite: c.Overwrite = False,
     quiet: c.Quiet = False,
     json_out: c.Json = False,
@@ -98,7 +100,7 @@ def awq_command(
 ) -> None:
     """INT weight-only quantization with AWQ (activation-aware scaling + clipping search)."""
     base = c.base_configs(model, revision, calib, num_samples, seq_len, seed, eval_text, eval_windows, eval_window,
-                          no_ppl, no_verify, verify_max_kl)
+                          no_ppl, no_verify, verify_max_kl, max_ppl_increase)
     stage = lambda: AWQStage(bits=bits, group_size=group_size, symmetric=sym, clip=clip, norm_mappings=norm_mappings)  # noqa: E731
     c.execute(ctx, _recipe(stage, format, device, base), out, f"W{bits}A16-AWQ", overwrite, quiet, json_out, print_recipe)
 
@@ -120,6 +122,7 @@ def rtn_command(
     no_ppl: c.NoPpl = False,
     no_verify: c.NoVerify = False,
     verify_max_kl: c.VerifyMaxKL = c._E.verify_max_kl,
+    max_ppl_increase: c.MaxPplIncrease = None,
     overwrite: c.Overwrite = False,
     quiet: c.Quiet = False,
     json_out: c.Json = False,
@@ -127,6 +130,6 @@ def rtn_command(
 ) -> None:
     """INT weight-only round-to-nearest: the baseline GPTQ and AWQ are measured against."""
     base = c.base_configs(model, revision, c._C.dataset, c._C.num_samples, c._C.seq_len, c._C.seed, eval_text,
-                          eval_windows, eval_window, no_ppl, no_verify, verify_max_kl)
+                          eval_windows, eval_window, no_ppl, no_verify, verify_max_kl, max_ppl_increase)
     stage = lambda: RTNStage(bits=bits, group_size=group_size, symmetric=sym)  # noqa: E731
     c.execute(ctx, _recipe(stage, format, device, base), out, f"W{bits}A16-RTN", overwrite, quiet, json_out, print_recipe)

@@ -101,6 +101,17 @@ def resolve_model(reference: str, revision: str | None = None) -> ResolvedModel:
     return ResolvedModel(reference, repo_id, path, config, adapter, weight_files)
 
 
+def file_sha256(path: Path, chunk: int = 1 << 24) -> str:
+    """sha256 of a file, streamed (provenance in the report)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
 def check_safetensors_header(path: Path) -> dict:
     """Read a safetensors header, turning corruption into a one-line error."""
     from safetensors import safe_open

@@ -1,0 +1,649 @@
+"""Side-by-side evaluation of quantization variants against one bf16 source, in one process.
+
+Used by ``benchmarks/fp8_variants.py`` (and meant for the other benchmark scripts)::
+
+    from harness import Harness, add_harness_args, harness_from_args, write_results  # benchmarks/ on sys.path
+    h = harness_from_args(args)                   # loads the source once, evaluates it once
+    rows = [h.source_row()]
+    rows.append(h.evaluate_variant("fp8 channel/dynamic", [FP8Stage("channel", "dynamic")], seed=0))
+    write_results("my_bench", rows, {"note": "..."})
+
+What is measured (the same for every row, so rows are comparable):
+
+* perplexity: GPTQ-paper convention, ``qwenquant.eval.perplexity``: WikiText-2 *raw test* rows joined with
+  "\\n\\n", tokenized once, cut into non-overlapping windows of ``min(2048, max_position_embeddings)`` tokens (the
+  tail shorter than a window is dropped), ppl = exp(mean next-token NLL over all windows). By default every window
+  of the test split (201 windows x 2048 = 411,648 tokens for qwen3-mini's 8192-token vocabulary).
+* KL: mean / max per-token KL(source || variant) in nats and top-1 agreement of the next-token distributions, over
+  the first ``kl_windows`` windows of the same text (default 8 x 2048 = 16,384 positions). The source log-probs are
+  computed once and kept on CPU in fp16 (8 x 2048 x 8192 x 2 B = 256 MiB).
+* A variant is the source deep-copied, quantized with ``qwenquant.pipeline.run_sequential`` and
+  ``qwenquant.stages.build_stages`` exactly as ``qwenquant.run.run_recipe`` does it (same calibration builder, same
+  sequential propagation), then evaluated with ``activation_quantization(model, state.activations)`` active, i.e.
+  with FP8 input quantization simulated as the engine does it (dynamic per token / per group, or static per tensor).
+  Nothing is written to disk; the weights the model computes with are the dequantized stored weights.
+
+Wall times are per row: ``quant_wall_s`` = the sequential pipeline (calibration capture + stages + propagation),
+``eval_wall_s`` = perplexity + KL forwards. ``peak_rss_bytes`` is the peak resident set size of the *whole process*
+sampled every 20 ms while the row ran (it includes the source model and the stored source log-probs, ~0.3 GB);
+``process_peak_rss_bytes`` is ``ru_maxrss`` so far (monotone over the run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as _dt
+import gc
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import threading
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # allow `python benchmarks/xyz.py` from the repo root
+    sys.path.insert(0, str(REPO))
+
+from qwenquant import __version__ as QWENQUANT_VERSION  # noqa: E402
+from qwenquant.calibration import load_calibration, samples_hash  # noqa: E402
+from qwenquant.eval.perplexity import (  # noqa: E402
+    eval_windows,
+    kl_stats,
+    load_eval_text,
+    next_token_logprobs,
+    perplexity,
+)
+from qwenquant.model.loader import load_model, resolve_model  # noqa: E402
+from qwenquant.pipeline import QuantState, activation_quantization, peak_host_bytes, run_sequential  # noqa: E402
+from qwenquant.recipe import (  # noqa: E402
+    CalibrationConfig,
+    ExportConfig,
+    FP8Stage,
+    ModelConfig,
+    Recipe,
+    RTNStage,
+    stage_name,
+)
+from qwenquant.stages import build_stages  # noqa: E402
+
+DEFAULT_MODEL = "/work/shared/models/qwen3-mini"
+RESULTS_DIR = REPO / "benchmarks" / "results"
+QUICK = {"ppl_windows": 8, "kl_windows": 2, "num_samples": 32}
+
+
+def _log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+class RSSSampler:
+    """Peak RSS of this process (bytes) while the block runs, sampled from /proc every `interval` seconds."""
+
+    def __init__(self, interval: float = 0.02):
+        self.interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+        self._page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+    def _rss(self) -> int:
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * self._page
+        except OSError:  # not Linux: fall back to the monotone peak
+            return peak_host_bytes()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._rss())
+            self._stop.wait(self.interval)
+
+    def __enter__(self):
+        self.peak = self._rss()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._rss())
+
+
+def calibration_dependent(stages) -> bool:
+    """True when the quantized weights/scales depend on the calibration samples (and so on the seed).
+
+    FP8 with dynamic or no activation quantization and RTN are functions of the weights alone; smoothing, static
+    activation scales, GPTQ and AWQ are not.
+    """
+    for s in stages:
+        if isinstance(s, FP8Stage):
+            if s.activations == "static":
+                return True
+        elif isinstance(s, RTNStage):
+            continue
+        else:
+            return True
+    return False
+
+
+def describe_stages(stages) -> str:
+    """`smooth(alpha=0.5) -> fp8(weights=channel, activations=dynamic, block_size=128)`."""
+    import dataclasses
+
+    parts = []
+    for s in stages:
+        fields = ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(s).items())
+        parts.append(f"{stage_name(s)}({fields})")
+    return " -> ".join(parts)
+
+
+def _export_format_for(stages) -> str:
+    """A format the Recipe accepts for these stages (only used to validate the recipe, nothing is exported)."""
+    names = [stage_name(s) for s in stages]
+    if "fp8" in names:
+        return "compressed-tensors"
+    q = next(s for s in stages if stage_name(s) in ("rtn", "gptq", "awq"))
+    return "gptq" if getattr(q, "actorder", "none") == "group" else "compressed-tensors"
+
+
+def layer_weight_errors(state: QuantState) -> list[float]:
+    """Mean relative Frobenius weight error ||W - W_hat|| / ||W|| per decoder layer, over the layer's Linears.
+
+    W is the weight the quantizer saw, i.e. after smoothing when a smooth stage ran first.
+    """
+    out = []
+    for rep in state.layer_reports:
+        errs = []
+        for stage_report in rep.values():
+            if not isinstance(stage_report, dict):
+                continue
+            for v in stage_report.values():
+                if isinstance(v, dict) and "weight_rel_error" in v:
+                    errs.append(float(v["weight_rel_error"]))
+        out.append(sum(errs) / len(errs) if errs else float("nan"))
+    return out
+
+
+def kl_by_window(src_logp: torch.Tensor, q_logp: torch.Tensor) -> dict:
+    """`qwenquant.eval.perplexity.kl_stats` computed one window at a time (bounded memory), then combined.
+
+    Windows have equal length, so the mean of per-window means is the overall mean.
+    """
+    per = [kl_stats(src_logp[i : i + 1], q_logp[i : i + 1]) for i in range(src_logp.shape[0])]
+    n = len(per)
+    return {
+        "mean_kl": sum(p["mean_kl"] for p in per) / n,
+        "max_kl": max(p["max_kl"] for p in per),
+        "top1_agreement": sum(p["top1_agreement"] for p in per) / n,
+        "tokens": sum(p["tokens"] for p in per),
+    }
+
+
+class Harness:
+    """Loads the source once and evaluates it once; evaluates any number of variants identically."""
+
+    def __init__(
+        self,
+        model: str = DEFAULT_MODEL,
+        *,
+        dtype: str = "bfloat16",
+        eval_text: str = "wikitext2",
+        window: int = 2048,
+        ppl_windows: int | None = None,
+        kl_windows: int = 8,
+        calib_dataset: str = "builtin",
+        num_samples: int = 128,
+        seq_len: int = 512,
+        device: str = "cpu",
+        threads: int | None = 1,
+        quick: bool = False,
+    ):
+        if threads:
+            torch.set_num_threads(threads)
+        self.started = time.time()
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.calib_dataset, self.num_samples, self.seq_len = calib_dataset, num_samples, seq_len
+        self.quick = quick
+        self._calib: dict[int, torch.Tensor] = {}
+
+        t = time.perf_counter()
+        self.resolved = resolve_model(model)
+        self.source, self.tokenizer = load_model(self.resolved, dtype)
+        self.source.to("cpu")
+        self.load_s = time.perf_counter() - t
+        _log(f"source {self.resolved.path} loaded in {self.load_s:.1f}s")
+
+        max_pos = int(self.resolved.config.get("max_position_embeddings", window))
+        self.window = min(window, max_pos)
+        text, self.text_desc = load_eval_text(eval_text)
+        all_windows = eval_windows(self.tokenizer, text, self.window, None)
+        self.total_windows = int(all_windows.shape[0])
+        self.ppl_windows = all_windows[:ppl_windows] if ppl_windows else all_windows
+        self.kl_windows = all_windows[: max(1, kl_windows)]
+
+        t = time.perf_counter()
+        self.src_ppl, self.src_logp = self._evaluate(self.source, None)
+        self.source_eval_s = time.perf_counter() - t
+        _log(
+            f"source ppl {self.src_ppl.perplexity:.4f} on {self.ppl_windows.shape[0]}x{self.window} tokens, "
+            f"KL reference on {self.kl_windows.numel()} tokens ({self.source_eval_s:.1f}s)"
+        )
+
+    # -- evaluation ----------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _evaluate(self, model, act_specs):
+        """(PerplexityResult, log-probs [kl_windows, window, vocab] fp16 on CPU) with activation hooks if given."""
+        ctx = activation_quantization(model, act_specs) if act_specs else nullcontext()
+        model.to(self.device)
+        try:
+            with ctx:
+                ppl = perplexity(model, self.ppl_windows, self.device)
+                logp = next_token_logprobs(model, self.kl_windows, self.device)
+        finally:
+            model.to("cpu")
+        return ppl, logp
+
+    def _metrics(self, ppl, logp) -> dict:
+        kl = kl_by_window(self.src_logp, logp)
+        return {
+            "ppl": ppl.perplexity,
+            "delta_ppl_pct": 100.0 * (ppl.perplexity - self.src_ppl.perplexity) / self.src_ppl.perplexity,
+            "mean_kl": kl["mean_kl"],
+            "max_kl": kl["max_kl"],
+            "top1": kl["top1_agreement"],
+            "kl_tokens": kl["tokens"],
+            "ppl_tokens": ppl.tokens,
+        }
+
+    def calibration(self, seed: int) -> torch.Tensor:
+        if seed not in self._calib:
+            self._calib[seed] = load_calibration(self.calib_dataset, self.tokenizer, self.num_samples, self.seq_len, seed)
+        return self._calib[seed]
+
+    def source_row(self) -> dict:
+        return {
+            "variant": f"{self.dtype} source",
+            "stages": "",
+            "seed": None,
+            "calib_dependent": False,
+            "ppl": self.src_ppl.perplexity,
+            "delta_ppl_pct": 0.0,
+            "mean_kl": 0.0,
+            "max_kl": 0.0,
+            "top1": 1.0,
+            "kl_tokens": int(self.kl_windows.numel()),
+            "ppl_tokens": self.src_ppl.tokens,
+            "quant_wall_s": 0.0,
+            "eval_wall_s": self.source_eval_s,
+            "peak_rss_bytes": peak_host_bytes(),
+            "process_peak_rss_bytes": peak_host_bytes(),
+        }
+
+    def recipe_for(self, stages, seed: int) -> Recipe:
+        return Recipe(
+            model=ModelConfig(id=str(self.resolved.path), dtype=self.dtype),
+            calibration=CalibrationConfig(self.calib_dataset, self.num_samples, self.seq_len, seed),
+            stages=list(stages),
+            export=ExportConfig(format=_export_format_for(stages)),
+            device=str(self.device),
+        )
+
+    def evaluate_variant(self, name: str, stages, seed: int = 0, tags: dict | None = None) -> dict:
+        """Quantize a deep copy of the source with `stages` (recipe stage configs, in order) calibrated with `seed`,
+        evaluate it, and return one result row (see the module docstring)."""
+        recipe = self.recipe_for(stages, seed)  # validates the stage combination
+        calib = self.calibration(seed)
+        model = copy.deepcopy(self.source)
+        state = QuantState()
+        with RSSSampler() as rss:
+            t = time.perf_counter()
+            run_sequential(model, self.resolved.adapter, calib, build_stages(recipe), self.device, state)
+            quant_s = time.perf_counter() - t
+            t = time.perf_counter()
+            ppl, logp = self._evaluate(model, state.activations)
+            eval_s = time.perf_counter() - t
+            metrics = self._metrics(ppl, logp)
+        errs = layer_weight_errors(state)
+        row = {
+            "variant": name,
+            "stages": describe_stages(stages),
+            "seed": seed,
+            "calib_dependent": calibration_dependent(stages),
+            **(tags or {}),
+            **metrics,
+            "quant_wall_s": quant_s,
+            "eval_wall_s": eval_s,
+            "stage_s": {k: round(v, 3) for k, v in state.stage_seconds.items()},
+            "peak_rss_bytes": rss.peak,
+            "process_peak_rss_bytes": peak_host_bytes(),
+            "weight_rel_error_mean": sum(errs) / len(errs) if errs else None,
+            "weight_rel_error_per_layer": errs,
+            "activation_modes": sorted({s.mode for s in state.activations.values()}),
+            "calib_sha256": samples_hash(calib),
+        }
+        del model, state, logp
+        gc.collect()
+        _log(
+            f"{name} seed={seed}: ppl {row['ppl']:.4f} ({row['delta_ppl_pct']:+.3f}%), KL {row['mean_kl']:.6f}, "
+            f"top1 {row['top1']:.4f}, quant {quant_s:.1f}s, eval {eval_s:.1f}s"
+        )
+        return row
+
+    def evaluate_external(self, name: str, model_dir: str | Path, act_specs: dict | None = None,
+                          tags: dict | None = None) -> dict:
+        """Load a checkpoint folder with transformers (any format it can read, e.g. another tool's
+        compressed-tensors output) and evaluate it exactly like a variant.
+
+        Activation quantization is whatever the loader applies (compressed-tensors wraps the forward of quantized
+        Linears and fake-quantizes their inputs when the scheme has input activations); `act_specs`
+        ({linear name: qwenquant ActivationSpec}) adds qwenquant's simulation on top, for checkpoints whose loader
+        does not. The row records what the loader attached (`loader_input_activations`).
+        """
+        from transformers import AutoModelForCausalLM
+
+        model_dir = Path(model_dir)
+        with RSSSampler() as rss:
+            t = time.perf_counter()
+            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, self.dtype))
+            model.eval()
+            load_s = time.perf_counter() - t
+            t = time.perf_counter()
+            ppl, logp = self._evaluate(model, act_specs)
+            eval_s = time.perf_counter() - t
+            metrics = self._metrics(ppl, logp)
+        loader_acts = set()
+        for m in model.modules():
+            scheme = getattr(m, "quantization_scheme", None)
+            ia = getattr(scheme, "input_activations", None) if scheme is not None else None
+            if ia is not None:
+                loader_acts.add(f"{ia.type}{ia.num_bits} {ia.strategy} {'dynamic' if ia.dynamic else 'static'}")
+        qcfg = json.loads((model_dir / "config.json").read_text()).get("quantization_config", {})
+        row = {
+            "variant": name,
+            "stages": f"external: {model_dir}",
+            "seed": None,
+            "calib_dependent": None,
+            **(tags or {}),
+            **metrics,
+            "quant_wall_s": None,
+            "load_s": load_s,
+            "eval_wall_s": eval_s,
+            "peak_rss_bytes": rss.peak,
+            "process_peak_rss_bytes": peak_host_bytes(),
+            "quant_method": qcfg.get("quant_method"),
+            "loader_input_activations": sorted(loader_acts),
+            "qwenquant_act_specs": bool(act_specs),
+        }
+        del model, logp
+        gc.collect()
+        _log(f"{name} (external): ppl {row['ppl']:.4f} ({row['delta_ppl_pct']:+.3f}%), KL {row['mean_kl']:.6f}")
+        return row
+
+    # -- metadata ------------------------------------------------------------------------------------------------
+
+    def meta(self) -> dict:
+        n_ppl = int(self.ppl_windows.shape[0])
+        return {
+            "model": str(self.resolved.path),
+            "model_dtype": self.dtype,
+            "eval_text": self.text_desc,
+            "eval_convention": (
+                f"GPTQ convention: {self.text_desc}; tokenized once (no special tokens); non-overlapping windows of "
+                f"{self.window} tokens (2048 capped at max_position_embeddings); tail shorter than a window dropped; "
+                f"ppl = exp(mean next-token NLL). {n_ppl} of {self.total_windows} windows"
+                + (" (FULL test split)" if n_ppl == self.total_windows else " (SUBSET: not the full test split)")
+            ),
+            "window": self.window,
+            "ppl_windows": n_ppl,
+            "ppl_windows_total": self.total_windows,
+            "ppl_tokens": int(self.src_ppl.tokens),
+            "kl_convention": "mean/max per-token KL(source || variant) in nats and top-1 agreement, first "
+                             f"{self.kl_windows.shape[0]} windows, source log-probs stored in fp16",
+            "kl_tokens": int(self.kl_windows.numel()),
+            "calibration": {"dataset": self.calib_dataset, "num_samples": self.num_samples, "seq_len": self.seq_len,
+                            "seeds_sha256": {str(k): samples_hash(v) for k, v in self._calib.items()}},
+            "source": {"ppl": self.src_ppl.perplexity, "mean_nll": self.src_ppl.mean_nll, "load_s": self.load_s,
+                       "eval_s": self.source_eval_s},
+            "device": str(self.device),
+            "torch_threads": torch.get_num_threads(),
+            "quick": self.quick,
+        }
+
+
+# -- results -------------------------------------------------------------------------------------------------------
+
+
+def _git(*args: str) -> str | None:
+    try:
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def environment_meta() -> dict:
+    import transformers
+
+    try:
+        import compressed_tensors
+
+        ct = compressed_tensors.__version__
+    except Exception:
+        ct = None
+    dirty = _git("status", "--porcelain", "--", "qwenquant")
+    try:
+        affinity = len(os.sched_getaffinity(0))
+    except AttributeError:
+        affinity = None
+    return {
+        "date_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(),
+            "cpus_usable": affinity,
+            "load_avg_at_write": os.getloadavg() if hasattr(os, "getloadavg") else None,
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        },
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "compressed_tensors": ct,
+        "qwenquant_version": QWENQUANT_VERSION,
+        "qwenquant_git_commit": _git("rev-parse", "HEAD"),
+        "qwenquant_tree_dirty": bool(dirty) if dirty is not None else None,
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+    }
+
+
+def _fmt(v, spec: str) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    if spec == "bytes":
+        return f"{v / 2**20:.0f}"
+    return format(v, spec)
+
+
+DEFAULT_COLUMNS = (
+    ("variant", "variant", "s"),
+    ("seed", "seed", "s"),
+    ("ppl", "ppl", ".4f"),
+    ("delta_ppl_pct", "Δppl %", "+.3f"),
+    ("mean_kl", "mean KL", ".2e"),
+    ("max_kl", "max KL", ".3f"),
+    ("top1", "top-1", ".4f"),
+    ("weight_rel_error_mean", "W err", ".4f"),
+    ("quant_wall_s", "quant s", ".1f"),
+    ("eval_wall_s", "eval s", ".1f"),
+    ("peak_rss_bytes", "RSS MiB", "bytes"),
+)
+
+
+def markdown_table(rows: list[dict], columns=DEFAULT_COLUMNS) -> str:
+    head = "| " + " | ".join(c[1] for c in columns) + " |"
+    sep = "|" + "|".join("---" if c[2] == "s" else "---:" for c in columns) + "|"
+    lines = [head, sep]
+    for r in rows:
+        cells = []
+        for key, _, spec in columns:
+            v = r.get(key)
+            cells.append("-" if v is None else (str(v) if spec == "s" else _fmt(v, spec)))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def print_table(rows: list[dict], columns=DEFAULT_COLUMNS, title: str | None = None) -> None:
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        print(markdown_table(rows, columns))
+        return
+    table = Table(title=title)
+    for _, label, spec in columns:
+        table.add_column(label, justify="left" if spec == "s" else "right")
+    for r in rows:
+        table.add_row(*("-" if r.get(k) is None else (str(r[k]) if s == "s" else _fmt(r[k], s)) for k, _, s in columns))
+    Console(width=200).print(table)
+
+
+def aggregate_seeds(rows: list[dict], key: str = "variant") -> list[dict]:
+    """One row per `key`: mean over seeds of ppl / delta / KL / top-1, with the seed spread (max - min).
+
+    Rows whose variant does not depend on calibration have one seed; their spread is None.
+    """
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(r[key], []).append(r)
+    out = []
+    for name, rs in groups.items():
+        agg = {k: v for k, v in rs[0].items() if not isinstance(v, (int, float)) or isinstance(v, bool)}
+        agg[key] = name
+        agg["seeds"] = ",".join(str(r["seed"]) for r in rs) if rs[0].get("seed") is not None else "-"
+        agg["n_seeds"] = len(rs)
+        for m in ("ppl", "delta_ppl_pct", "mean_kl", "max_kl", "top1", "weight_rel_error_mean", "quant_wall_s",
+                  "eval_wall_s", "peak_rss_bytes"):
+            vals = [r[m] for r in rs if r.get(m) is not None]
+            if not vals:
+                agg[m] = None
+                continue
+            agg[m] = sum(vals) / len(vals)
+            agg[f"{m}_spread"] = (max(vals) - min(vals)) if len(vals) > 1 else None
+        out.append(agg)
+    return out
+
+
+AGG_COLUMNS = (
+    ("variant", "variant", "s"),
+    ("seeds", "seeds", "s"),
+    ("ppl", "ppl", ".4f"),
+    ("delta_ppl_pct", "Δppl %", "+.3f"),
+    ("delta_ppl_pct_spread", "± seeds", ".3f"),
+    ("mean_kl", "mean KL", ".3e"),
+    ("mean_kl_spread", "± seeds", ".1e"),
+    ("max_kl", "max KL", ".3f"),
+    ("top1", "top-1", ".4f"),
+    ("weight_rel_error_mean", "W err", ".4f"),
+    ("quant_wall_s", "quant s", ".1f"),
+    ("eval_wall_s", "eval s", ".1f"),
+    ("peak_rss_bytes", "RSS MiB", "bytes"),
+)
+
+
+def write_results(name: str, rows: list[dict], meta: dict, out_dir: Path = RESULTS_DIR,
+                  summary_md: str = "", print_rows: bool = True) -> tuple[Path, Path]:
+    """Print the table and write `<out_dir>/<name>.json` (rows + meta) and `<name>.md`.
+
+    The markdown has the per-variant table (mean over seeds, with the seed spread) and every raw row.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    full_meta = environment_meta() | meta
+    agg = aggregate_seeds(rows)
+    if print_rows:
+        print_table(agg, AGG_COLUMNS, title=f"{name} (mean over seeds; ± = max - min over seeds)")
+    json_path = out_dir / f"{name}.json"
+    json_path.write_text(json.dumps({"meta": full_meta, "rows": rows}, indent=1, default=str) + "\n")
+    m = full_meta
+    lines = [
+        f"# {name}",
+        "",
+        f"- date (UTC): {m['date_utc']}; machine: {m['machine']['platform']}, {m['machine']['cpu_count']} CPUs"
+        f" ({m['machine']['cpus_usable']} usable), torch threads {m.get('torch_threads')}, gpu {m['machine']['gpu']}",
+        f"- torch {m['torch']}, transformers {m['transformers']}, compressed-tensors {m['compressed_tensors']}, "
+        f"qwenquant {m['qwenquant_version']} @ {m['qwenquant_git_commit']}"
+        + (" (qwenquant/ had uncommitted changes)" if m.get("qwenquant_tree_dirty") else ""),
+        f"- model: {m.get('model')} ({m.get('model_dtype')})",
+        f"- perplexity: {m.get('eval_convention')}",
+        f"- KL: {m.get('kl_convention')} = {m.get('kl_tokens')} tokens",
+        f"- calibration: {m.get('calibration')}",
+        f"- command: `{m['command']}`",
+        "",
+    ]
+    if summary_md:
+        lines += [summary_md.rstrip(), ""]
+    lines += [
+        "## Per variant (mean over calibration seeds; `±` = max - min over the seeds)",
+        "",
+        markdown_table(agg, AGG_COLUMNS),
+        "",
+        "## Every row",
+        "",
+        markdown_table(rows),
+        "",
+    ]
+    md_path = out_dir / f"{name}.md"
+    md_path.write_text("\n".join(lines))
+    _log(f"wrote {json_path} and {md_path}")
+    return json_path, md_path
+
+
+# -- command line ----------------------------------------------------------------------------------------------------
+
+
+def add_harness_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("harness")
+    g.add_argument("--model", default=DEFAULT_MODEL)
+    g.add_argument("--eval-text", default="wikitext2")
+    g.add_argument("--window", type=int, default=2048, help="window length (capped at max_position_embeddings)")
+    g.add_argument("--ppl-windows", type=int, default=None, help="perplexity windows (default: all = full test)")
+    g.add_argument("--kl-windows", type=int, default=8, help="windows for KL (default 8 = 16k tokens)")
+    g.add_argument("--calib", default="builtin")
+    g.add_argument("--num-samples", type=int, default=128)
+    g.add_argument("--seq-len", type=int, default=512)
+    g.add_argument("--device", default="cpu")
+    g.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads (default 1: on a shared 2-core box 2 threads ran ~4x slower)")
+    g.add_argument("--quick", action="store_true",
+                   help=f"smoke run: {QUICK['ppl_windows']} ppl windows, {QUICK['kl_windows']} KL windows, "
+                        f"{QUICK['num_samples']} calibration samples")
+    g.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
+
+
+def harness_from_args(args: argparse.Namespace) -> Harness:
+    ppl_w, kl_w, ns = args.ppl_windows, args.kl_windows, args.num_samples
+    if args.quick:
+        ppl_w, kl_w, ns = QUICK["ppl_windows"], QUICK["kl_windows"], QUICK["num_samples"]
+    return Harness(args.model, eval_text=args.eval_text, window=args.window, ppl_windows=ppl_w, kl_windows=kl_w,
+                   calib_dataset=args.calib, num_samples=ns, seq_len=args.seq_len, device=args.device,
+                   threads=args.threads, quick=args.quick)
+
+
+def save_partial(path: Path, rows: Iterable[dict]) -> None:
+    """Rewrite a partial-results file after each row, so a long run can be resumed (`load_partial`)."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(list(rows), indent=1, default=str))
+    tmp.replace(path)
+
+
+def load_partial(path: Path) -> list[dict]:
+    return json.loads(path.read_text()) if path.is_file() else []

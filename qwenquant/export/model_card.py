@@ -1,0 +1,87 @@
+"""The output folder's README.md: a Hugging Face model card built only from what the run measured."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import yaml
+
+FORMAT_TAGS = {"compressed-tensors": "compressed-tensors", "hf-fp8": "fp8", "gptq": "gptq", "awq": "awq"}
+
+
+def source_license(model_dir: Path) -> str | None:
+    """`license:` from the source model card's YAML front matter, if it has one."""
+    card = Path(model_dir) / "README.md"
+    if not card.is_file():
+        return None
+    match = re.match(r"^---\n(.*?)\n---", card.read_text(encoding="utf-8", errors="replace"), re.S)
+    if not match:
+        return None
+    try:
+        meta = yaml.safe_load(match.group(1)) or {}
+    except yaml.YAMLError:
+        return None
+    lic = meta.get("license") if isinstance(meta, dict) else None
+    return str(lic) if lic else None
+
+
+def _scheme_name(recipe: dict) -> str:
+    for stage in recipe["stages"]:
+        (name, cfg), = stage.items()
+        if name == "fp8":
+            acts = {"dynamic": "dynamic activations", "static": "static activations", "none": "weight-only"}[cfg["activations"]]
+            return f"FP8 E4M3, {cfg['weights']} weight scales, {acts}"
+        if name in ("gptq", "awq", "rtn"):
+            group = "per-channel" if cfg["group_size"] == -1 else f"group {cfg['group_size']}"
+            return f"INT{cfg['bits']} weight-only ({name.upper()}, {group}, {'symmetric' if cfg['symmetric'] else 'asymmetric'})"
+    return "quantized"
+
+
+def render_model_card(report: dict, license_id: str | None) -> str:
+    """Markdown with YAML front matter; every number is copied from `report` with its setup."""
+    recipe = report["recipe"]
+    fmt = recipe["export"]["format"]
+    base = report["model"]["repo_id"] or Path(report["model"]["reference"]).name
+    quantizer = next(n for st in recipe["stages"] for n in st if n in ("fp8", "gptq", "awq", "rtn"))
+    meta = {
+        "base_model": base,
+        "library_name": "transformers",
+        "pipeline_tag": "text-generation",
+        "tags": ["qwen3", "quantized", "qwenquant", quantizer, FORMAT_TAGS[fmt]],
+    }
+    if license_id:
+        meta["license"] = license_id
+    ev, v = report["evaluation"], report.get("verification")
+    lines = ["---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", "",
+             f"# {Path(report['model']['reference']).name} — {_scheme_name(recipe)}", "",
+             f"Quantized from `{base}` with qwenquant {report['qwenquant_version']} on {report['created']}, "
+             f"stored as `{fmt}`.", "", "## Measured results", ""]
+    if "source" in ev:
+        lines += [
+            f"Measured by qwenquant on `{report['memory']['device']}`: perplexity on {ev['text']}, "
+            f"non-overlapping windows of {ev['window']} tokens ({ev['source']['tokens']} tokens).", "",
+            "| model | perplexity |", "|---|---|",
+            f"| source | {ev['source']['perplexity']:.4f} |",
+            f"| this checkpoint | {ev['quantized']['perplexity']:.4f} ({ev['delta_ppl_pct']:+.2f}%) |", "",
+        ]
+    kl = ev["kl_vs_source"]
+    lines.append(f"Mean next-token KL divergence from the source over {kl['tokens']} held-out tokens: "
+                 f"{kl['mean_kl']:.5f} nats (top-1 agreement {100 * kl['top1_agreement']:.2f}%).")
+    if v is not None:
+        lines.append(f"Verification: reloaded with {v['loader']}, "
+                     f"{'passed' if v['passed'] else 'FAILED: ' + v['reason']}.")
+    s = report["sizes"]
+    lines += ["", f"Weights on disk: {s['output_bytes'] / 2**20:.1f} MiB (source {s['source_bytes'] / 2**20:.1f} MiB).",
+              "", "No throughput or task-accuracy numbers are listed because this run did not measure them.", ""]
+    lines += ["## How to load", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
+              'model = AutoModelForCausalLM.from_pretrained("<this repo>")',
+              'tokenizer = AutoTokenizer.from_pretrained("<this repo>")', "```"]
+    if fmt in ("gptq", "awq"):
+        lines.append("(transformers needs `gptqmodel` installed for this format.)")
+    lines += ["", "```bash", 'vllm serve "<this repo>"', "```", "",
+              "## How it was made", "", "```bash", report["command"] or "qwenquant run recipe.yaml", "```", "",
+              "The full recipe is in `recipe.yaml`; `qwenquant run recipe.yaml` reproduces the run. "
+              "`qwenquant_report.json` has every measurement, per-layer errors and provenance (source file hashes, "
+              "calibration token hash, library versions).", ""]
+    return "\n".join(lines)
