@@ -40,6 +40,8 @@ WEIGHTS = ("channel", "tensor", "block")
 ACTIVATIONS = ("dynamic", "static", "none")
 ACCEPTANCE = ("channel", "dynamic")  # the target: within 1% of the bf16 source perplexity
 ACCEPTANCE_PCT = 1.0
+# which rows get perplexity on the full WikiText-2 test (the others: on the KL tokens only)
+FULL_PPL = {"all": ".*", "none": "a^", "unsmoothed": r"^fp8 w:\w+ a:\w+$"}
 
 
 def combos() -> list[tuple[str, str]]:
@@ -74,9 +76,13 @@ def plan(args) -> list[dict]:
         name = variant_name(e["weights"], e["activations"], e["smooth_alpha"])
         if args.only and not re.search(args.only, name):
             continue
+        full = bool(re.search(FULL_PPL.get(args.full_ppl, args.full_ppl), name))
         for seed in (seeds if calibration_dependent(stages) else seeds[:1]):
-            rows.append({"name": name, "stages": stages, "seed": seed, "tags": e})
-    return rows
+            rows.append({"name": name, "stages": stages, "seed": seed, "tags": e | {"full_ppl": full}})
+    # The acceptance row first, then the cheap KL-only rows (the smoothing / alpha decisions), then the other
+    # full-test perplexity rows: an interrupted run (see --resume) has the decision-relevant rows first.
+    accept = variant_name(*ACCEPTANCE, None)
+    return sorted(rows, key=lambda r: (r["name"] != accept, r["tags"]["full_ppl"]))
 
 
 def _by(rows, **kw):
@@ -109,7 +115,7 @@ def summarize(rows: list[dict], src: dict, meta: dict) -> str:
     if with_acts:
         best = min(with_acts, key=lambda g: g["mean_kl"])
         out.append(f"- Lowest mean KL with FP8 activations: `{best['variant']}` ({best['mean_kl']:.3e} nats, "
-                   f"Δppl {best['delta_ppl_pct']:+.3f}%).")
+                   f"Δppl on the KL tokens {best['delta_ppl_kl_pct']:+.3f}%).")
     wo = [g for g in agg if g.get("activations") == "none"]
     if wo:
         best = min(wo, key=lambda g: g["mean_kl"])
@@ -118,7 +124,8 @@ def summarize(rows: list[dict], src: dict, meta: dict) -> str:
     if spreads:
         out.append(f"- Seed noise (calibration-dependent variants, seeds {meta.get('seeds')}): |KL(seed a) - KL(seed b)| "
                    f"/ mean KL: median {sorted(spreads)[len(spreads) // 2] * 100:.1f}%, max {max(spreads) * 100:.1f}%.")
-    out += ["", "### Smoothing: mean KL by alpha (per seed, and mean), Δppl % (mean over seeds)", ""]
+    out += ["", "### Smoothing: mean KL (nats) by alpha: mean over seeds (seed 0 / seed 1; Δppl % on the KL tokens, "
+               "mean over seeds)", ""]
     header = "| weights / activations | no smoothing | " + " | ".join(
         f"a={al:g}" for al in sorted({r['smooth_alpha'] for r in rows if r.get('smooth_alpha') is not None})) + " | best |"
     alphas = sorted({r["smooth_alpha"] for r in rows if r.get("smooth_alpha") is not None})
@@ -134,7 +141,7 @@ def summarize(rows: list[dict], src: dict, meta: dict) -> str:
             kl = _mean([r["mean_kl"] for r in rs])
             options[al] = kl
             per_seed = "/".join(f"{r['mean_kl']:.2e}" for r in sorted(rs, key=lambda r: r["seed"]))
-            dppl = _mean([r["delta_ppl_pct"] for r in rs])
+            dppl = _mean([r["delta_ppl_kl_pct"] for r in rs])
             cells.append(f"{kl:.2e} ({per_seed}; {dppl:+.2f}%)" if len(rs) > 1 else f"{kl:.2e} ({dppl:+.2f}%)")
         if not options:
             continue
@@ -153,6 +160,9 @@ def main(argv=None) -> int:
     p.add_argument("--alphas", default="0.3,0.5,0.7,0.85", help="alpha sweep")
     p.add_argument("--sweep", default="channel/static,tensor/static,channel/dynamic",
                    help="weights/activations combinations that get the whole alpha sweep")
+    p.add_argument("--full-ppl", default="unsmoothed",
+                   help="rows that get perplexity on the full test: unsmoothed (default), all, none, or a regex on the "
+                        "variant name; the others get perplexity on the KL tokens only (KL is always on all KL tokens)")
     p.add_argument("--only", default=None, help="regex: run only variants whose name matches")
     p.add_argument("--plan", action="store_true", help="print the rows that would run, and exit")
     p.add_argument("--resume", action="store_true", help="skip rows already in <name>.partial.json")
@@ -162,7 +172,8 @@ def main(argv=None) -> int:
     todo = plan(args)
     if args.plan:
         for r in todo:
-            print(f"{r['name']:45s} seed={r['seed']}  ({r['tags']['group']})")
+            print(f"{r['name']:45s} seed={r['seed']}  ({r['tags']['group']}, "
+                  f"{'full-test ppl' if r['tags']['full_ppl'] else 'KL tokens only'})")
         print(f"{len(todo)} quantized rows + the source")
         return 0
 
@@ -177,7 +188,8 @@ def main(argv=None) -> int:
         if (item["name"], item["seed"]) in done_keys:
             continue
         _log(f"[{i}/{len(todo)}] {item['name']} seed={item['seed']}")
-        rows.append(h.evaluate_variant(item["name"], item["stages"], item["seed"], tags=item["tags"]))
+        rows.append(h.evaluate_variant(item["name"], item["stages"], item["seed"], tags=item["tags"],
+                                       full_ppl=item["tags"]["full_ppl"]))
         save_partial(partial, rows)
     wall = time.perf_counter() - t0
     meta = h.meta() | {
@@ -185,6 +197,7 @@ def main(argv=None) -> int:
         "default_alpha": args.default_alpha,
         "alphas": args.alphas,
         "sweep": args.sweep,
+        "full_ppl_rows": args.full_ppl,
         "calibration_independent_variants": "FP8 with dynamic or no activation quantization and no smoothing: "
                                             "weights-only functions, run once (seed 0)",
         "total_wall_s": wall,

@@ -55,7 +55,10 @@ if str(REPO) not in sys.path:  # allow `python benchmarks/xyz.py` from the repo 
 
 from qwenquant import __version__ as QWENQUANT_VERSION  # noqa: E402
 from qwenquant.calibration import load_calibration, samples_hash  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
 from qwenquant.eval.perplexity import (  # noqa: E402
+    PerplexityResult,
     eval_windows,
     kl_stats,
     load_eval_text,
@@ -82,6 +85,11 @@ QUICK = {"ppl_windows": 8, "kl_windows": 2, "num_samples": 32}
 
 def _log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def _ppl_str(row: dict) -> str:
+    full = f"ppl {row['ppl']:.4f} ({row['delta_ppl_pct']:+.3f}%), " if row.get("ppl") is not None else ""
+    return full + f"ppl@KL-tokens {row['ppl_kl']:.4f} ({row['delta_ppl_kl_pct']:+.3f}%)"
 
 
 class RSSSampler:
@@ -187,6 +195,42 @@ def kl_by_window(src_logp: torch.Tensor, q_logp: torch.Tensor) -> dict:
     }
 
 
+@torch.no_grad()
+def forward_metrics(model, ppl_windows: torch.Tensor, n_ppl: int, kl_windows: torch.Tensor, device: torch.device,
+                    store_dtype=torch.float16):
+    """`perplexity()` over the first `n_ppl` of `ppl_windows` and `next_token_logprobs()` (+ perplexity) over
+    `kl_windows`, sharing forwards: the KL windows are the first windows of the same text, so a full-test pass
+    computes them on the way. Numerically identical to calling the two library functions (same slicing, same
+    float32 cross-entropy / log-softmax, same fp16 storage); tests: benchmarks/harness.py --self-check.
+    """
+    n_kl = int(kl_windows.shape[0])
+    if n_ppl and not torch.equal(ppl_windows[: min(n_ppl, n_kl)], kl_windows[: min(n_ppl, n_kl)]):
+        raise ValueError("KL windows must be the first perplexity windows")
+    windows = ppl_windows if n_ppl >= n_kl else kl_windows
+    n = max(n_ppl, n_kl)
+    nll = {"ppl": 0.0, "kl": 0.0}
+    tokens = {"ppl": 0, "kl": 0}
+    logps = []
+    for i in range(n):
+        row = windows[i]
+        logits = model(input_ids=row.unsqueeze(0).to(device), use_cache=False).logits[0].float()
+        window_nll = float(F.cross_entropy(logits[:-1], row[1:].to(device), reduction="sum"))
+        for key, limit in (("ppl", n_ppl), ("kl", n_kl)):
+            if i < limit:
+                nll[key] += window_nll
+                tokens[key] += row.numel() - 1
+        if i < n_kl:
+            logps.append(F.log_softmax(logits, dim=-1).to("cpu", store_dtype))
+
+    def result(key: str, count: int) -> PerplexityResult | None:
+        if not count:
+            return None
+        mean = nll[key] / tokens[key]
+        return PerplexityResult(float(torch.exp(torch.tensor(mean))), mean, tokens[key], count, windows.shape[1])
+
+    return result("ppl", n_ppl), result("kl", n_kl), torch.stack(logps)
+
+
 class Harness:
     """Loads the source once and evaluates it once; evaluates any number of variants identically."""
 
@@ -231,38 +275,42 @@ class Harness:
         self.kl_windows = all_windows[: max(1, kl_windows)]
 
         t = time.perf_counter()
-        self.src_ppl, self.src_logp = self._evaluate(self.source, None)
+        self.src_ppl, self.src_ppl_kl, self.src_logp = self._evaluate(self.source, None)
         self.source_eval_s = time.perf_counter() - t
         _log(
             f"source ppl {self.src_ppl.perplexity:.4f} on {self.ppl_windows.shape[0]}x{self.window} tokens, "
-            f"KL reference on {self.kl_windows.numel()} tokens ({self.source_eval_s:.1f}s)"
+            f"{self.src_ppl_kl.perplexity:.4f} on the {self.kl_windows.numel()} KL tokens ({self.source_eval_s:.1f}s)"
         )
 
     # -- evaluation ----------------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def _evaluate(self, model, act_specs):
-        """(PerplexityResult, log-probs [kl_windows, window, vocab] fp16 on CPU) with activation hooks if given."""
+    def _evaluate(self, model, act_specs, full_ppl: bool = True):
+        """One pass over the windows with activation hooks if given: (perplexity over the ppl windows or None,
+        perplexity over the KL windows, log-probs [kl_windows, window, vocab] fp16 on CPU)."""
         ctx = activation_quantization(model, act_specs) if act_specs else nullcontext()
+        n_ppl = int(self.ppl_windows.shape[0]) if full_ppl else 0
         model.to(self.device)
         try:
             with ctx:
-                ppl = perplexity(model, self.ppl_windows, self.device)
-                logp = next_token_logprobs(model, self.kl_windows, self.device)
+                ppl, ppl_kl, logp = forward_metrics(model, self.ppl_windows, n_ppl, self.kl_windows, self.device)
         finally:
             model.to("cpu")
-        return ppl, logp
+        return ppl, ppl_kl, logp
 
-    def _metrics(self, ppl, logp) -> dict:
+    def _metrics(self, ppl, ppl_kl, logp) -> dict:
         kl = kl_by_window(self.src_logp, logp)
+        src, src_kl = self.src_ppl.perplexity, self.src_ppl_kl.perplexity
         return {
-            "ppl": ppl.perplexity,
-            "delta_ppl_pct": 100.0 * (ppl.perplexity - self.src_ppl.perplexity) / self.src_ppl.perplexity,
+            "ppl": ppl.perplexity if ppl else None,
+            "delta_ppl_pct": 100.0 * (ppl.perplexity - src) / src if ppl else None,
+            "ppl_tokens": ppl.tokens if ppl else 0,
+            "ppl_kl": ppl_kl.perplexity,
+            "delta_ppl_kl_pct": 100.0 * (ppl_kl.perplexity - src_kl) / src_kl,
             "mean_kl": kl["mean_kl"],
             "max_kl": kl["max_kl"],
             "top1": kl["top1_agreement"],
             "kl_tokens": kl["tokens"],
-            "ppl_tokens": ppl.tokens,
         }
 
     def calibration(self, seed: int) -> torch.Tensor:
@@ -278,11 +326,13 @@ class Harness:
             "calib_dependent": False,
             "ppl": self.src_ppl.perplexity,
             "delta_ppl_pct": 0.0,
+            "ppl_tokens": self.src_ppl.tokens,
+            "ppl_kl": self.src_ppl_kl.perplexity,
+            "delta_ppl_kl_pct": 0.0,
             "mean_kl": 0.0,
             "max_kl": 0.0,
             "top1": 1.0,
             "kl_tokens": int(self.kl_windows.numel()),
-            "ppl_tokens": self.src_ppl.tokens,
             "quant_wall_s": 0.0,
             "eval_wall_s": self.source_eval_s,
             "peak_rss_bytes": peak_host_bytes(),
@@ -298,9 +348,13 @@ class Harness:
             device=str(self.device),
         )
 
-    def evaluate_variant(self, name: str, stages, seed: int = 0, tags: dict | None = None) -> dict:
+    def evaluate_variant(self, name: str, stages, seed: int = 0, tags: dict | None = None, full_ppl: bool = True) -> dict:
         """Quantize a deep copy of the source with `stages` (recipe stage configs, in order) calibrated with `seed`,
-        evaluate it, and return one result row (see the module docstring)."""
+        evaluate it, and return one result row (see the module docstring).
+
+        `full_ppl=False` skips the perplexity pass over all ppl windows (`ppl` is None): only the KL windows run,
+        and `ppl_kl` (perplexity on the KL tokens, vs the source's on the same tokens) is the perplexity reported.
+        """
         recipe = self.recipe_for(stages, seed)  # validates the stage combination
         calib = self.calibration(seed)
         model = copy.deepcopy(self.source)
@@ -310,9 +364,9 @@ class Harness:
             run_sequential(model, self.resolved.adapter, calib, build_stages(recipe), self.device, state)
             quant_s = time.perf_counter() - t
             t = time.perf_counter()
-            ppl, logp = self._evaluate(model, state.activations)
+            ppl, ppl_kl, logp = self._evaluate(model, state.activations, full_ppl)
             eval_s = time.perf_counter() - t
-            metrics = self._metrics(ppl, logp)
+            metrics = self._metrics(ppl, ppl_kl, logp)
         errs = layer_weight_errors(state)
         row = {
             "variant": name,
@@ -334,13 +388,13 @@ class Harness:
         del model, state, logp
         gc.collect()
         _log(
-            f"{name} seed={seed}: ppl {row['ppl']:.4f} ({row['delta_ppl_pct']:+.3f}%), KL {row['mean_kl']:.6f}, "
+            f"{name} seed={seed}: {_ppl_str(row)}, KL {row['mean_kl']:.6f}, "
             f"top1 {row['top1']:.4f}, quant {quant_s:.1f}s, eval {eval_s:.1f}s"
         )
         return row
 
     def evaluate_external(self, name: str, model_dir: str | Path, act_specs: dict | None = None,
-                          tags: dict | None = None) -> dict:
+                          tags: dict | None = None, full_ppl: bool = True) -> dict:
         """Load a checkpoint folder with transformers (any format it can read, e.g. another tool's
         compressed-tensors output) and evaluate it exactly like a variant.
 
@@ -358,9 +412,9 @@ class Harness:
             model.eval()
             load_s = time.perf_counter() - t
             t = time.perf_counter()
-            ppl, logp = self._evaluate(model, act_specs)
+            ppl, ppl_kl, logp = self._evaluate(model, act_specs, full_ppl)
             eval_s = time.perf_counter() - t
-            metrics = self._metrics(ppl, logp)
+            metrics = self._metrics(ppl, ppl_kl, logp)
         loader_acts = set()
         for m in model.modules():
             scheme = getattr(m, "quantization_scheme", None)
@@ -386,7 +440,7 @@ class Harness:
         }
         del model, logp
         gc.collect()
-        _log(f"{name} (external): ppl {row['ppl']:.4f} ({row['delta_ppl_pct']:+.3f}%), KL {row['mean_kl']:.6f}")
+        _log(f"{name} (external): {_ppl_str(row)}, KL {row['mean_kl']:.6f}")
         return row
 
     # -- metadata ------------------------------------------------------------------------------------------------
@@ -478,7 +532,8 @@ DEFAULT_COLUMNS = (
     ("seed", "seed", "s"),
     ("ppl", "ppl", ".4f"),
     ("delta_ppl_pct", "Δppl %", "+.3f"),
-    ("mean_kl", "mean KL", ".2e"),
+    ("delta_ppl_kl_pct", "Δppl@KL %", "+.3f"),
+    ("mean_kl", "mean KL", ".3e"),
     ("max_kl", "max KL", ".3f"),
     ("top1", "top-1", ".4f"),
     ("weight_rel_error_mean", "W err", ".4f"),
@@ -530,7 +585,7 @@ def aggregate_seeds(rows: list[dict], key: str = "variant") -> list[dict]:
         agg[key] = name
         agg["seeds"] = ",".join(str(r["seed"]) for r in rs) if rs[0].get("seed") is not None else "-"
         agg["n_seeds"] = len(rs)
-        for m in ("ppl", "delta_ppl_pct", "mean_kl", "max_kl", "top1", "weight_rel_error_mean", "quant_wall_s",
+        for m in ("ppl", "delta_ppl_pct", "ppl_kl", "delta_ppl_kl_pct", "mean_kl", "max_kl", "top1", "weight_rel_error_mean", "quant_wall_s",
                   "eval_wall_s", "peak_rss_bytes"):
             vals = [r[m] for r in rs if r.get(m) is not None]
             if not vals:
@@ -548,6 +603,8 @@ AGG_COLUMNS = (
     ("ppl", "ppl", ".4f"),
     ("delta_ppl_pct", "Δppl %", "+.3f"),
     ("delta_ppl_pct_spread", "± seeds", ".3f"),
+    ("delta_ppl_kl_pct", "Δppl@KL %", "+.3f"),
+    ("delta_ppl_kl_pct_spread", "± seeds", ".3f"),
     ("mean_kl", "mean KL", ".3e"),
     ("mean_kl_spread", "± seeds", ".1e"),
     ("max_kl", "max KL", ".3f"),
@@ -647,3 +704,53 @@ def save_partial(path: Path, rows: Iterable[dict]) -> None:
 
 def load_partial(path: Path) -> list[dict]:
     return json.loads(path.read_text()) if path.is_file() else []
+
+
+# -- self-check ------------------------------------------------------------------------------------------------------
+
+
+def self_check(model: str = DEFAULT_MODEL) -> int:
+    """Checks the harness against the library on a few windows (a couple of minutes on CPU):
+    1. `forward_metrics` == `perplexity()` + `next_token_logprobs()` bit for bit;
+    2. `evaluate_variant` (in memory) == `evaluate_external` of the same recipe written by `qwenquant.run.run_recipe`
+       and reloaded with transformers (compressed-tensors), within bf16 tolerance.
+    """
+    import tempfile
+
+    from qwenquant.recipe import EvalConfig
+
+    torch.set_num_threads(1)
+    h = Harness(model, ppl_windows=3, kl_windows=2, num_samples=16, seq_len=256)
+    ok = True
+    m = h.source
+    ref_ppl = perplexity(m, h.ppl_windows, h.device)
+    ref_logp = next_token_logprobs(m, h.kl_windows, h.device)
+    same = ref_ppl.perplexity == h.src_ppl.perplexity and torch.equal(ref_logp, h.src_logp)
+    print(f"forward_metrics == perplexity() + next_token_logprobs(): {same} "
+          f"({ref_ppl.perplexity!r} vs {h.src_ppl.perplexity!r})")
+    ok &= same
+    for acts in ("dynamic", "static"):
+        stages = [FP8Stage("channel", acts)]
+        mem = h.evaluate_variant(f"in-memory channel/{acts}", stages, seed=0)
+        recipe = h.recipe_for(stages, 0)
+        recipe.eval = EvalConfig(max_windows=1, kl_tokens=2048, verify=False)
+        from qwenquant.run import run_recipe
+
+        with tempfile.TemporaryDirectory() as tmp:
+            run_recipe(recipe, Path(tmp) / "ckpt")
+            ext = h.evaluate_external(f"reloaded channel/{acts}", Path(tmp) / "ckpt")
+        close = abs(mem["mean_kl"] - ext["mean_kl"]) <= 0.05 * mem["mean_kl"] + 1e-5
+        print(f"channel/{acts}: in-memory KL {mem['mean_kl']:.6f} ppl {mem['ppl']:.4f} | reloaded KL "
+              f"{ext['mean_kl']:.6f} ppl {ext['ppl']:.4f} loader acts {ext['loader_input_activations']} -> "
+              f"{'OK' if close else 'MISMATCH'}")
+        ok &= close
+    print("self-check", "passed" if ok else "FAILED")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description="benchmark harness; run with --self-check to test it")
+    ap.add_argument("--self-check", action="store_true")
+    ap.add_argument("--model", default=DEFAULT_MODEL)
+    a = ap.parse_args()
+    sys.exit(self_check(a.model) if a.self_check else ap.print_help() or 0)

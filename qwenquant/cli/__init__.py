@@ -28,11 +28,30 @@ from qwenquant.cli import fp8 as _fp8  # noqa: E402,F401  (registers commands)
 from qwenquant.cli import int4 as _int4  # noqa: E402,F401
 from qwenquant.cli import run as _run  # noqa: E402,F401
 from qwenquant.cli import push as _push  # noqa: E402,F401
+from qwenquant.cli import compare as _compare  # noqa: E402,F401
+
+
+MULTI_VALUE_OPTIONS = ("--recipes",)
+
+
+def expand_multi_value(args: list[str]) -> list[str]:
+    """`--recipes a.yaml b.yaml` -> `--recipes a.yaml --recipes b.yaml` (click options take one value each)."""
+    out, current = [], None
+    for arg in args:
+        if arg in MULTI_VALUE_OPTIONS:
+            current = arg
+            continue
+        if current and not arg.startswith("-"):
+            out += [current, arg]
+            continue
+        current = None
+        out.append(arg)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: one-line errors on stderr, documented exit codes (see README)."""
-    args = sys.argv[1:] if argv is None else argv
+    args = expand_multi_value(list(sys.argv[1:] if argv is None else argv))
     want_json = "--json" in args
     try:
         app(args=args, standalone_mode=False, prog_name="qwenquant", obj={"argv": list(args)})

@@ -366,18 +366,35 @@ def _metrics(results: dict, name: str) -> dict:
 
 @contextlib.contextmanager
 def _quiet_lm_eval(quiet: bool):
-    """lm-eval logs INFO/WARNING lines per task and may print to stdout; keep stdout clean for --json."""
-    loggers = [logging.getLogger(n) for n in ("lm_eval", "lm-eval", "lm_eval.api.task", "datasets")]
-    old = [lg.level for lg in loggers]
+    """Keep stdout clean for --json (lm-eval may print there) and drop lm-eval's per-task INFO/WARNING lines (they
+    advise on lm-eval's own CLI); with `quiet` also its progress bars. lm-eval's environment probe (a `git describe`
+    subprocess that prints "fatal: not a git repository" outside a repo, and torch's collect_env) is skipped: the
+    qwenquant report records the environment itself."""
+    import io
+
+    import lm_eval.evaluator as ev
+
+    loggers = [logging.getLogger(n) for n in ("lm_eval", "lm-eval")]
+    old_levels = [lg.level for lg in loggers]
+    saved = {k: getattr(ev, k) for k in ("get_git_commit_hash", "add_env_info") if hasattr(ev, k)}
     try:
-        if quiet:
-            for lg in loggers:
-                lg.setLevel(logging.ERROR)
-        with contextlib.redirect_stdout(sys.stderr):
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        if "get_git_commit_hash" in saved:
+            ev.get_git_commit_hash = lambda: None
+        if "add_env_info" in saved:
+            ev.add_env_info = lambda storage: None
+        with contextlib.ExitStack() as stack:
+            sink = io.StringIO() if quiet else sys.stderr
+            stack.enter_context(contextlib.redirect_stdout(sink))
+            if quiet:
+                stack.enter_context(contextlib.redirect_stderr(sink))
             yield
     finally:
-        for lg, lvl in zip(loggers, old):
+        for lg, lvl in zip(loggers, old_levels):
             lg.setLevel(lvl)
+        for k, v in saved.items():
+            setattr(ev, k, v)
 
 
 def run_tasks(model, tokenizer, plan: TaskPlan, limit: int | None, batch_size: int = 8, quiet: bool = True) -> dict:

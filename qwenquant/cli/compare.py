@@ -1,0 +1,78 @@
+"""`qwenquant compare` (run recipes side by side) and `qwenquant report` (merge finished runs)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from qwenquant.cli import app
+from qwenquant.cli import common as c
+from qwenquant.compare import load_report, render_table, row_for, write_comparison
+from qwenquant.errors import BadInputError
+from qwenquant.recipe import EvalConfig, load_recipe
+
+
+@app.command("compare")
+def compare_command(
+    ctx: typer.Context,
+    model: c.Model,
+    recipes: Annotated[list[Path], typer.Option("--recipes", help="Recipe files to compare (repeat the flag or list them).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Comparison folder; each run goes to OUT/<recipe name>/.")],
+    eval_text: c.EvalText = c._E.eval_text,
+    eval_windows: c.EvalWindows = None,
+    eval_window: c.Window = c._E.window,
+    device: c.Device = "auto",
+    quiet: c.Quiet = False,
+    json_out: c.Json = False,
+) -> None:
+    """Run each recipe on one model (reusing finished runs), evaluate them identically, write one table."""
+    from qwenquant.progress import Reporter
+    from qwenquant.run import run_recipe
+
+    c.silence_libraries()
+    names = [r.stem for r in recipes]
+    if len(set(names)) != len(names):
+        raise BadInputError("--recipes: two recipes share a file name; rename one (runs are stored by name)")
+    shared_eval = EvalConfig(eval_text=eval_text, window=eval_window, max_windows=eval_windows)
+    reporter = Reporter(quiet=quiet or json_out)
+    resolved = [(name, load_recipe(path, {"model.id": model})) for name, path in zip(names, recipes)]
+    rows = []
+    for name, recipe in resolved:
+        recipe.eval = dataclasses.replace(shared_eval, verify=recipe.eval.verify, verify_max_kl=recipe.eval.verify_max_kl)
+        recipe.device = device
+        run_dir = out / name
+        previous = run_dir / "recipe.yaml"
+        if previous.is_file() and (run_dir / "qwenquant_report.json").is_file() and previous.read_text() == recipe.to_yaml():
+            reporter.log(f"{name}: reusing {run_dir} (same recipe, report present)")
+            report = load_report(run_dir)
+        else:
+            reporter.log(f"{name}: running")
+            report = run_recipe(recipe, run_dir, overwrite=True, reporter=reporter, command=f"qwenquant run {recipes[names.index(name)]}")
+        rows.append(row_for(name, report))
+    data = write_comparison(rows, out, {"model": model, "recipes": [str(r) for r in recipes]})
+    _print(data, out, quiet, json_out)
+
+
+@app.command("report")
+def report_command(
+    folders: Annotated[list[Path], typer.Argument(metavar="RUN_DIR...", help="Finished qwenquant output folders.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the merged comparison.")],
+    quiet: c.Quiet = False,
+    json_out: c.Json = False,
+) -> None:
+    """Merge the reports of finished runs into one comparison table with plots."""
+    rows = [row_for(f.name, load_report(f)) for f in folders]
+    data = write_comparison(rows, out, {"folders": [str(f) for f in folders]})
+    _print(data, out, quiet, json_out)
+
+
+def _print(data: dict, out: Path, quiet: bool, json_out: bool) -> None:
+    if json_out:
+        print(json.dumps({"ok": True, "out": str(out), "rows": data["rows"]}))
+    elif not quiet:
+        print(render_table(data["rows"]))
+        print(f"wrote {out}/COMPARE.md")
