@@ -33,27 +33,37 @@ def collect_channel_absmax(ctx: LayerContext, names: list[str]) -> dict[str, tor
     return stats
 
 
+def fold_mapping(ctx: LayerContext, m, s: torch.Tensor) -> torch.Tensor:
+    """Divide what `m.smooth` emits by s and multiply the balance Linears' input columns by s (exact in float).
+
+    Under GQA (v_proj -> o_proj) s is first tied over the query heads sharing a v head; returns the s applied.
+    """
+    smooth_mod = ctx.layer.get_submodule(m.smooth)
+    if m.gqa:
+        mc = ctx.model_config
+        heads, kv, hd = mc.num_attention_heads, mc.num_key_value_heads, mc.head_dim
+        s_kv = sq.tie_over_kv_groups(s, heads, kv, hd)
+        s = sq.expand_kv_to_heads(s_kv, heads, kv, hd)
+        smooth_mod.weight.data = sq.fold_into_output_rows(smooth_mod.weight.data, s_kv)
+    elif m.kind == "linear":
+        smooth_mod.weight.data = sq.fold_into_output_rows(smooth_mod.weight.data, s)
+    else:
+        smooth_mod.weight.data = sq.fold_into_norm(smooth_mod.weight.data, s)
+    for name in m.balance:
+        lin = ctx.linear(name)
+        lin.weight.data = sq.fold_into_input_columns(lin.weight.data, s)
+    return s
+
+
 def smooth_layer(ctx: LayerContext, cfg: SmoothStage) -> dict:
     """Fold SmoothQuant factors into each mapping of the adapter; the layer's function is unchanged."""
     mappings = [m for m in ctx.adapter.smooth_mappings if cfg.mappings == "all" or m.kind == "norm"]
     absmax = collect_channel_absmax(ctx, [m.balance[0] for m in mappings])
     report = {}
-    mc = ctx.model_config
     for m in mappings:
         balance = [ctx.linear(b) for b in m.balance]
         s = sq.smoothing_factors(absmax[m.balance[0]], [b.weight for b in balance], cfg.alpha)
-        smooth_mod = ctx.layer.get_submodule(m.smooth)
-        if m.gqa:
-            heads, kv, hd = mc.num_attention_heads, mc.num_key_value_heads, mc.head_dim
-            s_kv = sq.tie_over_kv_groups(s, heads, kv, hd)
-            s = sq.expand_kv_to_heads(s_kv, heads, kv, hd)
-            smooth_mod.weight.data = sq.fold_into_output_rows(smooth_mod.weight.data, s_kv)
-        elif m.kind == "linear":
-            smooth_mod.weight.data = sq.fold_into_output_rows(smooth_mod.weight.data, s)
-        else:
-            smooth_mod.weight.data = sq.fold_into_norm(smooth_mod.weight.data, s)
-        for b in balance:
-            b.weight.data = sq.fold_into_input_columns(b.weight.data, s)
+        s = fold_mapping(ctx, m, s)
         report[m.smooth] = {"factor_min": float(s.min()), "factor_max": float(s.max())}
     return report
 
@@ -168,13 +178,7 @@ def awq_layer(ctx: LayerContext, cfg: AWQStage) -> dict:
         res = awqq.search_scales(x, [b.weight.data for b in balance], None, cfg.bits, cfg.group_size, cfg.symmetric,
                                  cfg.n_grid, scale_dtype=dtype)
         s = res.scales.to(ctx.device)
-        smooth_mod = ctx.layer.get_submodule(m.smooth)
-        if m.kind == "norm":
-            smooth_mod.weight.data = sq.fold_into_norm(smooth_mod.weight.data, s)
-        else:
-            smooth_mod.weight.data = sq.fold_into_output_rows(smooth_mod.weight.data, s)
-        for b in balance:
-            b.weight.data = sq.fold_into_input_columns(b.weight.data, s)
+        s = fold_mapping(ctx, m, s)
         xs[input_of[m.balance[0]]] = x / s.to(x.device)
         report["scales"][m.smooth] = {"alpha": res.ratio, "best_error": min(res.errors), "rtn_error": res.errors[0]}
     for name in ctx.adapter.linears:
