@@ -16,6 +16,7 @@ functions of the weights alone and run once (seed 0: their calibration pass only
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import sys
 import time
@@ -53,28 +54,39 @@ def variant_name(weights: str, acts: str, alpha: float | None) -> str:
     return base if alpha is None else f"{base} + smooth a={alpha:g}"
 
 
+def parse_sweep(spec: str, alphas: list[float]) -> dict[tuple[str, str], list[float]]:
+    """`channel/static;tensor/static=0.3,0.85` -> {(channel, static): alphas, (tensor, static): [0.3, 0.85]}."""
+    out = {}
+    for entry in filter(None, (e.strip() for e in spec.split(";"))):
+        combo, _, own = entry.partition("=")
+        w, a = combo.split("/")
+        if (w, a) not in combos():
+            raise SystemExit(f"--sweep: {combo} is not a valid weights/activations combination")
+        out[(w, a)] = [float(x) for x in own.split(",")] if own else alphas
+    return out
+
+
 def plan(args) -> list[dict]:
     """Rows to run, most important first: the unsmoothed grid, smoothing at the default alpha, then the sweep."""
     seeds = [int(s) for s in args.seeds.split(",")]
-    sweep = {tuple(c.split("/")) for c in args.sweep.split(",") if c}
-    alphas = [float(a) for a in args.alphas.split(",")]
+    sweep = parse_sweep(args.sweep, [float(a) for a in args.alphas.split(",")])
     entries = []
     for w, a in combos():
         entries.append({"weights": w, "activations": a, "smooth_alpha": None, "group": "grid"})
     for w, a in combos():
         entries.append({"weights": w, "activations": a, "smooth_alpha": args.default_alpha, "group": "grid"})
-    for alpha in alphas:
+    for alpha in sorted({al for als in sweep.values() for al in als}):
         if alpha == args.default_alpha:
             continue
         for w, a in combos():
-            if (w, a) in sweep:
+            if alpha in sweep.get((w, a), ()):
                 entries.append({"weights": w, "activations": a, "smooth_alpha": alpha, "group": "alpha-sweep"})
     rows = []
     for e in entries:
         stages = [SmoothStage(alpha=e["smooth_alpha"])] if e["smooth_alpha"] is not None else []
         stages.append(FP8Stage(weights=e["weights"], activations=e["activations"], block_size=128))
         name = variant_name(e["weights"], e["activations"], e["smooth_alpha"])
-        if args.only and not re.search(args.only, name):
+        if (args.only and not re.search(args.only, name)) or (args.skip and re.search(args.skip, name)):
             continue
         full = bool(re.search(FULL_PPL.get(args.full_ppl, args.full_ppl), name))
         for seed in (seeds if calibration_dependent(stages) else seeds[:1]):
@@ -129,7 +141,8 @@ def summarize(rows: list[dict], src: dict, meta: dict) -> str:
     header = "| weights / activations | no smoothing | " + " | ".join(
         f"a={al:g}" for al in sorted({r['smooth_alpha'] for r in rows if r.get('smooth_alpha') is not None})) + " | best |"
     alphas = sorted({r["smooth_alpha"] for r in rows if r.get("smooth_alpha") is not None})
-    out += [header, "|---|" + "---:|" * (len(alphas) + 2)]
+    header += " best - none: ΔKL (seed spread) |"
+    out += [header, "|---|" + "---:|" * (len(alphas) + 3)]
     for w, a in combos():
         cells = []
         options = {}
@@ -146,8 +159,26 @@ def summarize(rows: list[dict], src: dict, meta: dict) -> str:
         if not options:
             continue
         best = min(options, key=options.get)
-        out.append(f"| {w} / {a} | " + " | ".join(cells) + f" | {'none' if best is None else f'a={best:g}'} |")
+        verdict = "-"
+        if best is not None and None in options:
+            d = options[best] - options[None]
+            spread = max(_spread(_by(rows, weights=w, activations=a, smooth_alpha=al)) for al in (best, None))
+            verdict = f"{d:+.1e} ({spread:.1e}; {'beyond' if abs(d) > spread else 'within'} seed noise)"
+        elif best is None and len(options) > 1:
+            second = min((al for al in options if al is not None), key=options.get)
+            d = options[second] - options[None]
+            spread = max(_spread(_by(rows, weights=w, activations=a, smooth_alpha=al)) for al in (second, None))
+            verdict = (f"best smoothing a={second:g}: {d:+.1e} ({spread:.1e}; "
+                       f"{'beyond' if abs(d) > spread else 'within'} seed noise)")
+        out.append(f"| {w} / {a} | " + " | ".join(cells) + f" | {'none' if best is None else f'a={best:g}'} | {verdict} |")
+    out += ["", "Seed spread = |KL(seed 0) - KL(seed 1)| of a calibration-dependent row (0 for calibration-independent "
+                "rows); a difference is called beyond seed noise when it exceeds the larger spread of the two rows."]
     return "\n".join(out)
+
+
+def _spread(rs: list[dict]) -> float:
+    kls = [r["mean_kl"] for r in rs]
+    return max(kls) - min(kls) if len(kls) > 1 else 0.0
 
 
 def main(argv=None) -> int:
@@ -158,16 +189,28 @@ def main(argv=None) -> int:
     p.add_argument("--default-alpha", type=float, default=SmoothStage().alpha,
                    help="smoothing alpha for combinations outside the sweep (default: SmoothStage's default)")
     p.add_argument("--alphas", default="0.3,0.5,0.7,0.85", help="alpha sweep")
-    p.add_argument("--sweep", default="channel/static,tensor/static,channel/dynamic",
-                   help="weights/activations combinations that get the whole alpha sweep")
+    p.add_argument("--sweep", default="channel/static;tensor/static;channel/dynamic",
+                   help="';'-separated weights/activations combinations that get the alpha sweep, each optionally "
+                        "with its own alphas: 'channel/static;channel/dynamic=0.5,0.85'")
     p.add_argument("--full-ppl", default="unsmoothed",
                    help="rows that get perplexity on the full test: unsmoothed (default), all, none, or a regex on the "
                         "variant name; the others get perplexity on the KL tokens only (KL is always on all KL tokens)")
     p.add_argument("--only", default=None, help="regex: run only variants whose name matches")
+    p.add_argument("--skip", default=None, help="regex: skip variants whose name matches")
     p.add_argument("--plan", action="store_true", help="print the rows that would run, and exit")
     p.add_argument("--resume", action="store_true", help="skip rows already in <name>.partial.json")
+    p.add_argument("--rebuild", action="store_true",
+                   help="rewrite <name>.md (and the JSON) from an existing <name>.json with the current summary code")
     args = p.parse_args(argv)
     name = args.name or ("fp8_variants_quick" if args.quick else "fp8_variants")
+
+    if args.rebuild:
+        data = json.loads((args.out_dir / f"{name}.json").read_text())
+        src, rows = data["rows"][0], data["rows"][1:]
+        summary = summarize(rows, src, data["meta"])
+        print(summary)
+        write_results(name, data["rows"], data["meta"], args.out_dir, summary_md=summary)
+        return 0
 
     todo = plan(args)
     if args.plan:

@@ -15,8 +15,12 @@ What is measured (the same for every row, so rows are comparable):
   tail shorter than a window is dropped), ppl = exp(mean next-token NLL over all windows). By default every window
   of the test split (201 windows x 2048 = 411,648 tokens for qwen3-mini's 8192-token vocabulary).
 * KL: mean / max per-token KL(source || variant) in nats and top-1 agreement of the next-token distributions, over
-  the first ``kl_windows`` windows of the same text (default 8 x 2048 = 16,384 positions). The source log-probs are
-  computed once and kept on CPU in fp16 (8 x 2048 x 8192 x 2 B = 256 MiB).
+  the first ``kl_windows`` windows of the same text (default 8 x 2048 = 16,384 positions), with
+  ``qwenquant.eval.perplexity.kl_stats``. The source log-probs are computed once and kept on CPU in float32
+  (8 x 2048 x 8192 x 4 B = 512 MiB); a variant's KL is computed window by window during its pass. ``mean_kl`` is
+  on float32 log-probs; ``mean_kl_fp16`` rounds both sides to fp16 first, as ``qwenquant.run`` does (its
+  ``next_token_logprobs`` stores fp16), which adds a small positive bias (the per-token clamp at 0 keeps the
+  positive half of the rounding noise): +9e-5 nats on FP8 weight-only, +4e-5 on FP8 dynamic, on qwen3-mini.
 * A variant is the source deep-copied, quantized with ``qwenquant.pipeline.run_sequential`` and
   ``qwenquant.stages.build_stages`` exactly as ``qwenquant.run.run_recipe`` does it (same calibration builder, same
   sequential propagation), then evaluated with ``activation_quantization(model, state.activations)`` active, i.e.
@@ -180,12 +184,8 @@ def layer_weight_errors(state: QuantState) -> list[float]:
     return out
 
 
-def kl_by_window(src_logp: torch.Tensor, q_logp: torch.Tensor) -> dict:
-    """`qwenquant.eval.perplexity.kl_stats` computed one window at a time (bounded memory), then combined.
-
-    Windows have equal length, so the mean of per-window means is the overall mean.
-    """
-    per = [kl_stats(src_logp[i : i + 1], q_logp[i : i + 1]) for i in range(src_logp.shape[0])]
+def _combine_kl(per: list[dict]) -> dict:
+    """Combine per-window `kl_stats` dicts (windows have equal length: the mean of means is the mean)."""
     n = len(per)
     return {
         "mean_kl": sum(p["mean_kl"] for p in per) / n,
@@ -197,21 +197,29 @@ def kl_by_window(src_logp: torch.Tensor, q_logp: torch.Tensor) -> dict:
 
 @torch.no_grad()
 def forward_metrics(model, ppl_windows: torch.Tensor, n_ppl: int, kl_windows: torch.Tensor, device: torch.device,
-                    store_dtype=torch.float16):
-    """`perplexity()` over the first `n_ppl` of `ppl_windows` and `next_token_logprobs()` (+ perplexity) over
-    `kl_windows`, sharing forwards: the KL windows are the first windows of the same text, so a full-test pass
-    computes them on the way. Numerically identical to calling the two library functions (same slicing, same
-    float32 cross-entropy / log-softmax, same fp16 storage); tests: benchmarks/harness.py --self-check.
+                    src_logp: torch.Tensor | None = None):
+    """One pass of forwards for everything a row needs.
+
+    Returns (perplexity over the first `n_ppl` of `ppl_windows` or None, perplexity over `kl_windows`, X) where X is
+    the float32 log-probs [kl_windows, window, vocab] when `src_logp` is None (the source pass), else a dict with
+    the KL of this model from `src_logp`, computed window by window as it goes (nothing [T, vocab] is kept):
+    `exact` = `kl_stats` on float32 log-probs, `fp16` = `kl_stats` on fp16-rounded log-probs, which is what
+    `qwenquant.run` reports (`next_token_logprobs` stores fp16; the per-token clamp at 0 then turns rounding noise
+    into a small positive bias, ~1e-4 nats on this model).
+
+    The perplexities are those of `qwenquant.eval.perplexity.perplexity()` (same slicing, float32 cross-entropy
+    summed per window) and the fp16-rounded log-probs those of `next_token_logprobs()`, bit for bit (--self-check).
+    The KL windows must be the first windows of `ppl_windows` (a full-test pass computes them on the way).
     """
     n_kl = int(kl_windows.shape[0])
-    if n_ppl and not torch.equal(ppl_windows[: min(n_ppl, n_kl)], kl_windows[: min(n_ppl, n_kl)]):
+    k = min(n_ppl, n_kl)
+    if k and not torch.equal(ppl_windows[:k], kl_windows[:k]):
         raise ValueError("KL windows must be the first perplexity windows")
     windows = ppl_windows if n_ppl >= n_kl else kl_windows
-    n = max(n_ppl, n_kl)
     nll = {"ppl": 0.0, "kl": 0.0}
     tokens = {"ppl": 0, "kl": 0}
-    logps = []
-    for i in range(n):
+    logps, exact, fp16 = [], [], []
+    for i in range(max(n_ppl, n_kl)):
         row = windows[i]
         logits = model(input_ids=row.unsqueeze(0).to(device), use_cache=False).logits[0].float()
         window_nll = float(F.cross_entropy(logits[:-1], row[1:].to(device), reduction="sum"))
@@ -220,7 +228,13 @@ def forward_metrics(model, ppl_windows: torch.Tensor, n_ppl: int, kl_windows: to
                 nll[key] += window_nll
                 tokens[key] += row.numel() - 1
         if i < n_kl:
-            logps.append(F.log_softmax(logits, dim=-1).to("cpu", store_dtype))
+            lp = F.log_softmax(logits, dim=-1).to("cpu")
+            if src_logp is None:
+                logps.append(lp)
+            else:
+                ref = src_logp[i : i + 1]
+                exact.append(kl_stats(ref, lp.unsqueeze(0)))
+                fp16.append(kl_stats(ref.half(), lp.half().unsqueeze(0)))
 
     def result(key: str, count: int) -> PerplexityResult | None:
         if not count:
@@ -228,7 +242,8 @@ def forward_metrics(model, ppl_windows: torch.Tensor, n_ppl: int, kl_windows: to
         mean = nll[key] / tokens[key]
         return PerplexityResult(float(torch.exp(torch.tensor(mean))), mean, tokens[key], count, windows.shape[1])
 
-    return result("ppl", n_ppl), result("kl", n_kl), torch.stack(logps)
+    third = torch.stack(logps) if src_logp is None else {"exact": _combine_kl(exact), "fp16": _combine_kl(fp16)}
+    return result("ppl", n_ppl), result("kl", n_kl), third
 
 
 class Harness:
@@ -249,6 +264,7 @@ class Harness:
         device: str = "cpu",
         threads: int | None = 1,
         quick: bool = False,
+        source_cache: str | Path | None = None,
     ):
         if threads:
             torch.set_num_threads(threads)
@@ -258,6 +274,7 @@ class Harness:
         self.calib_dataset, self.num_samples, self.seq_len = calib_dataset, num_samples, seq_len
         self.quick = quick
         self._calib: dict[int, torch.Tensor] = {}
+        self.code = code_state()  # at start: others may commit while a long run goes on
 
         t = time.perf_counter()
         self.resolved = resolve_model(model)
@@ -275,42 +292,65 @@ class Harness:
         self.kl_windows = all_windows[: max(1, kl_windows)]
 
         t = time.perf_counter()
-        self.src_ppl, self.src_ppl_kl, self.src_logp = self._evaluate(self.source, None)
-        self.source_eval_s = time.perf_counter() - t
+        cache = self._source_cache_file(source_cache)
+        if cache is not None and cache.is_file():
+            saved = torch.load(cache)
+            self.src_ppl, self.src_ppl_kl = PerplexityResult(**saved["ppl"]), PerplexityResult(**saved["ppl_kl"])
+            self.src_logp, self.source_eval_s = saved["logp"], saved["eval_s"]
+            _log(f"source evaluation read from {cache}")
+        else:
+            self.src_ppl, self.src_ppl_kl, self.src_logp = self._evaluate(self.source, None, reference=True)
+            self.source_eval_s = time.perf_counter() - t
+            if cache is not None:
+                cache.parent.mkdir(parents=True, exist_ok=True)
+                torch.save({"ppl": self.src_ppl.to_dict(), "ppl_kl": self.src_ppl_kl.to_dict(), "logp": self.src_logp,
+                            "eval_s": self.source_eval_s}, cache)
         _log(
             f"source ppl {self.src_ppl.perplexity:.4f} on {self.ppl_windows.shape[0]}x{self.window} tokens, "
             f"{self.src_ppl_kl.perplexity:.4f} on the {self.kl_windows.numel()} KL tokens ({self.source_eval_s:.1f}s)"
         )
 
+    def _source_cache_file(self, folder) -> Path | None:
+        """Where the source's evaluation is cached: keyed by the weights (size, mtime), dtype, windows, threads."""
+        if folder is None:
+            return None
+        import hashlib
+
+        key = json.dumps([str(self.resolved.path), [(f.name, f.stat().st_size, f.stat().st_mtime) for f in
+                          self.resolved.weight_files], self.dtype, self.text_desc, self.window,
+                          int(self.ppl_windows.shape[0]), int(self.kl_windows.shape[0]), str(self.device),
+                          torch.__version__])
+        return Path(folder) / f"source-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
+
     # -- evaluation ----------------------------------------------------------------------------------------------
 
-    @torch.no_grad()
-    def _evaluate(self, model, act_specs, full_ppl: bool = True):
-        """One pass over the windows with activation hooks if given: (perplexity over the ppl windows or None,
-        perplexity over the KL windows, log-probs [kl_windows, window, vocab] fp16 on CPU)."""
+    def _evaluate(self, model, act_specs, full_ppl: bool = True, reference: bool = False):
+        """`forward_metrics` with activation hooks if given; the source pass (`reference`) keeps its log-probs."""
         ctx = activation_quantization(model, act_specs) if act_specs else nullcontext()
         n_ppl = int(self.ppl_windows.shape[0]) if full_ppl else 0
         model.to(self.device)
         try:
             with ctx:
-                ppl, ppl_kl, logp = forward_metrics(model, self.ppl_windows, n_ppl, self.kl_windows, self.device)
+                return forward_metrics(model, self.ppl_windows, n_ppl, self.kl_windows, self.device,
+                                       None if reference else self.src_logp)
         finally:
             model.to("cpu")
-        return ppl, ppl_kl, logp
 
-    def _metrics(self, ppl, ppl_kl, logp) -> dict:
-        kl = kl_by_window(self.src_logp, logp)
+    def _metrics(self, ppl, ppl_kl, kl: dict) -> dict:
         src, src_kl = self.src_ppl.perplexity, self.src_ppl_kl.perplexity
+        exact, fp16 = kl["exact"], kl["fp16"]
         return {
             "ppl": ppl.perplexity if ppl else None,
             "delta_ppl_pct": 100.0 * (ppl.perplexity - src) / src if ppl else None,
             "ppl_tokens": ppl.tokens if ppl else 0,
             "ppl_kl": ppl_kl.perplexity,
             "delta_ppl_kl_pct": 100.0 * (ppl_kl.perplexity - src_kl) / src_kl,
-            "mean_kl": kl["mean_kl"],
-            "max_kl": kl["max_kl"],
-            "top1": kl["top1_agreement"],
-            "kl_tokens": kl["tokens"],
+            "mean_kl": exact["mean_kl"],
+            "max_kl": exact["max_kl"],
+            "top1": exact["top1_agreement"],
+            "kl_tokens": exact["tokens"],
+            "mean_kl_fp16": fp16["mean_kl"],
+            "max_kl_fp16": fp16["max_kl"],
         }
 
     def calibration(self, seed: int) -> torch.Tensor:
@@ -332,6 +372,7 @@ class Harness:
             "mean_kl": 0.0,
             "max_kl": 0.0,
             "top1": 1.0,
+            "mean_kl_fp16": 0.0,
             "kl_tokens": int(self.kl_windows.numel()),
             "quant_wall_s": 0.0,
             "eval_wall_s": self.source_eval_s,
@@ -364,9 +405,8 @@ class Harness:
             run_sequential(model, self.resolved.adapter, calib, build_stages(recipe), self.device, state)
             quant_s = time.perf_counter() - t
             t = time.perf_counter()
-            ppl, ppl_kl, logp = self._evaluate(model, state.activations, full_ppl)
+            metrics = self._metrics(*self._evaluate(model, state.activations, full_ppl))
             eval_s = time.perf_counter() - t
-            metrics = self._metrics(ppl, ppl_kl, logp)
         errs = layer_weight_errors(state)
         row = {
             "variant": name,
@@ -385,7 +425,7 @@ class Harness:
             "activation_modes": sorted({s.mode for s in state.activations.values()}),
             "calib_sha256": samples_hash(calib),
         }
-        del model, state, logp
+        del model, state
         gc.collect()
         _log(
             f"{name} seed={seed}: {_ppl_str(row)}, KL {row['mean_kl']:.6f}, "
@@ -412,9 +452,8 @@ class Harness:
             model.eval()
             load_s = time.perf_counter() - t
             t = time.perf_counter()
-            ppl, ppl_kl, logp = self._evaluate(model, act_specs, full_ppl)
+            metrics = self._metrics(*self._evaluate(model, act_specs, full_ppl))
             eval_s = time.perf_counter() - t
-            metrics = self._metrics(ppl, ppl_kl, logp)
         loader_acts = set()
         for m in model.modules():
             scheme = getattr(m, "quantization_scheme", None)
@@ -438,7 +477,7 @@ class Harness:
             "loader_input_activations": sorted(loader_acts),
             "qwenquant_act_specs": bool(act_specs),
         }
-        del model, logp
+        del model
         gc.collect()
         _log(f"{name} (external): {_ppl_str(row)}, KL {row['mean_kl']:.6f}")
         return row
@@ -471,6 +510,7 @@ class Harness:
             "device": str(self.device),
             "torch_threads": torch.get_num_threads(),
             "quick": self.quick,
+            **self.code,
         }
 
 
@@ -484,6 +524,22 @@ def _git(*args: str) -> str | None:
         return None
 
 
+def code_state() -> dict:
+    """The qwenquant code a run uses: git commit, whether qwenquant/ differs from it, and a sha256 over the
+    qwenquant/**/*.py sources as they are on disk now (identifies the code even with uncommitted changes)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for f in sorted((REPO / "qwenquant").rglob("*.py")):
+        digest.update(str(f.relative_to(REPO)).encode() + b"\0" + f.read_bytes())
+    dirty = _git("status", "--porcelain", "--", "qwenquant")
+    return {
+        "qwenquant_git_commit": _git("rev-parse", "HEAD"),
+        "qwenquant_tree_dirty": bool(dirty) if dirty is not None else None,
+        "qwenquant_sources_sha256": digest.hexdigest(),
+    }
+
+
 def environment_meta() -> dict:
     import transformers
 
@@ -493,7 +549,6 @@ def environment_meta() -> dict:
         ct = compressed_tensors.__version__
     except Exception:
         ct = None
-    dirty = _git("status", "--porcelain", "--", "qwenquant")
     try:
         affinity = len(os.sched_getaffinity(0))
     except AttributeError:
@@ -513,8 +568,7 @@ def environment_meta() -> dict:
         "transformers": transformers.__version__,
         "compressed_tensors": ct,
         "qwenquant_version": QWENQUANT_VERSION,
-        "qwenquant_git_commit": _git("rev-parse", "HEAD"),
-        "qwenquant_tree_dirty": bool(dirty) if dirty is not None else None,
+        **code_state(),  # at write time; Harness.meta() overrides it with the state at the start of the run
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
     }
 
@@ -534,6 +588,7 @@ DEFAULT_COLUMNS = (
     ("delta_ppl_pct", "Δppl %", "+.3f"),
     ("delta_ppl_kl_pct", "Δppl@KL %", "+.3f"),
     ("mean_kl", "mean KL", ".3e"),
+    ("mean_kl_fp16", "KL fp16", ".3e"),
     ("max_kl", "max KL", ".3f"),
     ("top1", "top-1", ".4f"),
     ("weight_rel_error_mean", "W err", ".4f"),
@@ -585,8 +640,8 @@ def aggregate_seeds(rows: list[dict], key: str = "variant") -> list[dict]:
         agg[key] = name
         agg["seeds"] = ",".join(str(r["seed"]) for r in rs) if rs[0].get("seed") is not None else "-"
         agg["n_seeds"] = len(rs)
-        for m in ("ppl", "delta_ppl_pct", "ppl_kl", "delta_ppl_kl_pct", "mean_kl", "max_kl", "top1", "weight_rel_error_mean", "quant_wall_s",
-                  "eval_wall_s", "peak_rss_bytes"):
+        for m in ("ppl", "delta_ppl_pct", "ppl_kl", "delta_ppl_kl_pct", "mean_kl", "mean_kl_fp16", "max_kl", "top1",
+                  "weight_rel_error_mean", "quant_wall_s", "eval_wall_s", "peak_rss_bytes"):
             vals = [r[m] for r in rs if r.get(m) is not None]
             if not vals:
                 agg[m] = None
@@ -607,6 +662,7 @@ AGG_COLUMNS = (
     ("delta_ppl_kl_pct_spread", "± seeds", ".3f"),
     ("mean_kl", "mean KL", ".3e"),
     ("mean_kl_spread", "± seeds", ".1e"),
+    ("mean_kl_fp16", "KL fp16", ".3e"),
     ("max_kl", "max KL", ".3f"),
     ("top1", "top-1", ".4f"),
     ("weight_rel_error_mean", "W err", ".4f"),
@@ -684,6 +740,8 @@ def add_harness_args(p: argparse.ArgumentParser) -> None:
                    help=f"smoke run: {QUICK['ppl_windows']} ppl windows, {QUICK['kl_windows']} KL windows, "
                         f"{QUICK['num_samples']} calibration samples")
     g.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
+    g.add_argument("--source-cache", default=None,
+                   help="folder to cache the source evaluation in (e.g. /tmp/qq-harness): a resumed run reuses it")
 
 
 def harness_from_args(args: argparse.Namespace) -> Harness:
@@ -692,7 +750,7 @@ def harness_from_args(args: argparse.Namespace) -> Harness:
         ppl_w, kl_w, ns = QUICK["ppl_windows"], QUICK["kl_windows"], QUICK["num_samples"]
     return Harness(args.model, eval_text=args.eval_text, window=args.window, ppl_windows=ppl_w, kl_windows=kl_w,
                    calib_dataset=args.calib, num_samples=ns, seq_len=args.seq_len, device=args.device,
-                   threads=args.threads, quick=args.quick)
+                   threads=args.threads, quick=args.quick, source_cache=args.source_cache)
 
 
 def save_partial(path: Path, rows: Iterable[dict]) -> None:
@@ -725,13 +783,22 @@ def self_check(model: str = DEFAULT_MODEL) -> int:
     m = h.source
     ref_ppl = perplexity(m, h.ppl_windows, h.device)
     ref_logp = next_token_logprobs(m, h.kl_windows, h.device)
-    same = ref_ppl.perplexity == h.src_ppl.perplexity and torch.equal(ref_logp, h.src_logp)
+    same = ref_ppl.perplexity == h.src_ppl.perplexity and torch.equal(ref_logp, h.src_logp.half())
     print(f"forward_metrics == perplexity() + next_token_logprobs(): {same} "
           f"({ref_ppl.perplexity!r} vs {h.src_ppl.perplexity!r})")
     ok &= same
     for acts in ("dynamic", "static"):
         stages = [FP8Stage("channel", acts)]
         mem = h.evaluate_variant(f"in-memory channel/{acts}", stages, seed=0)
+        # the fp16 KL column is what qwenquant.run reports: recompute it with the library functions
+        q, st = copy.deepcopy(h.source), QuantState()
+        run_sequential(q, h.resolved.adapter, h.calibration(0), build_stages(h.recipe_for(stages, 0)), h.device, st)
+        with activation_quantization(q, st.activations):
+            lib = kl_stats(ref_logp, next_token_logprobs(q, h.kl_windows, h.device))
+        same = math.isclose(lib["mean_kl"], mem["mean_kl_fp16"], rel_tol=1e-6)
+        print(f"channel/{acts}: fp16 KL column {mem['mean_kl_fp16']!r} vs library {lib['mean_kl']!r} -> {same}; "
+              f"float32 KL {mem['mean_kl']:.6f}")
+        ok &= same
         recipe = h.recipe_for(stages, 0)
         recipe.eval = EvalConfig(max_windows=1, kl_tokens=2048, verify=False)
         from qwenquant.run import run_recipe

@@ -19,6 +19,7 @@ from qwenquant.errors import BadInputError
 from qwenquant.model.qwen3 import ArchAdapter
 from qwenquant.quant.fp8 import fake_quantize_activation
 from qwenquant.quant.records import QuantizedWeight
+from qwenquant.recipe import QUANTIZER_STAGES
 
 
 class _StopForward(Exception):
@@ -110,15 +111,19 @@ class QuantState:
     layer_reports: list[dict] = field(default_factory=list)
     stage_seconds: dict[str, float] = field(default_factory=dict)
     peak_device_bytes: int = 0
+    keep: set[str] = field(default_factory=set)  # Linears the quantizer stages must skip (mixed precision)
+    searched: dict[str, dict] = field(default_factory=dict)  # scale search choices, e.g. {"fp8.clip": {name: r}}
 
     def add_time(self, stage: str, seconds: float) -> None:
         self.stage_seconds[stage] = self.stage_seconds.get(stage, 0.0) + seconds
 
 
 @contextmanager
-def activation_quantization(model: nn.Module, specs: dict[str, ActivationSpec], prefix: str = "") -> Iterator[None]:
+def activation_quantization(model: nn.Module, specs: dict[str, ActivationSpec], prefix: str = "",
+                            straight_through: bool = False) -> Iterator[None]:
     """Simulate FP8 activation quantization on the inputs of the given Linears (names relative to `model`,
-    after stripping `prefix`) for the duration of the block; hooks are always removed."""
+    after stripping `prefix`) for the duration of the block; hooks are always removed.
+    `straight_through`: gradients pass the quantization unchanged (for error-compensation fine-tuning)."""
     handles = []
     try:
         for name, spec in specs.items():
@@ -128,6 +133,8 @@ def activation_quantization(model: nn.Module, specs: dict[str, ActivationSpec], 
 
             def hook(_m, args, spec=spec):
                 x = fake_quantize_activation(args[0], spec.mode, spec.input_scale, spec.group_size)
+                if straight_through:
+                    x = args[0] + (x - args[0]).detach()
                 return (x, *args[1:])
 
             handles.append(module.register_forward_pre_hook(hook))
@@ -149,6 +156,7 @@ class LayerContext:
     device: torch.device
     model_config: object
     state: QuantState
+    float_state: dict[str, torch.Tensor] | None = None  # the layer as it entered the quantizer (compensate only)
 
     def linear(self, name: str) -> nn.Linear:
         return self.layer.get_submodule(name)  # type: ignore[return-value]
@@ -203,7 +211,7 @@ def peak_host_bytes() -> int:
 def run_sequential(
     model: nn.Module,
     adapter: ArchAdapter,
-    ids: torch.Tensor,
+    ids: torch.Tensor | None,
     stages: list[tuple[str, Stage]],
     device: torch.device,
     state: QuantState,
@@ -212,8 +220,10 @@ def run_sequential(
 ) -> QuantState:
     """For each decoder layer: onload, run each (name, stage) in order, propagate quantized outputs, offload."""
     t0 = time.perf_counter()
-    cache = capture_layer0_inputs(model, adapter, ids, batch_size, device)
+    # No calibration ids (RTN alone): nothing is captured or propagated.
+    cache = capture_layer0_inputs(model, adapter, ids, batch_size, device) if ids is not None else None
     state.add_time("capture", time.perf_counter() - t0)
+    keep_float = any(name == "compensate" for name, _ in stages)
     layers = decoder_layers(model, adapter)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -222,16 +232,19 @@ def run_sequential(
         ctx = LayerContext(i, f"{adapter.layers_path}.{i}.", layer, adapter, cache, device, model.config, state)
         report: dict = {"layer": i}
         for name, stage in stages:
+            if keep_float and name in QUANTIZER_STAGES:  # a compensate stage fits the quantized layer to this copy
+                ctx.float_state = {k: v.detach().clone() for k, v in layer.state_dict().items()}
             t = time.perf_counter()
             try:
                 report[name] = stage(ctx)
             except ValueError as err:  # algorithms reject non-finite or impossible inputs with ValueError
                 raise BadInputError(f"{name} failed on decoder layer {i}: {err}") from err
             state.add_time(name, time.perf_counter() - t)
-        t = time.perf_counter()
-        with activation_quantization(layer, ctx.activation_specs()):
-            cache = ActivationCache(ctx.forward(keep_outputs=True), cache.kwargs, cache.store_device)
-        state.add_time("propagate", time.perf_counter() - t)
+        if cache is not None:
+            t = time.perf_counter()
+            with activation_quantization(layer, ctx.activation_specs()):
+                cache = ActivationCache(ctx.forward(keep_outputs=True), cache.kwargs, cache.store_device)
+            state.add_time("propagate", time.perf_counter() - t)
         layer.to("cpu")
         state.layer_reports.append(report)
         if on_layer_done:

@@ -7,9 +7,11 @@ version: 1
 model: {id, revision, dtype}
 calibration: {dataset, num_samples, seq_len, seed}
 stages:            # ordered, each a one-key mapping
-  - smooth: {alpha}
-  - fp8: {weights, activations, block_size}
+  - mixed_precision: {keep_sensitive, keep, max_keep, sensitivity_samples}   # optional, first
+  - smooth: {alpha, mappings, layer_alpha, alpha_search}
+  - fp8: {weights, activations, block_size, clip, clip_search}
   - gptq: {...} | awq: {...} | rtn: {...}
+  - compensate: {steps, lr, samples, batch_size, rounding, norms, qk_norms}   # optional, after the quantizer
 export: {format, max_shard_size_mb}
 eval: {perplexity, eval_text, window, max_windows, kl_tokens, verify, verify_max_kl}
 device: auto | cpu | cuda | cuda:N
@@ -39,6 +41,18 @@ def _choice(name: str, value: Any, allowed: tuple) -> None:
 def _positive(name: str, value: Any) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{name}: must be a positive integer, got {value!r}")
+
+
+def _ratio_map(name: str, value: Any, key_type: type, low: float, exclusive_low: bool = False) -> None:
+    """A mapping key -> number in [low, 1] ((low, 1] if exclusive_low), as written by the scale search."""
+    if not isinstance(value, dict):
+        raise ValueError(f"{name}: must be a mapping, got {type(value).__name__}")
+    for k, v in value.items():
+        if not isinstance(k, key_type) or isinstance(k, bool):
+            raise ValueError(f"{name}: key {k!r} must be a {key_type.__name__}")
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and (low < v if exclusive_low else low <= v) and v <= 1
+        if not ok:
+            raise ValueError(f"{name}.{k}: must be a number in {'(' if exclusive_low else '['}{low:g}, 1], got {v!r}")
 
 
 @dataclass
@@ -71,11 +85,19 @@ class SmoothStage:
 
     alpha: float = 0.5
     mappings: str = "all"  # all | norms (only input/post-attention layernorms)
+    layer_alpha: dict[int, float] = field(default_factory=dict)  # decoder layer -> alpha (overrides alpha)
+    alpha_search: bool = False  # choose each layer's alpha by its FP8-quantized output error (scale search)
 
     def __post_init__(self) -> None:
         if not isinstance(self.alpha, (int, float)) or not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"smooth.alpha: must be a number in [0, 1], got {self.alpha!r}")
         _choice("smooth.mappings", self.mappings, ("all", "norms"))
+        _ratio_map("smooth.layer_alpha", self.layer_alpha, int, 0.0)
+        if self.alpha_search and self.layer_alpha:
+            raise ValueError("smooth.layer_alpha: set either alpha_search or per-layer alphas, not both")
+
+    def alpha_for(self, layer: int) -> float:
+        return float(self.layer_alpha.get(layer, self.alpha))
 
 
 @dataclass
@@ -85,6 +107,8 @@ class FP8Stage:
     weights: str = "channel"  # tensor | channel | block
     activations: str = "dynamic"  # dynamic | static | none
     block_size: int = 128
+    clip: dict[str, float] = field(default_factory=dict)  # Linear (full name) -> weight clipping ratio; else 1.0
+    clip_search: bool = False  # choose each Linear's clipping ratio by its output error (scale search)
 
     def __post_init__(self) -> None:
         _choice("fp8.weights", self.weights, ("tensor", "channel", "block"))
@@ -92,6 +116,9 @@ class FP8Stage:
         _positive("fp8.block_size", self.block_size)
         if self.weights == "block" and self.activations == "static":
             raise ValueError("fp8: block weights pair with dynamic group activations; use activations: dynamic")
+        _ratio_map("fp8.clip", self.clip, str, 0.0, exclusive_low=True)
+        if self.clip_search and self.clip:
+            raise ValueError("fp8.clip: set either clip_search or per-Linear clip ratios, not both")
 
 
 @dataclass
@@ -139,12 +166,69 @@ class AWQStage(IntStage):
     name = "awq"
 
 
+@dataclass
+class MixedPrecisionStage:
+    """Keep whole vLLM fused groups (q/k/v, o, gate/up, down of a layer) in the source dtype.
+
+    `keep_sensitive`: N (the N most sensitive groups, measured with qwenquant.sensitivity on the first
+    `sensitivity_samples` calibration windows), "auto" (the fewest, at most `max_keep`, meeting
+    eval.max_ppl_increase_pct), or null. `keep`: the resolved full Linear names; when set nothing is measured.
+    """
+
+    keep_sensitive: int | str | None = None
+    keep: list[str] | None = None
+    max_keep: int = 8
+    sensitivity_samples: int = 8
+
+    def __post_init__(self) -> None:
+        ks = self.keep_sensitive
+        if ks is not None and ks != "auto" and (not isinstance(ks, int) or isinstance(ks, bool) or ks < 0):
+            raise ValueError(f"mixed_precision.keep_sensitive: {ks!r} is not allowed; use a count >= 0, auto or null")
+        if self.keep is not None:
+            if not isinstance(self.keep, list) or not all(isinstance(n, str) and n for n in self.keep):
+                raise ValueError("mixed_precision.keep: must be a list of module names")
+            if len(set(self.keep)) != len(self.keep):
+                raise ValueError("mixed_precision.keep: lists a module twice")
+        if ks is None and self.keep is None:
+            raise ValueError("mixed_precision: set keep_sensitive (N or auto) or keep (module names)")
+        _positive("mixed_precision.max_keep", self.max_keep)
+        _positive("mixed_precision.sensitivity_samples", self.sensitivity_samples)
+
+
+@dataclass
+class CompensateStage:
+    """Error-compensation fine-tuning after the quantizer (qwenquant/compensation.py): per decoder layer, tune the
+    weight scales, INT rounding offsets (`rounding`) and norm weights (`norms`; `qk_norms` adds q_norm/k_norm)
+    with `steps` signed-gradient steps of size `lr` (decaying linearly) so the quantized layer's output matches the
+    unquantized one on the first `samples` calibration samples, `batch_size` samples per step."""
+
+    steps: int = 40  # defaults sized for about a minute on qwen3-mini (6 layers) on 2 CPU cores
+    lr: float = 0.005  # rounding offsets, in grid steps; scales and norms move RELATIVE_LR_RATIO of it (relative)
+    samples: int = 16
+    batch_size: int = 1
+    rounding: bool = True
+    norms: bool = True
+    qk_norms: bool = False
+
+    def __post_init__(self) -> None:
+        _positive("compensate.steps", self.steps)
+        _positive("compensate.samples", self.samples)
+        _positive("compensate.batch_size", self.batch_size)
+        if not isinstance(self.lr, (int, float)) or isinstance(self.lr, bool) or not 0.0 < self.lr <= 1.0:
+            raise ValueError(f"compensate.lr: must be a number in (0, 1], got {self.lr!r}")
+        for key in ("rounding", "norms", "qk_norms"):
+            if not isinstance(getattr(self, key), bool):
+                raise ValueError(f"compensate.{key}: must be true or false")
+
+
 STAGE_TYPES: dict[str, type] = {
     "smooth": SmoothStage,
     "fp8": FP8Stage,
     "rtn": RTNStage,
     "gptq": GPTQStage,
     "awq": AWQStage,
+    "mixed_precision": MixedPrecisionStage,
+    "compensate": CompensateStage,
 }
 QUANTIZER_STAGES = ("fp8", "rtn", "gptq", "awq")
 EXPORT_FORMATS = ("compressed-tensors", "hf-fp8", "gptq", "awq")
@@ -168,7 +252,9 @@ class EvalConfig:
     max_windows: int | None = None  # None = the whole text
     kl_tokens: int = 4096  # tokens on which KL(source || quantized) and verification are measured
     verify: bool = True
-    verify_max_kl: float = 0.05  # mean per-token KL of the reloaded checkpoint vs the source, in nats
+    # Reloaded checkpoint vs source, mean per-token KL in nats: catches broken checkpoints (they score several
+    # nats); quality itself is gated by max_ppl_increase_pct. 3-bit INT on a small model reaches ~0.06.
+    verify_max_kl: float = 0.5
     max_ppl_increase_pct: float | None = None  # quality gate: fail (exit 3) above this perplexity increase
 
     def __post_init__(self) -> None:
@@ -203,6 +289,17 @@ class Recipe:
             raise ValueError(f"stages: need exactly one quantizer stage ({', '.join(QUANTIZER_STAGES)}), got {quantizers or 'none'}")
         if "smooth" in names and names.index("smooth") > names.index(quantizers[0]):
             raise ValueError("stages: smooth must come before the quantizer")
+        if "compensate" in names and (names.index("compensate") < names.index(quantizers[0]) or names.count("compensate") > 1):
+            raise ValueError("stages: compensate must come after the quantizer, once")
+        smooth = self.stage("smooth")
+        if smooth is not None and smooth.alpha_search and quantizers[0] != "fp8":
+            raise ValueError("stages: smooth.alpha_search measures FP8 quantization error; it needs the fp8 quantizer")
+        if "mixed_precision" in names:
+            if names.index("mixed_precision") != 0 or names.count("mixed_precision") > 1:
+                raise ValueError("stages: mixed_precision must be the first stage, once")
+            if self.stage("mixed_precision").keep_sensitive == "auto" and self.eval.max_ppl_increase_pct is None:
+                raise ValueError("stages: mixed_precision keep_sensitive auto needs eval.max_ppl_increase_pct "
+                                 "(--max-ppl-increase)")
         q = quantizers[0]
         fmt = self.export.format
         if q == "fp8" and fmt not in ("compressed-tensors", "hf-fp8"):
@@ -227,7 +324,8 @@ class Recipe:
             if actorder == "group":
                 raise ValueError("export.format: awq cannot store act-order 'group'; use actorder static/none or format gptq")
             if stage.bits != 4:
-                raise ValueError(f"export.format: awq stores 4-bit weights only, got bits {stage.bits}")
+                raise ValueError(f"export.format: awq stores 4-bit weights only, got bits {stage.bits}; "
+                                 "use bits 4 or format compressed-tensors")
         if fmt == "gptq" and stage.bits not in (2, 4, 8):
             raise ValueError(f"export.format: gptq packs 2, 4 or 8 bits, got bits {stage.bits}; use compressed-tensors")
 

@@ -122,6 +122,10 @@ def render_markdown(r: dict) -> str:
     if r.get("gates"):
         lines += ["", "## Quality gates", ""]
         lines += [f"- {g['gate']}: {'passed' if g['passed'] else 'FAILED'} ({g['description']})" for g in r["gates"]]
+    if r.get("mixed_precision"):
+        from qwenquant.sensitivity_report import render_mixed_precision
+
+        lines += render_mixed_precision(r["mixed_precision"])
     s, m = r["sizes"], r["memory"]
     lines += [
         "",
@@ -135,8 +139,12 @@ def render_markdown(r: dict) -> str:
         "",
     ]
     lines += _layer_table(r["layers"])
-    lines += ["", f"Calibration: `{r['calibration']['dataset']}`, {r['calibration']['tokens']} tokens, "
-              f"sha256 of token ids `{r['calibration']['sha256_token_ids'][:16]}...`.", ""]
+    cal = r["calibration"]
+    if cal["sha256_token_ids"] is None:
+        lines += ["", "Calibration: none (round-to-nearest uses no data).", ""]
+    else:
+        lines += ["", f"Calibration: `{cal['dataset']}`, {cal['tokens']} tokens, "
+                  f"sha256 of token ids `{cal['sha256_token_ids'][:16]}...`.", ""]
     return "\n".join(lines)
 
 

@@ -19,6 +19,7 @@ from qwenquant.export.checkpoint import write_checkpoint
 from qwenquant.export.writer import atomic_output_dir, check_output_dir
 from qwenquant.export.model_card import render_model_card, source_license
 from qwenquant.model.loader import file_sha256, load_model, resolve_model
+from qwenquant.mixed_precision import check_mixed_precision, run_mixed_precision
 from qwenquant.pipeline import QuantState, activation_quantization, peak_host_bytes, run_sequential
 from qwenquant.progress import Reporter
 from qwenquant.recipe import Recipe
@@ -34,6 +35,13 @@ def resolve_device(spec: str) -> torch.device:
     return torch.device(spec)
 
 
+def needs_calibration(recipe: Recipe) -> bool:
+    """Round-to-nearest alone uses no data; every other stage does."""
+    from qwenquant.recipe import stage_name
+
+    return any(stage_name(s) != "rtn" for s in recipe.stages)
+
+
 def check_layout(recipe: Recipe, config: dict) -> None:
     """Refuse, before any work, shapes the chosen scheme or format cannot handle."""
     from qwenquant.model.qwen3 import linear_shapes
@@ -47,9 +55,20 @@ def check_layout(recipe: Recipe, config: dict) -> None:
             if stage.group_size != -1 and k % stage.group_size:
                 raise BadInputError(f"{name} has {k} input features, not divisible by --group-size {stage.group_size}; "
                                     "use a divisor of it or -1 (per channel)")
+            per_word = 32 // stage.bits if 32 % stage.bits == 0 else None
             if recipe.export.format in ("gptq", "awq") and n % 8:
                 raise BadInputError(f"{name} has {n} output features; {recipe.export.format} packs 8 per int32, "
                                     "use --format compressed-tensors")
+            if recipe.export.format == "gptq" and per_word and k % per_word:
+                raise BadInputError(f"{name} has {k} input features; gptq packs {per_word} per int32 along them, "
+                                    "use --format compressed-tensors")
+            if recipe.export.format == "compressed-tensors":
+                if (k * stage.bits) % 32:
+                    raise BadInputError(f"{name}: {k} input features x {stage.bits} bits do not fill whole int32 words; "
+                                        "use another --bits or --group-size")
+                if not stage.symmetric and (n * stage.bits) % 32:
+                    raise BadInputError(f"{name}: {n} output features x {stage.bits} bits cannot pack asymmetric zero "
+                                        "points into int32 words; use --sym")
 
 
 def check_not_source(out: Path, model_path: Path) -> None:
@@ -110,12 +129,14 @@ def run_recipe(recipe: Recipe, out: Path, overwrite: bool = False, reporter: Rep
         resolved = resolve_model(recipe.model.id, recipe.model.revision)
         check_not_source(out, resolved.path)
         check_layout(recipe, resolved.config)
+        check_mixed_precision(recipe, resolved.adapter, resolved.config)
         reporter.log(f"model {recipe.model.id} -> {resolved.path} ({resolved.config['architectures'][0]})")
         model, tokenizer = load_model(resolved, recipe.model.dtype)
-    with timer("calibration_data"):
-        calib = load_calibration(
-            recipe.calibration.dataset, tokenizer, recipe.calibration.num_samples, recipe.calibration.seq_len, recipe.calibration.seed
-        )
+    calib = None
+    if needs_calibration(recipe):
+        with timer("calibration_data"):
+            calib = load_calibration(recipe.calibration.dataset, tokenizer, recipe.calibration.num_samples,
+                                     recipe.calibration.seq_len, recipe.calibration.seed)
 
     # Source evaluation happens before the pipeline changes the model in place.
     ev = recipe.eval
@@ -130,24 +151,37 @@ def run_recipe(recipe: Recipe, out: Path, overwrite: bool = False, reporter: Rep
         src_ppl, src_logp = _evaluate(model, ppl_windows if ev.perplexity else None, kl_windows, device, reporter, "source")
     model.to("cpu")
 
-    state = QuantState()
-    stages = build_stages(recipe)
-    n_layers = len(model.get_submodule(resolved.adapter.layers_path))
-    with timer("quantize"):
-        with reporter.step(f"quantize ({' -> '.join(n for n, _ in stages)})", n_layers) as advance:
-            run_sequential(model, resolved.adapter, calib, stages, device, state, on_layer_done=lambda i, n: advance())
+    def quantize_and_evaluate(recipe: Recipe, model) -> tuple:
+        state = QuantState()
+        stages = build_stages(recipe)
+        n_layers = len(model.get_submodule(resolved.adapter.layers_path))
+        with timer("quantize"):
+            with reporter.step(f"quantize ({' -> '.join(n for n, _ in stages)})", n_layers) as advance:
+                run_sequential(model, resolved.adapter, calib, stages, device, state, on_layer_done=lambda i, n: advance())
 
-    model.to(device)
-    with timer("eval_quantized"):
-        q_ppl, q_logp = _evaluate(
-            model, ppl_windows if ev.perplexity else None, kl_windows, device, reporter, "quantized", state.activations
-        )
-    model.to("cpu")
+        model.to(device)
+        with timer("eval_quantized"):
+            q_ppl, q_logp = _evaluate(
+                model, ppl_windows if ev.perplexity else None, kl_windows, device, reporter, "quantized", state.activations
+            )
+        model.to("cpu")
+        return state, q_ppl, q_logp
+
+    mixed_report = None
+    if recipe.stage("mixed_precision") is None:
+        state, q_ppl, q_logp = quantize_and_evaluate(recipe, model)
+    else:  # resolves the keep list (measuring sensitivity if asked; auto tries candidates) -> resolved recipe
+        outcome = run_mixed_precision(recipe, model, resolved.adapter, calib, device, reporter, src_ppl,
+                                      quantize_and_evaluate, lambda: load_model(resolved, recipe.model.dtype)[0])
+        recipe, model, (state, q_ppl, q_logp), mixed_report = outcome.recipe, outcome.model, outcome.result, outcome.report
 
     verification = None
     with atomic_output_dir(out, overwrite) as tmp:
         with timer("export"):
-            written = write_checkpoint(tmp, model, tokenizer, recipe, state, resolved.adapter.always_ignore)
+            try:
+                written = write_checkpoint(tmp, model, tokenizer, recipe, state, resolved.adapter.always_ignore)
+            except ValueError as err:  # a layout the format cannot store, found per tensor (e.g. GPTQ v1 zero point 0)
+                raise BadInputError(f"export to {recipe.export.format} failed: {err}") from err
             (tmp / "recipe.yaml").write_text(recipe.to_yaml())
         if ev.verify:
             with timer("verify"):
@@ -160,8 +194,8 @@ def run_recipe(recipe: Recipe, out: Path, overwrite: bool = False, reporter: Rep
             resolved=resolved,
             command=command,
             version=__version__,
-            calib_hash=samples_hash(calib),
-            calib_tokens=int(calib.numel()),
+            calib_hash=samples_hash(calib) if calib is not None else None,
+            calib_tokens=int(calib.numel()) if calib is not None else 0,
             eval_desc={"text": text_desc, "window": window, "windows": int(ppl_windows.shape[0]),
                        "kl_tokens": int(kl_windows.numel())},
             src_ppl=src_ppl,
@@ -177,6 +211,8 @@ def run_recipe(recipe: Recipe, out: Path, overwrite: bool = False, reporter: Rep
             started=started,
         )
         report["gates"] = check_gates(report, ev)
+        if mixed_report is not None:
+            report["mixed_precision"] = mixed_report
         report["model"]["files_sha256"] = {f.name: file_sha256(f) for f in resolved.weight_files}
         write_report(tmp, report)
         (tmp / "README.md").write_text(render_model_card(report, source_license(resolved.path)))

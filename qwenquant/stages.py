@@ -16,6 +16,8 @@ from qwenquant.quant import awq as awqq
 from qwenquant.quant import gptq as gptqq
 from qwenquant.quant import intq
 from qwenquant.recipe import AWQStage, FP8Stage, GPTQStage, RTNStage, SmoothStage
+from qwenquant.recipe import MixedPrecisionStage
+from qwenquant.compensation import compensate_layer
 
 MAX_AWQ_TOKENS = 8192  # calibration tokens kept per input for AWQ's searches (bounds memory)
 
@@ -68,9 +70,24 @@ def smooth_layer(ctx: LayerContext, cfg: SmoothStage) -> dict:
     return report
 
 
+def quantized_names(ctx: LayerContext, names) -> list[str]:
+    """`names` (relative to the layer) minus the Linears a mixed_precision stage keeps in the source dtype."""
+    return [n for n in names if ctx.full_name(n) not in ctx.state.keep]
+
+
+def mixed_precision_layer(ctx: LayerContext, cfg: MixedPrecisionStage) -> dict:
+    """Mark this layer's Linears listed in `cfg.keep` as kept: later stages leave them unquantized (no record, so
+    the exporter writes them in the source dtype and lists them in `ignore`)."""
+    if cfg.keep is None:
+        raise ValueError("mixed_precision: the keep list is not resolved (run it through qwenquant.run.run_recipe)")
+    kept = [n for n in ctx.adapter.linears if ctx.full_name(n) in cfg.keep]
+    ctx.state.keep.update(ctx.full_name(n) for n in kept)
+    return {"kept": kept}
+
+
 def fp8_layer(ctx: LayerContext, cfg: FP8Stage) -> dict:
     """Quantize every Linear of the layer to FP8 and register how its activations are quantized."""
-    names = list(ctx.adapter.linears)
+    names = quantized_names(ctx, ctx.adapter.linears)
     dtype = next(ctx.layer.parameters()).dtype
     input_absmax = {}
     if cfg.activations == "static":
@@ -115,7 +132,7 @@ def _store_int(ctx: LayerContext, name: str, qw, report: dict, extra: dict | Non
 def rtn_layer(ctx: LayerContext, cfg: RTNStage) -> dict:
     """Round-to-nearest with the same group layout: the baseline every INT benchmark reports."""
     report: dict = {}
-    for name in ctx.adapter.linears:
+    for name in quantized_names(ctx, ctx.adapter.linears):
         w = ctx.linear(name).weight.data
         qw = intq.quantize_rtn(w.float(), cfg.bits, cfg.group_size, cfg.symmetric, scale_dtype=w.dtype)
         _store_int(ctx, name, qw, report)
@@ -131,6 +148,9 @@ def gptq_layer(ctx: LayerContext, cfg: GPTQStage) -> dict:
     )
     report: dict = {}
     for group in ctx.adapter.sequential_groups:
+        group = quantized_names(ctx, group)
+        if not group:
+            continue
         hessian: dict = {"H": None, "n": 0}
 
         def observe(_name: str, x: torch.Tensor) -> None:
@@ -166,7 +186,8 @@ def awq_layer(ctx: LayerContext, cfg: AWQStage) -> dict:
     mc = ctx.model_config
     gqa = mc.num_attention_heads != mc.num_key_value_heads
     mappings = [m for m in ctx.adapter.smooth_mappings
-                if not (m.gqa and gqa) and (cfg.norm_mappings or m.kind != "norm" or m.smooth != "input_layernorm")]
+                if not (m.gqa and gqa) and (cfg.norm_mappings or m.kind != "norm" or m.smooth != "input_layernorm")
+                and quantized_names(ctx, m.balance)]  # no scale search for a kept (unquantized) balance group
     inputs = sorted({g[0] for g in ctx.adapter.sequential_groups})
     xs = _sample_inputs(ctx, inputs, MAX_AWQ_TOKENS)
     input_of = {n: g[0] for g in ctx.adapter.sequential_groups for n in g}
@@ -181,7 +202,7 @@ def awq_layer(ctx: LayerContext, cfg: AWQStage) -> dict:
         s = fold_mapping(ctx, m, s)
         xs[input_of[m.balance[0]]] = x / s.to(x.device)
         report["scales"][m.smooth] = {"alpha": res.ratio, "best_error": min(res.errors), "rtn_error": res.errors[0]}
-    for name in ctx.adapter.linears:
+    for name in quantized_names(ctx, ctx.adapter.linears):
         w = ctx.linear(name).weight.data
         clip = None
         if cfg.clip:
@@ -206,6 +227,8 @@ LAYER_STAGES = {
     "rtn": rtn_layer,
     "gptq": gptq_layer,
     "awq": awq_layer,
+    "mixed_precision": mixed_precision_layer,
+    "compensate": compensate_layer,
 }
 
 

@@ -91,7 +91,7 @@ def test_gptq_is_true_sequential(tiny, monkeypatch) -> None:
     differs from the Hessian of the unquantized model."""
     source, adapter, calib, _ = tiny
     model = copy.deepcopy(source)
-    seen: list[tuple[str, torch.Tensor]] = []  # (layer-relative linear name per call order, H)
+    seen: list[tuple[torch.Size, torch.Tensor]] = []  # (weight shape, Hessian) per quantize_weight call, in order
     real = gptqq.quantize_weight
 
     def spy(W, H, config, scale_dtype=torch.bfloat16):
@@ -118,7 +118,8 @@ def test_gptq_is_true_sequential(tiny, monkeypatch) -> None:
     fresh = copy.deepcopy(source)
     cache0 = capture_layer0_inputs(fresh, adapter, calib, 8, CPU)
     layer0 = fresh.model.layers[0]
-    unquantized = {n: hessian_of_input(layer0, n, cache0) for n in ("self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj")}
+    later = ("self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj")
+    unquantized = {n: hessian_of_input(layer0, n, cache0) for n in later}
     for name in adapter.linears:  # quantize group by group, checking each group's Hessian before moving on
         full = f"model.layers.0.{name}"
         if name in unquantized:

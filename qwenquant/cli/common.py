@@ -12,6 +12,7 @@ import typer
 
 from qwenquant.model.loader import default_output_name
 from qwenquant.recipe import CalibrationConfig, EvalConfig, ExportConfig, ModelConfig
+from qwenquant.recipe import MixedPrecisionStage
 
 _C, _E = CalibrationConfig(), EvalConfig()
 
@@ -34,6 +35,23 @@ Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output."
 Json = Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")]
 MaxPplIncrease = Annotated[Optional[float], typer.Option("--max-ppl-increase", help="Quality gate: exit 3 (after writing the report) if perplexity rises more than this many percent.")]
 PrintRecipe = Annotated[bool, typer.Option("--print-recipe", help="Print the resolved recipe as YAML and exit.")]
+KeepSensitive = Annotated[Optional[str], typer.Option("--keep-sensitive", metavar="N|auto", help="Keep the N most sensitive fused groups (q/k/v, o, gate/up, down of a layer) in bf16; auto: the fewest meeting --max-ppl-increase.")]
+MaxKeep = Annotated[int, typer.Option("--max-keep", help="With --keep-sensitive auto: keep at most this many groups.")]
+DEFAULT_MAX_KEEP = MixedPrecisionStage.__dataclass_fields__["max_keep"].default
+
+
+def mixed_precision_stages(keep_sensitive: str | None, max_keep: int) -> list:
+    """[] or [MixedPrecisionStage] from --keep-sensitive N|auto (a bad value is a one-line exit 2)."""
+    from qwenquant.errors import BadInputError
+
+    if keep_sensitive is None:
+        return []
+    value = keep_sensitive.strip().lower()
+    if value != "auto":
+        if not value.isdigit():
+            raise BadInputError(f"--keep-sensitive {keep_sensitive!r}: use a number of groups (0, 1, 2, ...) or auto")
+        value = int(value)
+    return [MixedPrecisionStage(keep_sensitive=value, max_keep=max_keep)]
 
 
 def base_configs(model: str, revision, calib, num_samples, seq_len, seed, eval_text, eval_windows, eval_window,

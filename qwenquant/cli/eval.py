@@ -8,6 +8,7 @@ A bf16 source, our compressed-tensors FP8/INT output or another tool's folder is
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import os
@@ -113,6 +114,13 @@ def _max_positions(model) -> int | None:
 
 def measure(path: Path, flag: str, device, plan, limit, batch_size, ppl_text, window, max_windows, quiet) -> dict:
     """Load one checkpoint and measure perplexity and tasks; the model is freed before returning."""
+    with contextlib.ExitStack() as stack:
+        if quiet:  # transformers / compressed-tensors / lm-eval progress bars go to stderr
+            stack.enter_context(contextlib.redirect_stderr(stack.enter_context(open(os.devnull, "w"))))
+        return _measure(path, flag, device, plan, limit, batch_size, ppl_text, window, max_windows, quiet)
+
+
+def _measure(path: Path, flag: str, device, plan, limit, batch_size, ppl_text, window, max_windows, quiet) -> dict:
     import torch
 
     from qwenquant.eval.perplexity import eval_windows, perplexity

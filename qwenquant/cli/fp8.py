@@ -55,6 +55,8 @@ def fp8_command(
     no_verify: c.NoVerify = False,
     verify_max_kl: c.VerifyMaxKL = c._E.verify_max_kl,
     max_ppl_increase: c.MaxPplIncrease = None,
+    keep_sensitive: c.KeepSensitive = None,
+    max_keep: c.MaxKeep = c.DEFAULT_MAX_KEEP,
     overwrite: c.Overwrite = False,
     quiet: c.Quiet = False,
     json_out: c.Json = False,
@@ -63,7 +65,8 @@ def fp8_command(
     """Quantize to FP8 (E4M3) and write a compressed-tensors (or hf-fp8) checkpoint with a report."""
 
     def build() -> Recipe:
-        stages = [SmoothStage(alpha=smooth_alpha)] if smooth else []
+        stages = c.mixed_precision_stages(keep_sensitive, max_keep)
+        stages += [SmoothStage(alpha=smooth_alpha)] if smooth else []
         stages.append(FP8Stage(weights=weights.value, activations=activations.value, block_size=block_size))
         return Recipe(
             stages=stages,

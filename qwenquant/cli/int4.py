@@ -29,8 +29,8 @@ GroupSize = Annotated[int, typer.Option(help="Input columns per scale group: 32,
 Format = Annotated[IntFormat, typer.Option("--format", help="compressed-tensors (pack-quantized, vLLM native), gptq (v1) or awq (GEMM).")]
 
 
-def _recipe(stage, format: IntFormat, device, base: dict) -> Recipe:
-    return validate(lambda: Recipe(stages=[stage()], export=ExportConfig(format=format.value), device=device, **base))
+def _recipe(stage, format: IntFormat, device, base: dict, mixed=lambda: []) -> Recipe:
+    return validate(lambda: Recipe(stages=[*mixed(), stage()], export=ExportConfig(format=format.value), device=device, **base))
 
 
 @app.command("gptq")
@@ -57,6 +57,8 @@ def gptq_command(
     no_verify: c.NoVerify = False,
     verify_max_kl: c.VerifyMaxKL = c._E.verify_max_kl,
     max_ppl_increase: c.MaxPplIncrease = None,
+    keep_sensitive: c.KeepSensitive = None,
+    max_keep: c.MaxKeep = c.DEFAULT_MAX_KEEP,
     overwrite: c.Overwrite = False,
     quiet: c.Quiet = False,
     json_out: c.Json = False,
@@ -66,7 +68,8 @@ def gptq_command(
     base = c.base_configs(model, revision, calib, num_samples, seq_len, seed, eval_text, eval_windows, eval_window,
                           no_ppl, no_verify, verify_max_kl, max_ppl_increase)
     stage = lambda: GPTQStage(bits=bits, group_size=group_size, symmetric=sym, actorder=act_order.value, dampening_frac=dampening)  # noqa: E731
-    c.execute(ctx, _recipe(stage, format, device, base), out, f"W{bits}A16-GPTQ", overwrite, quiet, json_out, print_recipe)
+    mixed = lambda: c.mixed_precision_stages(keep_sensitive, max_keep)  # noqa: E731
+    c.execute(ctx, _recipe(stage, format, device, base, mixed), out, f"W{bits}A16-GPTQ", overwrite, quiet, json_out, print_recipe)
 
 
 @app.command("awq")
@@ -93,6 +96,8 @@ def awq_command(
     no_verify: c.NoVerify = False,
     verify_max_kl: c.VerifyMaxKL = c._E.verify_max_kl,
     max_ppl_increase: c.MaxPplIncrease = None,
+    keep_sensitive: c.KeepSensitive = None,
+    max_keep: c.MaxKeep = c.DEFAULT_MAX_KEEP,
     overwrite: c.Overwrite = False,
     quiet: c.Quiet = False,
     json_out: c.Json = False,
@@ -102,7 +107,8 @@ def awq_command(
     base = c.base_configs(model, revision, calib, num_samples, seq_len, seed, eval_text, eval_windows, eval_window,
                           no_ppl, no_verify, verify_max_kl, max_ppl_increase)
     stage = lambda: AWQStage(bits=bits, group_size=group_size, symmetric=sym, clip=clip, norm_mappings=norm_mappings)  # noqa: E731
-    c.execute(ctx, _recipe(stage, format, device, base), out, f"W{bits}A16-AWQ", overwrite, quiet, json_out, print_recipe)
+    mixed = lambda: c.mixed_precision_stages(keep_sensitive, max_keep)  # noqa: E731
+    c.execute(ctx, _recipe(stage, format, device, base, mixed), out, f"W{bits}A16-AWQ", overwrite, quiet, json_out, print_recipe)
 
 
 @app.command("rtn")
@@ -123,6 +129,8 @@ def rtn_command(
     no_verify: c.NoVerify = False,
     verify_max_kl: c.VerifyMaxKL = c._E.verify_max_kl,
     max_ppl_increase: c.MaxPplIncrease = None,
+    keep_sensitive: c.KeepSensitive = None,
+    max_keep: c.MaxKeep = c.DEFAULT_MAX_KEEP,
     overwrite: c.Overwrite = False,
     quiet: c.Quiet = False,
     json_out: c.Json = False,
@@ -132,4 +140,5 @@ def rtn_command(
     base = c.base_configs(model, revision, c._C.dataset, c._C.num_samples, c._C.seq_len, c._C.seed, eval_text,
                           eval_windows, eval_window, no_ppl, no_verify, verify_max_kl, max_ppl_increase)
     stage = lambda: RTNStage(bits=bits, group_size=group_size, symmetric=sym)  # noqa: E731
-    c.execute(ctx, _recipe(stage, format, device, base), out, f"W{bits}A16-RTN", overwrite, quiet, json_out, print_recipe)
+    mixed = lambda: c.mixed_precision_stages(keep_sensitive, max_keep)  # noqa: E731
+    c.execute(ctx, _recipe(stage, format, device, base, mixed), out, f"W{bits}A16-RTN", overwrite, quiet, json_out, print_recipe)

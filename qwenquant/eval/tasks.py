@@ -330,7 +330,20 @@ def resolve_tasks(tasks: str | list[str] | None, include_path: str | Path | list
         for name in passthrough:
             if name not in known:
                 raise _unknown(name)
+        # and fetch their data now, so that a task that cannot get its data fails before a model is loaded
+        with _quiet_lm_eval(quiet=False):
+            try:
+                plan.task_manager.load(list(passthrough))
+            except Exception as err:
+                raise _lm_eval_failed(passthrough, err) from err
     return plan
+
+
+def _lm_eval_failed(names: list[str], err: Exception) -> BadInputError:
+    first = (str(err).strip().splitlines() or [""])[0][:300]
+    return BadInputError(f"lm-eval could not run {', '.join(names)}: {type(err).__name__}: {first}"
+                         + ("" if all(n in LOCAL_TASKS for n in names) else
+                            " (tasks other than the local ones read their data from the hub)"))
 
 
 # ------------------------------------------------------------------------------------------------- evaluation
@@ -417,10 +430,7 @@ def run_tasks(model, tokenizer, plan: TaskPlan, limit: int | None, batch_size: i
         except BadInputError:
             raise
         except Exception as err:
-            names = ", ".join(plan.passthrough) or ", ".join(plan.names)
-            hint = (f"; {names} load their data from the hub" if plan.passthrough else "")
-            raise BadInputError(f"lm-eval could not run tasks {names}: {type(err).__name__}: "
-                                f"{str(err).splitlines()[0] if str(err) else ''}{hint}") from err
+            raise _lm_eval_failed(plan.names, err) from err
     if results is None:
         raise BadInputError("lm-eval returned no results (non-zero rank)")
     out = {}

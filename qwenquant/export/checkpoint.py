@@ -18,6 +18,27 @@ def ignore_list(model: nn.Module, state: QuantState, always: tuple[str, ...]) ->
     return sorted(set(names) | set(always))
 
 
+def engine_fused_ignores(model: nn.Module, ignore: list[str]) -> list[str]:
+    """vLLM/SGLang names (e.g. `model.layers.3.self_attn.qkv_proj`) of fused modules whose every shard is ignored.
+
+    GPTQ's `dynamic` skip rules and AWQ's `modules_to_not_convert` are matched against the engine's module name, which
+    for a fused group is the fused one; compressed-tensors and hf-fp8 loaders map fused names to shards themselves.
+    """
+    from qwenquant.model.qwen3 import adapter_for
+
+    adapter = adapter_for((getattr(model.config, "architectures", None) or [""])[0])
+    if adapter is None:
+        return []
+    skipped = set(ignore)
+    out = []
+    for i in range(len(model.get_submodule(adapter.layers_path))):
+        prefix = f"{adapter.layers_path}.{i}."
+        for group, fused in zip(adapter.fused_groups, adapter.fused_names):
+            if all(prefix + n in skipped for n in group):
+                out.append(prefix + fused)
+    return out
+
+
 def _int_format_module(fmt: str):
     if fmt == "compressed-tensors":
         from qwenquant.export import ct_packed as mod
@@ -63,6 +84,8 @@ def quantization_config(recipe: Recipe, ignore: list[str]) -> tuple[dict, dict |
     actorder = getattr(stage, "actorder", "none")
     actorder = None if actorder == "none" else actorder
     config = _int_format_module(fmt).quantization_config(stage.bits, stage.group_size, stage.symmetric, actorder, ignore)
+    if fmt == "gptq" and hasattr(stage, "dampening_frac"):
+        config["damp_percent"] = stage.dampening_frac  # metadata only, but it must tell the truth
     return config, (config if fmt == "gptq" else None)
 
 
@@ -85,6 +108,8 @@ def write_checkpoint(folder: Path, model: nn.Module, tokenizer, recipe: Recipe, 
     files = writer.finish()
 
     ignore = ignore_list(model, state, always_ignore)
+    if recipe.export.format in ("gptq", "awq"):  # engines match their skip lists against fused module names
+        ignore = ignore + engine_fused_ignores(model, ignore)
     qconfig, quantize_config = quantization_config(recipe, ignore)
     model.config.save_pretrained(folder)
     config = json.loads((folder / "config.json").read_text())

@@ -31,6 +31,9 @@ class ArchAdapter:
     fused_groups: tuple[tuple[str, ...], ...]  # vLLM fuses these: one scheme, one ignore status
     smooth_mappings: tuple[SmoothMapping, ...]
     always_ignore: tuple[str, ...] = ("lm_head",)
+    norms: tuple[str, ...] = ()  # the layer's RMSNorms on the residual stream (tuned by compensation)
+    head_norms: tuple[str, ...] = ()  # per-head norms on q/k (Qwen3's q_norm/k_norm), tuned only on request
+    fused_names: tuple[str, ...] = ()  # vLLM/SGLang module name of each fused group (same order as fused_groups)
 
     def fused_group_of(self, linear: str) -> tuple[str, ...]:
         for group in self.fused_groups:
@@ -61,6 +64,7 @@ QWEN3 = ArchAdapter(
         ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
         ("mlp.gate_proj", "mlp.up_proj"),
     ),
+    fused_names=("self_attn.qkv_proj", "mlp.gate_up_proj"),
     # q_norm/k_norm act on q/k *outputs*, so scaling q/k/v inputs through input_layernorm is exact; nothing is
     # ever folded through q_norm/k_norm (that would change the function).
     smooth_mappings=(
@@ -69,6 +73,8 @@ QWEN3 = ArchAdapter(
         SmoothMapping("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "norm"),
         SmoothMapping("mlp.up_proj", ("mlp.down_proj",), "linear"),
     ),
+    norms=("input_layernorm", "post_attention_layernorm"),
+    head_norms=("self_attn.q_norm", "self_attn.k_norm"),
 )
 
 ADAPTERS: tuple[ArchAdapter, ...] = (QWEN3,)
