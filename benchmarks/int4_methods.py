@@ -65,7 +65,7 @@ GROUP = 128
 FULL_PPL = {
     "all": ".*",
     "none": "a^",
-    "main": r"^(ours (RTN sym|GPTQ|AWQ)|llmc \w+) w\d",  # everything but the ablation and the asym RTN baseline
+    "main": r"^(ours (RTN sym|RTN asym|GPTQ|AWQ)|llmc \w+) w\d",  # everything but the AWQ ablation
 }
 
 # -- peak RSS of the quantization call itself ------------------------------------------------------------------------
@@ -171,6 +171,8 @@ def plan(args) -> list[dict]:
     first, rest = seeds[:1], seeds[1:]
     for b in bits_list:  # calibration-free baseline: once (seed 0 only propagates activations)
         ours("RTN sym", b, [RTNStage(bits=b, group_size=GROUP, symmetric=True)], seeds[0], symmetric=True)
+    for b in bits_list:  # like-for-like baseline of asymmetric AWQ
+        ours("RTN asym", b, [RTNStage(bits=b, group_size=GROUP, symmetric=False)], seeds[0], symmetric=False)
     for b in bits_list:
         for s in first:
             ours("GPTQ", b, gptq(b), s, symmetric=True)
@@ -189,8 +191,6 @@ def plan(args) -> list[dict]:
         for s in rest:
             ours("GPTQ", b, gptq(b), s, symmetric=True)
             ours("AWQ", b, awq(b), s, symmetric=False, norm_mappings=True)
-    for b in bits_list:  # like-for-like baseline of asymmetric AWQ
-        ours("RTN asym", b, [RTNStage(bits=b, group_size=GROUP, symmetric=False)], seeds[0], symmetric=False)
     if not args.no_llmc:
         for b in bits_list:
             for s in (_ints(args.llmc_gptq_seeds) if b == 4 else _ints(args.llmc_gptq3_seeds))[1:]:
@@ -485,7 +485,7 @@ def main(argv=None) -> int:
     p.add_argument("--llmc-awq3", action="store_true", help="also llm-compressor AWQ at 3 bits")
     p.add_argument("--no-llmc", action="store_true")
     p.add_argument("--full-ppl", default="main",
-                   help="which rows get the full-test perplexity: main (default: all but the ablation and asym RTN),"
+                   help="which rows get the full-test perplexity: main (default: all but the AWQ ablation),"
                         " all, none, or a regex on the variant name")
     p.add_argument("--only", default=None, help="regex on the variant name")
     p.add_argument("--work-dir", type=Path, default=Path("/tmp/qwenquant-int4-methods"),

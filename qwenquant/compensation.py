@@ -105,7 +105,7 @@ def compensate_layer(ctx: LayerContext, cfg: CompensateStage) -> dict:
         raise ValueError("compensate: the pipeline kept no unquantized copy of the layer (a quantizer stage must run before it)")
     t0 = time.perf_counter()
     names = [n for n in ctx.adapter.linears if ctx.full_name(n) in ctx.state.records]
-    norms = [n for n in ctx.adapter.norms + (ctx.adapter.head_norms if cfg.qk_norms else ()) if cfg.norms]
+    norms = (ctx.adapter.norms if cfg.norms else ()) + (ctx.adapter.head_norms if cfg.qk_norms else ())
     batches = select_batches(ctx, cfg.samples, cfg.batch_size)
     with torch.no_grad():
         float_params = _float32(ctx.float_state, ctx.device)
@@ -141,14 +141,14 @@ def compensate_layer(ctx: LayerContext, cfg: CompensateStage) -> dict:
                 cq.signed_step(t, lr, cq.MAX_ROUNDING_OFFSET)
             for t in changes:
                 cq.signed_step(t, lr * cq.RELATIVE_LR_RATIO, cq.MAX_RELATIVE_CHANGE)
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
 
     report = {"samples": sum(h.shape[0] for h, _ in batches), "steps": len(losses),
               "output_error_before": before, "output_error_after": before,
               "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None}
     if status == "compensated":
-        after, changes = _apply(ctx, linears, norm0, norm_change, batches, targets, before)
-        report.update(output_error_after=min(after, before), **changes)
+        after, moved = _apply(ctx, linears, norm0, norm_change, batches, targets, before)
+        report.update(output_error_after=min(after, before), **moved)
         if after >= before:
             status = f"kept the quantizer's result: tuned output error {after:.4g} >= {before:.4g}"
     report["status"] = status

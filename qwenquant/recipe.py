@@ -256,12 +256,21 @@ class EvalConfig:
     # nats); quality itself is gated by max_ppl_increase_pct. 3-bit INT on a small model reaches ~0.06.
     verify_max_kl: float = 0.5
     max_ppl_increase_pct: float | None = None  # quality gate: fail (exit 3) above this perplexity increase
+    tasks: list = field(default_factory=list)  # zero-shot tasks (qwenquant eval names), source vs quantized
+    task_limit: int | None = None  # documents per task (quick CI runs)
+    min_task_recovery_pct: float | None = None  # quality gate: every task keeps >= this % of the source accuracy
 
     def __post_init__(self) -> None:
         _positive("eval.window", self.window)
         _positive("eval.kl_tokens", self.kl_tokens)
         if self.max_windows is not None:
             _positive("eval.max_windows", self.max_windows)
+        if self.min_task_recovery_pct is not None and not self.tasks:
+            raise ValueError("eval.min_task_recovery_pct: needs eval.tasks (--tasks)")
+        if self.task_limit is not None:
+            _positive("eval.task_limit", self.task_limit)
+        if not isinstance(self.tasks, list) or not all(isinstance(t, str) and t for t in self.tasks):
+            raise ValueError("eval.tasks: must be a list of task names")
         if self.max_ppl_increase_pct is not None and not self.perplexity:
             raise ValueError("eval.max_ppl_increase_pct: needs perplexity evaluation (remove --no-ppl)")
         if self.verify_max_kl <= 0:

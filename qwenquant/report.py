@@ -102,6 +102,9 @@ def render_markdown(r: dict) -> str:
         f"Next-token KL(source || quantized) over {kl['tokens']} tokens: mean {kl['mean_kl']:.5f} nats, "
         f"max {kl['max_kl']:.4f}; top-1 agreement {100 * kl['top1_agreement']:.2f}%.",
         "",
+    ]
+    lines += task_table(ev.get("tasks"))
+    lines += [
         "## Verification",
         "",
     ]
@@ -139,6 +142,7 @@ def render_markdown(r: dict) -> str:
         "",
     ]
     lines += _layer_table(r["layers"])
+    lines += _compensation_section(r) + _scale_search_section(r["layers"])
     cal = r["calibration"]
     if cal["sha256_token_ids"] is None:
         lines += ["", "Calibration: none (round-to-nearest uses no data).", ""]
@@ -148,12 +152,31 @@ def render_markdown(r: dict) -> str:
     return "\n".join(lines)
 
 
+def task_table(tasks: dict | None) -> list[str]:
+    """Markdown rows for zero-shot task accuracy (source vs quantized, with standard errors)."""
+    if not tasks:
+        return [""]
+    limit = next(iter(tasks.values())).get("limit")
+    out = ["", f"Zero-shot accuracy (lm-eval, {'first ' + str(limit) + ' documents per task' if limit else 'all documents'}):",
+           "", "| task | source acc | quantized acc | recovery |", "|---|---|---|---|"]
+    for task, r in tasks.items():
+        s, q = r["source"], r["quantized"]
+        rec = "n/a" if r["recovery_pct"] is None else f"{r['recovery_pct']:.1f}%"
+        out.append(f"| {task} | {s['acc']:.4f} ± {s['acc_stderr']:.4f} | {q['acc']:.4f} ± {q['acc_stderr']:.4f} | {rec} |")
+    return out + [""]
+
+
 def _stage_summary(recipe: dict) -> str:
     parts = []
     for st in recipe["stages"]:
         (name, cfg), = st.items()
-        parts.append(name + "(" + ", ".join(f"{k}={v}" for k, v in cfg.items()) + ")")
+        parts.append(name + "(" + ", ".join(f"{k}={_short(v)}" for k, v in cfg.items()) + ")")
     return " -> ".join(parts)
+
+
+def _short(value):
+    """Long per-module mappings (scale search choices) are listed in recipe.yaml, not in the summary line."""
+    return f"<{len(value)} entries, see recipe.yaml>" if isinstance(value, dict) and len(value) > 4 else value
 
 
 def _layer_table(layers: list[dict]) -> list[str]:
@@ -176,6 +199,46 @@ def _layer_table(layers: list[dict]) -> list[str]:
     out = ["| layer | " + " | ".join(short) + " |", "|---" * (len(short) + 1) + "|"]
     for i, errs in rows:
         out.append(f"| {i} | " + " | ".join(f"{errs[n]:.4f}" if n in errs else "" for n in linears) + " |")
+    return out
+
+
+def _compensation_section(r: dict) -> list[str]:
+    """Per-layer output error before/after error compensation (layers[i]["compensate"], qwenquant/compensation.py)."""
+    rows = [(rep["layer"], rep["compensate"]) for rep in r["layers"] if isinstance(rep.get("compensate"), dict)]
+    if not rows:
+        return []
+    added = r["timings_s"].get("stages", {}).get("compensate", sum(c["seconds"] for _, c in rows))
+    out = ["", "## Error compensation", "",
+           f"Output error of each decoder layer vs the unquantized layer (squared error of the residual branches / "
+           f"their squared norm, on the {rows[0][1]['samples']} calibration samples it was tuned on), before and after "
+           f"tuning; added wall time {added:.1f}s.", "",
+           "| layer | before | after | change | codes changed | seconds | status |", "|---|---:|---:|---:|---:|---:|---|"]
+    for i, c in rows:
+        b, a = c["output_error_before"], c["output_error_after"]
+        change = f"{100 * (a / b - 1):+.1f}%" if b else "-"
+        codes = f"{100 * c['codes_changed_frac']:.2f}%" if "codes_changed_frac" in c else "-"
+        out.append(f"| {i} | {b:.3e} | {a:.3e} | {change} | {codes} | {c['seconds']:.1f} | {c['status']} |")
+    return out
+
+
+def _scale_search_section(layers: list[dict]) -> list[str]:
+    """Values the scale search chose (also written into recipe.yaml)."""
+    alphas = [(rep["layer"], rep["smooth"]["alpha_search"]) for rep in layers
+              if isinstance(rep.get("smooth"), dict) and "alpha_search" in rep["smooth"]]
+    clips = [(rep["layer"], n, v["clip_search"]) for rep in layers if isinstance(rep.get("fp8"), dict)
+             for n, v in rep["fp8"].items() if isinstance(v, dict) and "clip_search" in v]
+    if not alphas and not clips:
+        return []
+    out = ["", "## Scale search", "", "Chosen by output error on calibration inputs (relative squared error); "
+           "the values are in recipe.yaml, which replays them without searching.", ""]
+    for i, a in alphas:
+        out.append(f"- layer {i}: smooth alpha {a['alpha']:g} ({a['grid']} grid): error {a['error_at_default']:.3e} at "
+                   f"the default alpha -> {a['error']:.3e}")
+    clipped = [(i, n, c) for i, n, c in clips if c["clip"] < 1.0]
+    if clips:
+        out.append(f"- FP8 weight clipping: {len(clipped)} of {len(clips)} Linears clipped"
+                   + (": " + ", ".join(f"{i}.{n} {c['clip']:g} ({c['error_at_1']:.2e} -> {c['error']:.2e})"
+                                       for i, n, c in clipped) if clipped else " (ratio 1.0 was best everywhere)"))
     return out
 
 

@@ -24,6 +24,7 @@ from qwenquant.pipeline import QuantState, activation_quantization, peak_host_by
 from qwenquant.progress import Reporter
 from qwenquant.recipe import Recipe
 from qwenquant.report import build_report, write_report
+from qwenquant.search import resolve_searched
 from qwenquant.stages import build_stages
 
 
@@ -39,7 +40,8 @@ def needs_calibration(recipe: Recipe) -> bool:
     """Round-to-nearest alone uses no data; every other stage does."""
     from qwenquant.recipe import stage_name
 
-    return any(stage_name(s) != "rtn" for s in recipe.stages)
+    return any(stage_name(s) != "rtn" and not (stage_name(s) == "mixed_precision" and s.keep is not None)
+               for s in recipe.stages)  # a resolved keep list needs no data; ranking groups does
 
 
 def check_layout(recipe: Recipe, config: dict) -> None:
@@ -149,6 +151,7 @@ def run_recipe(recipe: Recipe, out: Path, overwrite: bool = False, reporter: Rep
     model.to(device)
     with timer("eval_source"):
         src_ppl, src_logp = _evaluate(model, ppl_windows if ev.perplexity else None, kl_windows, device, reporter, "source")
+        src_tasks = _evaluate_tasks(model, tokenizer, ev, device, reporter, "source")
     model.to("cpu")
 
     def quantize_and_evaluate(recipe: Recipe, model) -> tuple:
@@ -174,6 +177,10 @@ def run_recipe(recipe: Recipe, out: Path, overwrite: bool = False, reporter: Rep
         outcome = run_mixed_precision(recipe, model, resolved.adapter, calib, device, reporter, src_ppl,
                                       quantize_and_evaluate, lambda: load_model(resolved, recipe.model.dtype)[0])
         recipe, model, (state, q_ppl, q_logp), mixed_report = outcome.recipe, outcome.model, outcome.result, outcome.report
+    recipe = resolve_searched(recipe, state)  # scale search choices go into recipe.yaml and the report
+    with timer("eval_tasks_quantized"), activation_quantization(model, state.activations):
+        q_tasks = _evaluate_tasks(model, tokenizer, ev, device, reporter, "quantized")
+    model.to("cpu")
 
     verification = None
     with atomic_output_dir(out, overwrite) as tmp:
@@ -210,6 +217,8 @@ def run_recipe(recipe: Recipe, out: Path, overwrite: bool = False, reporter: Rep
             verification=verification,
             started=started,
         )
+        if src_tasks is not None:
+            report["evaluation"]["tasks"] = merge_task_results(src_tasks, q_tasks, ev.task_limit)
         report["gates"] = check_gates(report, ev)
         if mixed_report is not None:
             report["mixed_precision"] = mixed_report
@@ -226,9 +235,36 @@ def run_recipe(recipe: Recipe, out: Path, overwrite: bool = False, reporter: Rep
     return report
 
 
+def _evaluate_tasks(model, tokenizer, ev, device, reporter: Reporter, label: str) -> dict | None:
+    """Zero-shot task accuracy through lm-eval (None when the recipe names no tasks)."""
+    if not ev.tasks:
+        return None
+    from qwenquant.eval.tasks import evaluate_tasks
+
+    reporter.log(f"tasks ({label}): {', '.join(ev.tasks)}")
+    return evaluate_tasks(model, tokenizer, list(ev.tasks), ev.task_limit, 8, device)
+
+
+def merge_task_results(source: dict, quantized: dict, limit: int | None) -> dict:
+    """Per task: source and quantized accuracy with standard errors, and recovery = quantized / source."""
+    out = {}
+    for task, src in source.items():
+        q = quantized[task]
+        recovery = 100.0 * q["acc"] / src["acc"] if src.get("acc") else None
+        out[task] = {"source": src, "quantized": q, "recovery_pct": recovery, "limit": limit}
+    return out
+
+
 def check_gates(report: dict, ev) -> list[dict]:
     """Quality gates from the recipe, evaluated on the measured report."""
     gates = []
+    tasks = report["evaluation"].get("tasks")
+    if ev.min_task_recovery_pct is not None and tasks:
+        worst_task, worst = min(((t, r["recovery_pct"]) for t, r in tasks.items()), key=lambda x: x[1])
+        gates.append({"gate": "min_task_recovery_pct", "limit": ev.min_task_recovery_pct, "measured": worst,
+                      "passed": worst >= ev.min_task_recovery_pct,
+                      "description": f"{worst_task} recovers {worst:.2f}% of the source accuracy vs limit "
+                                     f"{ev.min_task_recovery_pct}%"})
     if ev.max_ppl_increase_pct is not None:
         delta = report["evaluation"]["delta_ppl_pct"]
         gates.append({"gate": "max_ppl_increase_pct", "limit": ev.max_ppl_increase_pct, "measured": delta,

@@ -89,7 +89,8 @@ def scheme_from_name(name: str, group_size: int = 128) -> UnitScheme:
 
 
 def scheme_for_stage(stage) -> UnitScheme:
-    """The RTN-style scheme that stands in for a recipe quantizer stage (GPTQ/AWQ are ranked with RTN)."""
+    """The RTN-style scheme that stands in for a recipe quantizer stage: GPTQ/AWQ are ranked with RTN of the same
+    grid, FP8 static activations with dynamic per-token ones (no calibrated scales exist before the run)."""
     from qwenquant.recipe import FP8Stage
 
     if isinstance(stage, FP8Stage):

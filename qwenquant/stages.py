@@ -18,6 +18,7 @@ from qwenquant.quant import intq
 from qwenquant.recipe import AWQStage, FP8Stage, GPTQStage, RTNStage, SmoothStage
 from qwenquant.recipe import MixedPrecisionStage
 from qwenquant.compensation import compensate_layer
+from qwenquant.search import layer_alpha, layer_clips
 
 MAX_AWQ_TOKENS = 8192  # calibration tokens kept per input for AWQ's searches (bounds memory)
 
@@ -57,14 +58,18 @@ def fold_mapping(ctx: LayerContext, m, s: torch.Tensor) -> torch.Tensor:
     return s
 
 
-def smooth_layer(ctx: LayerContext, cfg: SmoothStage) -> dict:
-    """Fold SmoothQuant factors into each mapping of the adapter; the layer's function is unchanged."""
+def smooth_layer(ctx: LayerContext, cfg: SmoothStage, quantizer: FP8Stage | None = None) -> dict:
+    """Fold SmoothQuant factors into each mapping of the adapter; the layer's function is unchanged.
+    With `cfg.alpha_search` the layer's alpha is chosen by the error of `quantizer` (qwenquant/search.py)."""
     mappings = [m for m in ctx.adapter.smooth_mappings if cfg.mappings == "all" or m.kind == "norm"]
     absmax = collect_channel_absmax(ctx, [m.balance[0] for m in mappings])
     report = {}
+    alpha, alpha_report = layer_alpha(ctx, cfg, quantizer, mappings, absmax)
+    if alpha_report:
+        report["alpha_search"] = alpha_report
     for m in mappings:
         balance = [ctx.linear(b) for b in m.balance]
-        s = sq.smoothing_factors(absmax[m.balance[0]], [b.weight for b in balance], cfg.alpha)
+        s = sq.smoothing_factors(absmax[m.balance[0]], [b.weight for b in balance], alpha)
         s = fold_mapping(ctx, m, s)
         report[m.smooth] = {"factor_min": float(s.min()), "factor_max": float(s.max())}
     return report
@@ -93,18 +98,24 @@ def fp8_layer(ctx: LayerContext, cfg: FP8Stage) -> dict:
     if cfg.activations == "static":
         input_absmax = {n: a.amax() for n, a in collect_channel_absmax(ctx, names).items()}
     shared_scale: dict[str, torch.Tensor] = {}
+    clips, clip_search = layer_clips(ctx, cfg, names)  # weight clipping ratio per Linear (1.0: absmax)
     if cfg.weights == "tensor":
         # vLLM fuses q/k/v and gate/up and would requantize shards to their max scale: share it up front.
         for group in ctx.adapter.fused_groups:
             absmax = max(float(ctx.linear(n).weight.float().abs().amax()) for n in group)
+            absmax *= min(clips.get(n, 1.0) for n in group)
             for n in group:
                 shared_scale[n] = torch.tensor([absmax / fp8q.FP8_MAX], dtype=dtype).clamp(min=fp8q.MIN_SCALE)
     report = {}
     for name in names:
         lin = ctx.linear(name)
         w = lin.weight.data
-        qw = fp8q.quantize_fp8(w, cfg.weights, cfg.block_size, scale_dtype=dtype, scale=shared_scale.get(name))
+        qw = fp8q.quantize_fp8(w, cfg.weights, cfg.block_size, clip_ratio=clips[name], scale_dtype=dtype,
+                               scale=shared_scale.get(name))
         report[name] = {"weight_rel_error": fp8q.weight_error(w, qw)}
+        if clips[name] != 1.0 or name in clip_search:
+            report[name]["clip"] = clips[name]
+            report[name] |= {"clip_search": clip_search[name]} if name in clip_search else {}
         lin.weight.data = qw.dequantize(dtype)
         full = ctx.full_name(name)
         ctx.state.records[full] = _to_cpu(qw)
@@ -233,7 +244,12 @@ LAYER_STAGES = {
 
 
 def build_stages(recipe) -> list[tuple[str, Stage]]:
-    """Stages of the recipe in order, each bound to its config."""
+    """Stages of the recipe in order, each bound to its config (a smooth stage also to the FP8 quantizer whose
+    error its alpha search measures)."""
     from qwenquant.recipe import stage_name
 
-    return [(stage_name(cfg), partial(LAYER_STAGES[stage_name(cfg)], cfg=cfg)) for cfg in recipe.stages]
+    def bind(cfg) -> Stage:
+        extra = {"quantizer": recipe.stage("fp8")} if stage_name(cfg) == "smooth" else {}
+        return partial(LAYER_STAGES[stage_name(cfg)], cfg=cfg, **extra)
+
+    return [(stage_name(cfg), bind(cfg)) for cfg in recipe.stages]

@@ -127,3 +127,17 @@ def test_compare_runs_reuses_and_merges(cli, tiny_qwen3, calib_txt, eval_text, t
     assert res.code == 0 and (tmp_path / "cmp" / "dyn" / "qwenquant_report.json").stat().st_mtime_ns == stamp
     res = cli(["report", tmp_path / "cmp" / "dyn", tmp_path / "cmp" / "w8a16", "--out", tmp_path / "merged", "--quiet"])
     assert res.code == 0 and "| dyn |" in (tmp_path / "merged" / "COMPARE.md").read_text()
+
+
+def test_task_recovery_gate(cli, tiny_args, tmp_path) -> None:
+    """--tasks measures source and result identically; --min-task-recovery gates on the worst task."""
+    out = tmp_path / "tasks"
+    res = cli(["fp8", *tiny_args, "--out", out, "--tasks", "piqa", "--task-limit", "6",
+               "--min-task-recovery", "1000", "--json"])
+    assert res.code == 3, res.err[-1500:]
+    report = json.loads((out / "qwenquant_report.json").read_text())
+    piqa = report["evaluation"]["tasks"]["piqa"]
+    assert piqa["source"]["n"] == 6 and 0.0 <= piqa["quantized"]["acc"] <= 1.0
+    gate = report["gates"][0]
+    assert gate["gate"] == "min_task_recovery_pct" and not gate["passed"]
+    assert "| piqa |" in (out / "REPORT.md").read_text() and "| piqa |" in (out / "README.md").read_text()

@@ -130,3 +130,34 @@ def test_cli_bad_flags_exit_2(cli, tiny_qwen3, tmp_path, flags, words) -> None:
     assert res.code == 2, res.err[-1000:]
     assert len(res.error_lines) == 1 and all(w in res.error_lines[0] for w in words)
     assert not (tmp_path / "r").exists()
+
+
+def test_ranking_is_meaningful_on_qwen3_mini(mini_model) -> None:
+    """On the trained model at INT3: keeping the most sensitive group in bf16 (ranked on calibration text) leaves a
+    lower KL on held-out text than keeping the least sensitive one (measured 0.038 vs 0.053 nats); the proxy ranks
+    groups in the same direction (Spearman +0.57)."""
+    import copy
+
+    from qwenquant.mixed_precision import all_groups
+    from qwenquant.pipeline import QuantState, run_sequential
+    from qwenquant.recipe import MixedPrecisionStage, Recipe, RTNStage
+    from qwenquant.stages import build_stages
+
+    resolved = resolve_model(str(mini_model))
+    source, tokenizer = load_model(resolved)
+    adapter = resolved.adapter
+    calib = load_calibration("builtin:en", tokenizer, 2, 128, 0)
+    held_out = load_calibration("builtin:zh", tokenizer, 2, 128, 1)
+    res = measure_sensitivity(source, adapter, calib, scheme_from_name("w3a16"), CPU, ("group",))
+    ranking = res.ranking("group")
+    assert res.proxy_correlation("group") > 0
+    by_unit = {r["unit"]: tuple(r["linears"]) for r in res.rows}
+    assert set(by_unit.values()) == set(all_groups(adapter, 6))
+    src_logp, _, _ = _source_pass(source, held_out, CPU, [], res.scheme)
+    kl = {}
+    for which in (ranking[0], ranking[-1]):
+        model = copy.deepcopy(source)
+        recipe = Recipe(stages=[MixedPrecisionStage(keep=list(by_unit[which])), RTNStage(bits=3)])
+        run_sequential(model, adapter, calib, build_stages(recipe), CPU, QuantState())
+        kl[which] = _compare_pass(model, held_out, CPU, src_logp)[0]
+    assert kl[ranking[0]] < kl[ranking[-1]], kl

@@ -29,6 +29,7 @@ from qwenquant.cli import int4 as _int4  # noqa: E402,F401
 from qwenquant.cli import run as _run  # noqa: E402,F401
 from qwenquant.cli import push as _push  # noqa: E402,F401
 from qwenquant.cli import compare as _compare  # noqa: E402,F401
+from qwenquant.cli import eval as _eval  # noqa: E402,F401
 from qwenquant.cli import sensitivity as _sensitivity  # noqa: E402,F401
 
 

@@ -13,6 +13,7 @@ import typer
 from qwenquant.model.loader import default_output_name
 from qwenquant.recipe import CalibrationConfig, EvalConfig, ExportConfig, ModelConfig
 from qwenquant.recipe import MixedPrecisionStage
+from qwenquant.recipe import CompensateStage
 
 _C, _E = CalibrationConfig(), EvalConfig()
 
@@ -34,6 +35,9 @@ Overwrite = Annotated[bool, typer.Option(help="Replace an existing output folder
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")]
 Json = Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")]
 MaxPplIncrease = Annotated[Optional[float], typer.Option("--max-ppl-increase", help="Quality gate: exit 3 (after writing the report) if perplexity rises more than this many percent.")]
+Tasks = Annotated[Optional[str], typer.Option("--tasks", help="Comma-separated zero-shot tasks to measure on source and result (hellaswag,piqa,arc_easy,winogrande,ceval).")]
+TaskLimit = Annotated[Optional[int], typer.Option("--task-limit", help="Documents per task (quick runs).")]
+MinTaskRecovery = Annotated[Optional[float], typer.Option("--min-task-recovery", help="Quality gate: exit 3 if any task keeps less than this % of the source accuracy.")]
 PrintRecipe = Annotated[bool, typer.Option("--print-recipe", help="Print the resolved recipe as YAML and exit.")]
 KeepSensitive = Annotated[Optional[str], typer.Option("--keep-sensitive", metavar="N|auto", help="Keep the N most sensitive fused groups (q/k/v, o, gate/up, down of a layer) in bf16; auto: the fewest meeting --max-ppl-increase.")]
 MaxKeep = Annotated[int, typer.Option("--max-keep", help="With --keep-sensitive auto: keep at most this many groups.")]
@@ -54,14 +58,28 @@ def mixed_precision_stages(keep_sensitive: str | None, max_keep: int) -> list:
     return [MixedPrecisionStage(keep_sensitive=value, max_keep=max_keep)]
 
 
+_CP = CompensateStage()
+Compensate = Annotated[bool, typer.Option("--compensate/--no-compensate", help="After quantizing each layer, tune its scales, INT rounding and norm weights so its output matches the unquantized layer (error-compensation fine-tuning).")]
+CompensateSteps = Annotated[int, typer.Option(help="Signed-gradient steps per layer for --compensate.")]
+CompensateLr = Annotated[float, typer.Option(help="Step size for --compensate (rounding offsets, in grid steps; scales and norms take relative steps of a fixed fraction of it).")]
+
+
+def compensate_stages(compensate: bool, steps: int, lr: float) -> list:
+    """[] or [CompensateStage] from --compensate/--compensate-steps/--compensate-lr (placed after the quantizer)."""
+    return [CompensateStage(steps=steps, lr=lr)] if compensate else []
+
+
 def base_configs(model: str, revision, calib, num_samples, seq_len, seed, eval_text, eval_windows, eval_window,
-                 no_ppl, no_verify, verify_max_kl, max_ppl_increase=None) -> dict:
+                 no_ppl, no_verify, verify_max_kl, max_ppl_increase=None, tasks=None, task_limit=None,
+                 min_task_recovery=None) -> dict:
     """Recipe sections shared by every quantize command, built from their flags."""
     return {
         "model": ModelConfig(id=model, revision=revision),
         "calibration": CalibrationConfig(dataset=calib, num_samples=num_samples, seq_len=seq_len, seed=seed),
         "eval": EvalConfig(perplexity=not no_ppl, eval_text=eval_text, window=eval_window, max_windows=eval_windows,
-                           verify=not no_verify, verify_max_kl=verify_max_kl, max_ppl_increase_pct=max_ppl_increase),
+                           verify=not no_verify, verify_max_kl=verify_max_kl, max_ppl_increase_pct=max_ppl_increase,
+                           tasks=[t.strip() for t in tasks.split(",") if t.strip()] if tasks else [],
+                           task_limit=task_limit, min_task_recovery_pct=min_task_recovery),
     }
 
 

@@ -26,8 +26,8 @@ from qwenquant.errors import BadInputError
 EVAL_SCHEMA_VERSION = 1
 REPORT_JSON = "eval_report.json"
 REPORT_MD = "EVAL.md"
-PPL_CONVENTION = ("rows joined with \\n\\n, tokenized once, non-overlapping windows (tail dropped), "
-                  "perplexity = exp(mean next-token NLL) (GPTQ/AWQ papers' convention)")
+PPL_CONVENTION = ("text tokenized once and split into non-overlapping windows (the short tail dropped), "
+                  "perplexity = exp(mean next-token NLL over all windows): the GPTQ/AWQ papers' convention")
 DEFAULT_TASKS = "hellaswag,piqa,arc_easy,winogrande,ceval"
 METRICS = ("acc", "acc_norm")
 
@@ -283,7 +283,7 @@ def render_markdown(r: dict) -> str:
     if r["tasks"]:
         lim = s["limit"]
         lines += ["", "## Tasks", "",
-                  f"Zero-shot ({s['num_fewshot']}-shot) multiple choice through lm-eval; "
+                  f"{s['num_fewshot']}-shot multiple choice through lm-eval (log-likelihood of each choice); "
                   + (f"first {lim} documents per task (C-Eval interleaved by subject). " if lim else "all documents. ")
                   + "± is the standard error of the mean over documents.", ""]
         with_base = r["baseline"] is not None
@@ -303,9 +303,10 @@ def render_markdown(r: dict) -> str:
             else:
                 lines.append(f"| {name} | {m['n']} | {_pm(m['acc'], m['acc_stderr'])} | "
                              f"{_pm(m['acc_norm'], m['acc_norm_stderr'])} |" + (" - | - | - | - | - | - |" if with_base else ""))
-        lines += ["", "acc_norm is accuracy with choices scored by log-likelihood per byte; `-` where the task does not "
-                  "define it (WinoGrande). Recovery = acc / baseline acc. Differences within about two standard errors "
-                  "are not significant."]
+        lines += ["", "acc_norm scores each choice by its log-likelihood divided by its length in characters; `-` where "
+                  "the task does not define it (WinoGrande). "
+                  + ("Recovery = acc / baseline acc. " if with_base else "")
+                  + "Differences within about two standard errors are not significant."]
     lines.append("")
     return "\n".join(lines)
 

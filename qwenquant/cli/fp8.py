@@ -55,8 +55,15 @@ def fp8_command(
     no_verify: c.NoVerify = False,
     verify_max_kl: c.VerifyMaxKL = c._E.verify_max_kl,
     max_ppl_increase: c.MaxPplIncrease = None,
+    tasks: c.Tasks = None,
+    task_limit: c.TaskLimit = None,
+    min_task_recovery: c.MinTaskRecovery = None,
     keep_sensitive: c.KeepSensitive = None,
     max_keep: c.MaxKeep = c.DEFAULT_MAX_KEEP,
+    scale_search: Annotated[bool, typer.Option("--scale-search", help="Choose each Linear's weight clipping ratio (and, with --smooth, each layer's alpha) by its output error on calibration inputs; the choices are saved in recipe.yaml.")] = False,
+    compensate: c.Compensate = False,
+    compensate_steps: c.CompensateSteps = c._CP.steps,
+    compensate_lr: c.CompensateLr = c._CP.lr,
     overwrite: c.Overwrite = False,
     quiet: c.Quiet = False,
     json_out: c.Json = False,
@@ -66,14 +73,17 @@ def fp8_command(
 
     def build() -> Recipe:
         stages = c.mixed_precision_stages(keep_sensitive, max_keep)
-        stages += [SmoothStage(alpha=smooth_alpha)] if smooth else []
-        stages.append(FP8Stage(weights=weights.value, activations=activations.value, block_size=block_size))
+        stages += [SmoothStage(alpha=smooth_alpha, alpha_search=scale_search)] if smooth else []
+        stages.append(FP8Stage(weights=weights.value, activations=activations.value, block_size=block_size,
+                               clip_search=scale_search))
+        stages += c.compensate_stages(compensate, compensate_steps, compensate_lr)
         return Recipe(
             stages=stages,
             export=ExportConfig(format=format.value),
             device=device,
             **c.base_configs(model, revision, calib, num_samples, seq_len, seed, eval_text, eval_windows, eval_window,
-                             no_ppl, no_verify, verify_max_kl, max_ppl_increase),
+                             no_ppl, no_verify, verify_max_kl, max_ppl_increase,
+                          tasks, task_limit, min_task_recovery),
         )
 
     recipe = validate(build)

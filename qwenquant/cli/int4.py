@@ -29,8 +29,8 @@ GroupSize = Annotated[int, typer.Option(help="Input columns per scale group: 32,
 Format = Annotated[IntFormat, typer.Option("--format", help="compressed-tensors (pack-quantized, vLLM native), gptq (v1) or awq (GEMM).")]
 
 
-def _recipe(stage, format: IntFormat, device, base: dict, mixed=lambda: []) -> Recipe:
-    return validate(lambda: Recipe(stages=[*mixed(), stage()], export=ExportConfig(format=format.value), device=device, **base))
+def _recipe(stage, format: IntFormat, device, base: dict, mixed=lambda: [], after=lambda: []) -> Recipe:
+    return validate(lambda: Recipe(stages=[*mixed(), stage(), *after()], export=ExportConfig(format=format.value), device=device, **base))
 
 
 @app.command("gptq")
@@ -57,8 +57,14 @@ def gptq_command(
     no_verify: c.NoVerify = False,
     verify_max_kl: c.VerifyMaxKL = c._E.verify_max_kl,
     max_ppl_increase: c.MaxPplIncrease = None,
+    tasks: c.Tasks = None,
+    task_limit: c.TaskLimit = None,
+    min_task_recovery: c.MinTaskRecovery = None,
     keep_sensitive: c.KeepSensitive = None,
     max_keep: c.MaxKeep = c.DEFAULT_MAX_KEEP,
+    compensate: c.Compensate = False,
+    compensate_steps: c.CompensateSteps = c._CP.steps,
+    compensate_lr: c.CompensateLr = c._CP.lr,
     overwrite: c.Overwrite = False,
     quiet: c.Quiet = False,
     json_out: c.Json = False,
@@ -66,10 +72,12 @@ def gptq_command(
 ) -> None:
     """INT weight-only quantization with GPTQ (Hessian-aware error compensation)."""
     base = c.base_configs(model, revision, calib, num_samples, seq_len, seed, eval_text, eval_windows, eval_window,
-                          no_ppl, no_verify, verify_max_kl, max_ppl_increase)
+                          no_ppl, no_verify, verify_max_kl, max_ppl_increase,
+                          tasks, task_limit, min_task_recovery)
     stage = lambda: GPTQStage(bits=bits, group_size=group_size, symmetric=sym, actorder=act_order.value, dampening_frac=dampening)  # noqa: E731
     mixed = lambda: c.mixed_precision_stages(keep_sensitive, max_keep)  # noqa: E731
-    c.execute(ctx, _recipe(stage, format, device, base, mixed), out, f"W{bits}A16-GPTQ", overwrite, quiet, json_out, print_recipe)
+    after = lambda: c.compensate_stages(compensate, compensate_steps, compensate_lr)  # noqa: E731
+    c.execute(ctx, _recipe(stage, format, device, base, mixed, after), out, f"W{bits}A16-GPTQ", overwrite, quiet, json_out, print_recipe)
 
 
 @app.command("awq")
@@ -96,8 +104,14 @@ def awq_command(
     no_verify: c.NoVerify = False,
     verify_max_kl: c.VerifyMaxKL = c._E.verify_max_kl,
     max_ppl_increase: c.MaxPplIncrease = None,
+    tasks: c.Tasks = None,
+    task_limit: c.TaskLimit = None,
+    min_task_recovery: c.MinTaskRecovery = None,
     keep_sensitive: c.KeepSensitive = None,
     max_keep: c.MaxKeep = c.DEFAULT_MAX_KEEP,
+    compensate: c.Compensate = False,
+    compensate_steps: c.CompensateSteps = c._CP.steps,
+    compensate_lr: c.CompensateLr = c._CP.lr,
     overwrite: c.Overwrite = False,
     quiet: c.Quiet = False,
     json_out: c.Json = False,
@@ -105,10 +119,12 @@ def awq_command(
 ) -> None:
     """INT weight-only quantization with AWQ (activation-aware scaling + clipping search)."""
     base = c.base_configs(model, revision, calib, num_samples, seq_len, seed, eval_text, eval_windows, eval_window,
-                          no_ppl, no_verify, verify_max_kl, max_ppl_increase)
+                          no_ppl, no_verify, verify_max_kl, max_ppl_increase,
+                          tasks, task_limit, min_task_recovery)
     stage = lambda: AWQStage(bits=bits, group_size=group_size, symmetric=sym, clip=clip, norm_mappings=norm_mappings)  # noqa: E731
     mixed = lambda: c.mixed_precision_stages(keep_sensitive, max_keep)  # noqa: E731
-    c.execute(ctx, _recipe(stage, format, device, base, mixed), out, f"W{bits}A16-AWQ", overwrite, quiet, json_out, print_recipe)
+    after = lambda: c.compensate_stages(compensate, compensate_steps, compensate_lr)  # noqa: E731
+    c.execute(ctx, _recipe(stage, format, device, base, mixed, after), out, f"W{bits}A16-AWQ", overwrite, quiet, json_out, print_recipe)
 
 
 @app.command("rtn")
@@ -129,16 +145,25 @@ def rtn_command(
     no_verify: c.NoVerify = False,
     verify_max_kl: c.VerifyMaxKL = c._E.verify_max_kl,
     max_ppl_increase: c.MaxPplIncrease = None,
+    tasks: c.Tasks = None,
+    task_limit: c.TaskLimit = None,
+    min_task_recovery: c.MinTaskRecovery = None,
     keep_sensitive: c.KeepSensitive = None,
     max_keep: c.MaxKeep = c.DEFAULT_MAX_KEEP,
+    compensate: c.Compensate = False,
+    compensate_steps: c.CompensateSteps = c._CP.steps,
+    compensate_lr: c.CompensateLr = c._CP.lr,
     overwrite: c.Overwrite = False,
     quiet: c.Quiet = False,
     json_out: c.Json = False,
     print_recipe: c.PrintRecipe = False,
 ) -> None:
-    """INT weight-only round-to-nearest: the baseline GPTQ and AWQ are measured against."""
+    """INT weight-only round-to-nearest: the baseline GPTQ and AWQ are measured against (with --compensate:
+    SignRound-style tuning of the rounding, on the default calibration set)."""
     base = c.base_configs(model, revision, c._C.dataset, c._C.num_samples, c._C.seq_len, c._C.seed, eval_text,
-                          eval_windows, eval_window, no_ppl, no_verify, verify_max_kl, max_ppl_increase)
+                          eval_windows, eval_window, no_ppl, no_verify, verify_max_kl, max_ppl_increase,
+                          tasks, task_limit, min_task_recovery)
     stage = lambda: RTNStage(bits=bits, group_size=group_size, symmetric=sym)  # noqa: E731
     mixed = lambda: c.mixed_precision_stages(keep_sensitive, max_keep)  # noqa: E731
-    c.execute(ctx, _recipe(stage, format, device, base, mixed), out, f"W{bits}A16-RTN", overwrite, quiet, json_out, print_recipe)
+    after = lambda: c.compensate_stages(compensate, compensate_steps, compensate_lr)  # noqa: E731
+    c.execute(ctx, _recipe(stage, format, device, base, mixed, after), out, f"W{bits}A16-RTN", overwrite, quiet, json_out, print_recipe)

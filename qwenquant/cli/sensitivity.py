@@ -52,7 +52,7 @@ def parse_levels(levels: str) -> tuple[str, ...]:
 def sensitivity_command(
     ctx: typer.Context,
     model: c.Model,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Report folder [default: ./<model>-sensitivity].")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Report folder (default ./<model>-sensitivity).")] = None,
     scheme: Annotated[Scheme, typer.Option(help="fp8: E4M3 channel weights + dynamic per-token activations; wNa16: INT N RTN weight-only.")] = Scheme.fp8,
     group_size: Annotated[int, typer.Option(help="INT schemes: input columns per scale group (-1: per channel).")] = 128,
     levels: Annotated[str, typer.Option(help="Units to measure: linear, group (vLLM fused groups), block.")] = "linear,group,block",
@@ -63,7 +63,7 @@ def sensitivity_command(
     seed: c.Seed = c._C.seed,
     seeds: Annotated[Optional[str], typer.Option(help="Several calibration seeds, e.g. 0,1: measures each and reports the rank correlation between them.")] = None,
     device: c.Device = "auto",
-    top: Annotated[Optional[int], typer.Option(help="Rows per level in SENSITIVITY.md and the printed table [default: all in the file, 10 printed].")] = None,
+    top: Annotated[Optional[int], typer.Option(help="Rows per level printed on the terminal (default 10); the files always list every unit.")] = None,
     quiet: c.Quiet = False,
     json_out: c.Json = False,
 ) -> None:

@@ -47,7 +47,7 @@ def load_eval_text(spec: str) -> tuple[str, str]:
         except Exception as err:
             raise BadInputError(
                 f"WikiText-2 test not found locally and not loadable from the hub ({type(err).__name__}); "
-                "pass --eval-text FILE or --no-eval"
+                "pass --eval-text FILE or --no-ppl"
             ) from err
         return "\n\n".join(ds["text"]), "WikiText-2 raw test (hub), rows joined with \\n\\n"
     path = Path(spec).expanduser()

@@ -240,7 +240,7 @@ class TaskPlan:
 
     names: list[str]  # as the user wrote them (local aliases normalised: `qwenquant_piqa` -> `piqa`)
     lm_names: dict[str, str]  # name -> lm-eval task/group/tag name
-    tasks_dir: Path | None  # data dir of the local tasks (None when only pass-through tasks)
+    tasks_dir: Path | None  # data dir of the local tasks (None when none is needed and none was found)
     include_path: list[Path] = field(default_factory=list)
     passthrough: list[str] = field(default_factory=list)  # names handed to lm-eval's own task registry
     _manager: Any = None
@@ -257,7 +257,7 @@ class TaskPlan:
 
 
 def parse_task_list(tasks: str | list[str] | tuple[str, ...] | None) -> list[str]:
-    """`"piqa, arc_easy"` or a list -> ["piqa", "arc_easy"]; None/empty -> the five local tasks."""
+    """`"piqa, arc_easy"` or a list -> ["piqa", "arc_easy"] (duplicates dropped); None -> the five local tasks."""
     if tasks is None:
         return list(DEFAULT_TASKS)
     items = tasks.split(",") if isinstance(tasks, str) else [t for x in tasks for t in str(x).split(",")]
@@ -324,6 +324,9 @@ def resolve_tasks(tasks: str | list[str] | None, include_path: str | Path | list
             passthrough.append(name)
         else:
             raise _unknown(name)
+    if root is None:  # no local task asked for; --include-path YAMLs may still use our loaders
+        found = find_tasks_dir(tasks_dir)
+        root = found if found is not None and found.is_dir() else None
     plan = TaskPlan(out, lm_names, root, includes, passthrough)
     if passthrough:  # confirm against lm-eval's real index (slow: only when a non-local name was given)
         known = set(plan.task_manager.all_tasks)

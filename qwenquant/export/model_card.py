@@ -57,6 +57,10 @@ def render_model_card(report: dict, license_id: str | None) -> str:
              f"# {Path(report['model']['reference']).name} — {_scheme_name(recipe)}", "",
              f"Quantized from `{base}` with qwenquant {report['qwenquant_version']} on {report['created']}, "
              f"stored as `{fmt}`.", "", "## Measured results", ""]
+    kept = (report.get("mixed_precision") or {}).get("kept_groups")
+    if kept:  # mixed precision: say so before any number
+        lines[-2:-2] = [f"Mixed precision: {len(kept)} fused group(s) kept in the source dtype (listed in the "
+                        f"quantization config's ignore list): {', '.join(f'`{g}`' for g in kept)}.", ""]
     if "source" in ev:
         lines += [
             f"Measured by qwenquant on `{report['memory']['device']}`: perplexity on {ev['text']}, "
@@ -73,7 +77,14 @@ def render_model_card(report: dict, license_id: str | None) -> str:
                      f"{'passed' if v['passed'] else 'FAILED: ' + v['reason']}.")
     s = report["sizes"]
     lines += ["", f"Weights on disk: {s['output_bytes'] / 2**20:.1f} MiB (source {s['source_bytes'] / 2**20:.1f} MiB).",
-              "", "No throughput or task-accuracy numbers are listed because this run did not measure them.", ""]
+              ""]
+    if ev.get("tasks"):
+        from qwenquant.report import task_table
+
+        lines += task_table(ev["tasks"])
+        lines += ["No throughput numbers are listed because this run did not measure them.", ""]
+    else:
+        lines += ["No throughput or task-accuracy numbers are listed because this run did not measure them.", ""]
     lines += ["## How to load", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
               'model = AutoModelForCausalLM.from_pretrained("<this repo>")',
               'tokenizer = AutoTokenizer.from_pretrained("<this repo>")', "```"]

@@ -1,0 +1,207 @@
+#!/usr/bin/env python
+"""Error compensation (`--compensate`) and scale search (`--scale-search`) side by side with their baselines on one
+bf16 source, in one process (benchmarks/harness.py measures every row the same way).
+
+    python benchmarks/compensation.py --quick        # smoke run: compensation_quick.{json,md}
+    python benchmarks/compensation.py --plan         # list the rows and exit
+    nohup python benchmarks/compensation.py > /tmp/compensation.log 2>&1 &   # full run -> compensation.{json,md}
+
+Rows (pairs: baseline, then the same with the feature):
+  FP8 channel/dynamic | + scale search (clip per Linear) | + compensation
+  FP8 tensor/static + smoothing (alpha 0.5) | + scale search (clip per Linear, alpha per layer)
+  INT4 g128 RTN | + compensation (SignRound-style)      INT4 g128 GPTQ | + compensation
+  INT3 g128 GPTQ | + compensation
+Every row whose result depends on the calibration samples runs once per seed in --seeds (noise estimate); FP8 dynamic
+and RTN without search or compensation are functions of the weights and run once. Mean next-token KL vs the source is
+the sensitive metric; perplexity is on the full WikiText-2 test unless --ppl-windows/--quick say otherwise.
+Per-layer output errors before/after compensation and the searched values come from each row's layer reports.
+`--resume` continues an interrupted run from benchmarks/results/<name>.partial.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import harness  # noqa: E402
+from harness import (  # noqa: E402
+    _log,
+    add_harness_args,
+    aggregate_seeds,
+    harness_from_args,
+    load_partial,
+    save_partial,
+    write_results,
+)
+from qwenquant.recipe import CompensateStage, FP8Stage, GPTQStage, RTNStage, SmoothStage  # noqa: E402
+
+# The harness evaluates a deep copy and drops the pipeline state; keep each row's state to read its layer reports.
+_last_state: dict = {}
+_run_sequential = harness.run_sequential
+
+
+def _keeping_state(model, adapter, ids, stages, device, state, **kw):
+    out = _run_sequential(model, adapter, ids, stages, device, state, **kw)
+    _last_state["state"] = state
+    return out
+
+
+harness.run_sequential = _keeping_state
+
+
+def variants(steps: int, lr: float) -> list[dict]:
+    """name, stages, whether the result depends on calibration, the baseline it is compared with."""
+    comp = CompensateStage(steps=steps, lr=lr)
+    fp8 = dict(weights="channel", activations="dynamic")
+    static = dict(weights="tensor", activations="static")
+    out = [
+        ("fp8 ch/dyn", [FP8Stage(**fp8)], False, None),
+        ("fp8 ch/dyn + scale search", [FP8Stage(**fp8, clip_search=True)], True, "fp8 ch/dyn"),
+        ("fp8 ch/dyn + compensate", [FP8Stage(**fp8), comp], True, "fp8 ch/dyn"),
+        ("fp8 t/static smooth", [SmoothStage(0.5), FP8Stage(**static)], True, None),
+        ("fp8 t/static smooth + scale search", [SmoothStage(0.5, alpha_search=True), FP8Stage(**static, clip_search=True)],
+         True, "fp8 t/static smooth"),
+        ("int4 g128 rtn", [RTNStage(4, 128)], False, None),
+        ("int4 g128 rtn + compensate", [RTNStage(4, 128), comp], True, "int4 g128 rtn"),
+        ("int4 g128 gptq", [GPTQStage(4, 128)], True, None),
+        ("int4 g128 gptq + compensate", [GPTQStage(4, 128), comp], True, "int4 g128 gptq"),
+        ("int3 g128 gptq", [GPTQStage(3, 128)], True, None),
+        ("int3 g128 gptq + compensate", [GPTQStage(3, 128), comp], True, "int3 g128 gptq"),
+    ]
+    return [{"name": n, "stages": s, "calib": c, "baseline": b} for n, s, c, b in out]
+
+
+def plan(args) -> list[dict]:
+    seeds = [int(s) for s in args.seeds.split(",")]
+    rows = []
+    for v in variants(args.steps, args.lr):
+        if args.only and not re.search(args.only, v["name"]):
+            continue
+        for seed in seeds if v["calib"] else seeds[:1]:
+            rows.append(v | {"seed": seed})
+    return rows
+
+
+def layer_summary(state) -> dict:
+    """Per-layer output errors before/after compensation, and the scale search's choices."""
+    comp, alphas, clips = [], {}, {}
+    for rep in state.layer_reports:
+        c = rep.get("compensate")
+        if c:
+            comp.append({"layer": rep["layer"], "before": c["output_error_before"], "after": c["output_error_after"],
+                         "codes_changed": c.get("codes_changed_frac"), "seconds": c["seconds"], "status": c["status"]})
+        a = rep.get("smooth", {}).get("alpha_search")
+        if a:
+            alphas[rep["layer"]] = {"alpha": a["alpha"], "error_at_default": a["error_at_default"], "error": a["error"]}
+        for n, v in (rep.get("fp8") or {}).items():
+            if isinstance(v, dict) and "clip_search" in v:
+                clips[f"{rep['layer']}.{n}"] = v["clip_search"]
+    return {"compensate": comp, "alpha": alphas, "clip": clips}
+
+
+def _mean(xs):
+    xs = [x for x in xs if x is not None]
+    return sum(xs) / len(xs) if xs else None
+
+
+def summarize(rows: list[dict], meta: dict) -> str:
+    """Findings: each feature vs its baseline with the seed noise, wall time added, per-layer errors that moved."""
+    agg = {g["variant"]: g for g in aggregate_seeds(rows)}
+    by = lambda name: [r for r in rows if r["variant"] == name]  # noqa: E731
+    out = ["## Findings (computed from the rows below)", "",
+           "Noise = the larger seed spread |KL(seed a) - KL(seed b)| of the two rows (calibration-independent rows "
+           "have none); a change smaller than the noise is reported as within noise.", "",
+           "| feature | baseline KL | with feature KL | ΔKL | noise | Δppl pts (full test) | quant s: base -> with (added) | verdict |",
+           "|---|---:|---:|---:|---:|---:|---:|---|"]
+    for v in variants(meta["steps"], meta["lr"]):
+        base = v["baseline"]
+        if base is None or v["name"] not in agg or base not in agg:
+            continue
+        a, b = agg[base], agg[v["name"]]
+        d = b["mean_kl"] - a["mean_kl"]
+        noise = max(x for x in (a.get("mean_kl_spread"), b.get("mean_kl_spread"), 0.0) if x is not None)
+        dppl = (b["delta_ppl_pct"] - a["delta_ppl_pct"]) if a.get("delta_ppl_pct") is not None and b.get("delta_ppl_pct") is not None else None
+        verdict = ("within noise" if abs(d) <= noise else ("better" if d < 0 else "worse"))
+        out.append(f"| {v['name']} | {a['mean_kl']:.3e} | {b['mean_kl']:.3e} | {100 * d / a['mean_kl']:+.1f}% | "
+                   f"{noise:.1e} | {'-' if dppl is None else f'{dppl:+.3f}'} | {a['quant_wall_s']:.0f} -> {b['quant_wall_s']:.0f} "
+                   f"(+{b['quant_wall_s'] - a['quant_wall_s']:.0f}) | {verdict} |")
+    out += ["", "### Per-layer output error before -> after compensation (seed 0; relative squared error of the "
+                "layer's residual branches vs the unquantized layer, on the samples it was tuned on)", ""]
+    for v in variants(meta["steps"], meta["lr"]):
+        rs = [r for r in by(v["name"]) if r["seed"] == 0 and r.get("layers", {}).get("compensate")]
+        if not rs:
+            continue
+        cells = [f"L{c['layer']} {c['before']:.2e}->{c['after']:.2e} ({100 * (c['after'] / c['before'] - 1):+.0f}%)"
+                 for c in rs[0]["layers"]["compensate"]]
+        secs = sum(c["seconds"] for c in rs[0]["layers"]["compensate"])
+        kept = sum(1 for c in rs[0]["layers"]["compensate"] if c["status"] != "compensated")
+        out.append(f"- {v['name']} ({secs:.0f}s, {kept} layer(s) kept the quantizer's result): " + "; ".join(cells))
+    out += ["", "### Scale search choices (seed 0)", ""]
+    for v in variants(meta["steps"], meta["lr"]):
+        rs = [r for r in by(v["name"]) if r["seed"] == 0 and (r.get("layers", {}).get("clip") or r.get("layers", {}).get("alpha"))]
+        if not rs:
+            continue
+        lay = rs[0]["layers"]
+        clipped = {k: c for k, c in lay["clip"].items() if c["clip"] < 1.0}
+        gain = _mean([1 - c["error"] / c["error_at_1"] for c in lay["clip"].values() if c["error_at_1"]])
+        names = ", ".join(f"{k} {c['clip']:g}" for k, c in clipped.items()) or "none"
+        line = (f"- {v['name']}: clip < 1 on {len(clipped)} of {len(lay['clip'])} Linears ({names}); mean reduction "
+                f"of the Linears' output error vs clip 1.0: {100 * (gain or 0):.2f}%")
+        if lay["alpha"]:
+            line += "; alpha per layer: " + ", ".join(
+                f"L{k} {a['alpha']:g} ({100 * (a['error'] / a['error_at_default'] - 1):+.1f}%)" for k, a in lay["alpha"].items())
+        out.append(line)
+    return "\n".join(out)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_harness_args(p)
+    p.add_argument("--name", default=None, help="results name (default compensation, or compensation_quick)")
+    p.add_argument("--seeds", default="0,1", help="calibration seeds for calibration-dependent rows")
+    p.add_argument("--steps", type=int, default=CompensateStage().steps, help="compensation steps per layer")
+    p.add_argument("--lr", type=float, default=CompensateStage().lr, help="compensation step size")
+    p.add_argument("--only", default=None, help="regex: run only variants whose name matches")
+    p.add_argument("--plan", action="store_true", help="print the rows that would run, and exit")
+    p.add_argument("--resume", action="store_true", help="skip rows already in <name>.partial.json")
+    args = p.parse_args(argv)
+    name = args.name or ("compensation_quick" if args.quick else "compensation")
+    todo = plan(args)
+    if args.plan:
+        for r in todo:
+            print(f"{r['name']:40s} seed={r['seed']}")
+        print(f"{len(todo)} quantized rows + the source")
+        return 0
+
+    t0 = time.perf_counter()
+    h = harness_from_args(args)
+    src = h.source_row()
+    partial = args.out_dir / f"{name}.partial.json"
+    rows = load_partial(partial) if args.resume else []
+    done = {(r["variant"], r["seed"]) for r in rows}
+    for i, item in enumerate(todo, 1):
+        if (item["name"], item["seed"]) in done:
+            continue
+        _log(f"[{i}/{len(todo)}] {item['name']} seed={item['seed']}")
+        row = h.evaluate_variant(item["name"], item["stages"], item["seed"], tags={"baseline": item["baseline"]})
+        row["calib_dependent"] = item["calib"]  # the harness' rule does not know the search and compensation
+        row["layers"] = layer_summary(_last_state.pop("state"))
+        rows.append(row)
+        save_partial(partial, rows)
+    meta = h.meta() | {"seeds": args.seeds, "steps": args.steps, "lr": args.lr,
+                       "total_wall_s": time.perf_counter() - t0}
+    summary = summarize(rows, meta)
+    print(summary)
+    write_results(name, [src, *rows], meta, args.out_dir, summary_md=summary)
+    if partial.exists() and len(rows) == len(todo):
+        partial.unlink()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,130 @@
+"""Per-layer glue of the scale search (`--scale-search`): per-Linear FP8 weight clipping ratios for the fp8 stage
+and a per-layer SmoothQuant alpha for the smooth stage, each chosen by the output error it causes on calibration
+inputs (`qwenquant.quant.scale_search`). Choices go to the layer report and to `state.searched`;
+`resolve_searched` writes them into the recipe saved with the output, which then replays them without searching.
+
+Sensitivity decides the grid: within a layer, Linears whose error at clip 1.0 is above the layer's median get the
+fine clip grid; a layer whose error at the configured alpha is above the mean of the earlier layers' (layer 0: no
+reference) gets the fine alpha grid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+
+import torch
+
+from qwenquant.pipeline import LayerContext, QuantState
+from qwenquant.quant import fp8 as fp8q
+from qwenquant.quant import scale_search as ss
+from qwenquant.quant import smooth as sq
+from qwenquant.recipe import FP8Stage, Recipe, SmoothStage
+
+MAX_SEARCH_TOKENS = 4096  # calibration tokens per Linear input used by the searches (evenly strided)
+CLIP_KEY, ALPHA_KEY, ALPHA_BASELINE_KEY = "fp8.clip", "smooth.layer_alpha", "smooth.baseline_error"
+
+
+def _inputs(ctx: LayerContext, names: list[str]) -> dict[str, torch.Tensor]:
+    from qwenquant.stages import _sample_inputs  # the stages module imports this one
+
+    return _sample_inputs(ctx, names, MAX_SEARCH_TOKENS)
+
+
+def layer_clips(ctx: LayerContext, cfg: FP8Stage, names: list[str]) -> tuple[dict[str, float], dict[str, dict]]:
+    """Clip ratio per Linear (names relative to the layer) and, when searching, the search record per Linear.
+
+    Without `cfg.clip_search` the ratios come from `cfg.clip` (full names; 1.0 when absent). Per-tensor weights
+    search per vLLM fused group, whose members share one scale.
+    """
+    if not cfg.clip_search:
+        return {n: float(cfg.clip.get(ctx.full_name(n), 1.0)) for n in names}, {}
+    units = ([[n for n in g if n in names] for g in ctx.adapter.fused_groups] if cfg.weights == "tensor" else [])
+    units = [u for u in units if u]
+    grouped = {n for u in units for n in u}
+    units += [[n] for n in names if n not in grouped]
+    input_of = {n: g[0] for g in ctx.adapter.sequential_groups for n in g}
+    xs = _inputs(ctx, sorted({input_of[n] for n in names}))
+    dtype = next(ctx.layer.parameters()).dtype
+
+    def quantize(w: torch.Tensor, ratio: float) -> torch.Tensor:
+        return fp8q.quantize_fp8(w, cfg.weights, cfg.block_size, clip_ratio=ratio, scale_dtype=dtype).dequantize()
+
+    weights = {tuple(u): torch.cat([ctx.linear(n).weight.data.float() for n in u]) for u in units}
+    x_of = {u: xs[input_of[u[0]]].to(ctx.device) for u in weights}
+    baseline = {u: ss.search_clip(w, x_of[u], (1.0,), quantize).best_error for u, w in weights.items()}
+    reference = statistics.median(baseline.values())
+    clips, details = {}, {}
+    for u, w in weights.items():
+        grid = ss.choose_grid(baseline[u], reference, ss.CLIP_GRID_COARSE, ss.CLIP_GRID_FINE)
+        res = ss.search_clip(w, x_of[u], grid, quantize)
+        for n in u:
+            clips[n] = res.best
+            details[n] = {"clip": res.best, "error_at_1": baseline[u], "error": res.best_error,
+                          "grid": "fine" if len(grid) == len(ss.CLIP_GRID_FINE) else "coarse"}
+    ctx.state.searched.setdefault(CLIP_KEY, {}).update({ctx.full_name(n): c for n, c in clips.items()})
+    return clips, details
+
+
+def layer_alpha(ctx: LayerContext, cfg: SmoothStage, quantizer: FP8Stage | None, mappings, absmax) -> tuple[float, dict]:
+    """This layer's smoothing alpha and, when searching, the search record."""
+    if not cfg.alpha_search:
+        return cfg.alpha_for(ctx.index), {}
+    if quantizer is None:
+        raise ValueError("smooth.alpha_search: needs the fp8 stage it searches for")
+    mc, dtype = ctx.model_config, next(ctx.layer.parameters()).dtype
+    xs = _inputs(ctx, sorted({m.balance[0] for m in mappings}))
+    mode = {"dynamic": "group" if quantizer.weights == "block" else "token", "static": "tensor"}.get(quantizer.activations)
+
+    def errors(grid) -> list[list[float]]:
+        out = []
+        for m in mappings:
+            a_max = absmax[m.balance[0]]
+            ws = [ctx.linear(b).weight.data for b in m.balance]
+
+            def factors(alpha: float, m=m, a_max=a_max, ws=ws) -> torch.Tensor:
+                s = sq.smoothing_factors(a_max, ws, alpha)
+                if m.gqa:
+                    heads, kv, hd = mc.num_attention_heads, mc.num_key_value_heads, mc.head_dim
+                    s = sq.expand_kv_to_heads(sq.tie_over_kv_groups(s, heads, kv, hd), heads, kv, hd)
+                return s
+
+            def quantize_weight(w: torch.Tensor) -> torch.Tensor:
+                return fp8q.quantize_fp8(w, quantizer.weights, quantizer.block_size, scale_dtype=dtype).dequantize()
+
+            def quantize_input(x: torch.Tensor, s: torch.Tensor, a_max=a_max) -> torch.Tensor:
+                if mode is None:
+                    return x
+                # static: the per-tensor scale the fp8 stage will calibrate, from all calibration tokens
+                scale = fp8q.static_input_scale((a_max.to(s.device) / s).amax(), dtype) if mode == "tensor" else None
+                return fp8q.fake_quantize_activation(x, mode, scale, quantizer.block_size)
+
+            out.append(ss.alpha_errors(xs[m.balance[0]], ws, grid, factors, quantize_weight, quantize_input))
+        return out
+
+    base_errors = errors([cfg.alpha])
+    baseline = sum(e[0] for e in base_errors)
+    history = ctx.state.searched.setdefault(ALPHA_BASELINE_KEY, {})
+    reference = statistics.mean(history.values()) if history else None
+    history[ctx.index] = baseline
+    grid = ss.choose_grid(baseline, reference, ss.ALPHA_GRID_COARSE, ss.ALPHA_GRID_FINE)
+    grid = (float(cfg.alpha), *[g for g in grid if g != cfg.alpha])  # the configured alpha first: it wins ties
+    rest = errors(grid[1:])
+    res = ss.search_alpha(grid, [[b[0], *r] for b, r in zip(base_errors, rest)])
+    ctx.state.searched.setdefault(ALPHA_KEY, {})[ctx.index] = res.best
+    return res.best, {"alpha": res.best, "error_at_default": baseline, "error": res.best_error,
+                      "grid": "fine" if len(grid) >= len(ss.ALPHA_GRID_FINE) else "coarse",
+                      "errors": dict(zip(grid, res.errors))}
+
+
+def resolve_searched(recipe: Recipe, state: QuantState) -> Recipe:
+    """The recipe with the searched values written in and the searches turned off: it replays them exactly."""
+    clip, alpha = state.searched.get(CLIP_KEY), state.searched.get(ALPHA_KEY)
+    stages = []
+    for s in recipe.stages:
+        if isinstance(s, FP8Stage) and s.clip_search and clip is not None:
+            s = dataclasses.replace(s, clip_search=False, clip=dict(clip))
+        elif isinstance(s, SmoothStage) and s.alpha_search and alpha is not None:
+            s = dataclasses.replace(s, alpha_search=False, layer_alpha=dict(alpha))
+        stages.append(s)
+    return dataclasses.replace(recipe, stages=stages)
