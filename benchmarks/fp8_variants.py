@@ -122,7 +122,7 @@ def summarize(rows: list[dict], src: dict, meta: dict) -> str:
             + ("" if full else f" (SUBSET of {meta['ppl_windows']} windows, not the full test: smoke run only)")
             + f"; mean KL {r['mean_kl']:.2e} nats, top-1 agreement {r['top1']:.4f}."
         )
-    agg = [g for g in aggregate_seeds([r for r in rows if r["variant"] != src["variant"]])]
+    agg = aggregate_seeds([r for r in rows if r["variant"] != src["variant"]])
     with_acts = [g for g in agg if g.get("activations") != "none"]
     if with_acts:
         best = min(with_acts, key=lambda g: g["mean_kl"])
@@ -141,6 +141,10 @@ def summarize(rows: list[dict], src: dict, meta: dict) -> str:
     header = "| weights / activations | no smoothing | " + " | ".join(
         f"a={al:g}" for al in sorted({r['smooth_alpha'] for r in rows if r.get('smooth_alpha') is not None})) + " | best |"
     alphas = sorted({r["smooth_alpha"] for r in rows if r.get("smooth_alpha") is not None})
+    # noise scale: a row's own seed spread, but at least the median spread of all calibration-dependent rows
+    # (two seeds give a poor estimate of any single row's spread)
+    abs_spreads = sorted(g["mean_kl_spread"] for g in agg if g.get("mean_kl_spread") is not None)
+    typical = abs_spreads[len(abs_spreads) // 2] if abs_spreads else 0.0
     header += " best - none: ΔKL (seed spread) |"
     out += [header, "|---|" + "---:|" * (len(alphas) + 3)]
     for w, a in combos():
@@ -162,17 +166,19 @@ def summarize(rows: list[dict], src: dict, meta: dict) -> str:
         verdict = "-"
         if best is not None and None in options:
             d = options[best] - options[None]
-            spread = max(_spread(_by(rows, weights=w, activations=a, smooth_alpha=al)) for al in (best, None))
+            spread = max(typical, *(_spread(_by(rows, weights=w, activations=a, smooth_alpha=al)) for al in (best, None)))
             verdict = f"{d:+.1e} ({spread:.1e}; {'beyond' if abs(d) > spread else 'within'} seed noise)"
         elif best is None and len(options) > 1:
             second = min((al for al in options if al is not None), key=options.get)
             d = options[second] - options[None]
-            spread = max(_spread(_by(rows, weights=w, activations=a, smooth_alpha=al)) for al in (second, None))
+            spread = max(typical, *(_spread(_by(rows, weights=w, activations=a, smooth_alpha=al)) for al in (second, None)))
             verdict = (f"best smoothing a={second:g}: {d:+.1e} ({spread:.1e}; "
                        f"{'beyond' if abs(d) > spread else 'within'} seed noise)")
         out.append(f"| {w} / {a} | " + " | ".join(cells) + f" | {'none' if best is None else f'a={best:g}'} | {verdict} |")
-    out += ["", "Seed spread = |KL(seed 0) - KL(seed 1)| of a calibration-dependent row (0 for calibration-independent "
-                "rows); a difference is called beyond seed noise when it exceeds the larger spread of the two rows."]
+    out += ["", f"Seed spread = |KL(seed 0) - KL(seed 1)| of a calibration-dependent row (0 for calibration-independent "
+                f"rows). A difference is called beyond seed noise when it exceeds the larger spread of the two rows "
+                f"and the median spread of all calibration-dependent variants ({typical:.1e} nats); with two seeds "
+                f"this is a rough screen, not a significance test."]
     return "\n".join(out)
 
 

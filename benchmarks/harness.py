@@ -501,7 +501,8 @@ class Harness:
             "ppl_windows_total": self.total_windows,
             "ppl_tokens": int(self.src_ppl.tokens),
             "kl_convention": "mean/max per-token KL(source || variant) in nats and top-1 agreement, first "
-                             f"{self.kl_windows.shape[0]} windows, source log-probs stored in fp16",
+                             f"{self.kl_windows.shape[0]} windows, float32 log-probs (column 'KL fp16': both "
+                             "rounded to fp16 first, as qwenquant's own reports do)",
             "kl_tokens": int(self.kl_windows.numel()),
             "calibration": {"dataset": self.calib_dataset, "num_samples": self.num_samples, "seq_len": self.seq_len,
                             "seeds_sha256": {str(k): samples_hash(v) for k, v in self._calib.items()}},
@@ -700,8 +701,12 @@ def write_results(name: str, rows: list[dict], meta: dict, out_dir: Path = RESUL
         f"- KL: {m.get('kl_convention')} = {m.get('kl_tokens')} tokens",
         f"- calibration: {m.get('calibration')}",
         f"- command: `{m['command']}`",
-        "",
     ]
+    for h in m.get("run_history") or []:
+        lines.append("- run history: " + "; ".join(f"{k}: {v}" for k, v in h.items()))
+    if m.get("total_wall_min_all_processes"):
+        lines.append(f"- total wall (all processes): {m['total_wall_min_all_processes']} min")
+    lines.append("")
     if summary_md:
         lines += [summary_md.rstrip(), ""]
     lines += [
