@@ -13,7 +13,8 @@ Rows (pairs: baseline, then the same with the feature):
   INT3 g128 GPTQ | + compensation
 Every row whose result depends on the calibration samples runs once per seed in --seeds (noise estimate); FP8 dynamic
 and RTN without search or compensation are functions of the weights and run once. Mean next-token KL vs the source is
-the sensitive metric; perplexity is on the full WikiText-2 test unless --ppl-windows/--quick say otherwise.
+the sensitive metric; perplexity is on the full WikiText-2 test (first seed; the other seeds report perplexity on the
+KL tokens) unless --ppl-windows/--quick say otherwise.
 Per-layer output errors before/after compensation and the searched values come from each row's layer reports.
 `--resume` continues an interrupted run from benchmarks/results/<name>.partial.json.
 """
@@ -77,13 +78,15 @@ def variants(steps: int, lr: float) -> list[dict]:
 
 
 def plan(args) -> list[dict]:
+    """Every variant with the first seed (full-test perplexity), then the other seeds (KL tokens only, unless
+    --full-ppl-all-seeds): an interrupted run has one complete row per variant first."""
     seeds = [int(s) for s in args.seeds.split(",")]
     rows = []
-    for v in variants(args.steps, args.lr):
-        if args.only and not re.search(args.only, v["name"]):
-            continue
-        for seed in seeds if v["calib"] else seeds[:1]:
-            rows.append(v | {"seed": seed})
+    for i, seed in enumerate(seeds):
+        for v in variants(args.steps, args.lr):
+            if (args.only and not re.search(args.only, v["name"])) or (i and not v["calib"]):
+                continue
+            rows.append(v | {"seed": seed, "full_ppl": i == 0 or args.full_ppl_all_seeds})
     return rows
 
 
@@ -116,7 +119,7 @@ def summarize(rows: list[dict], meta: dict) -> str:
     out = ["## Findings (computed from the rows below)", "",
            "Noise = the larger seed spread |KL(seed a) - KL(seed b)| of the two rows (calibration-independent rows "
            "have none); a change smaller than the noise is reported as within noise.", "",
-           "| feature | baseline KL | with feature KL | ΔKL | noise | Δppl pts (full test) | quant s: base -> with (added) | verdict |",
+           "| feature | baseline KL | with feature KL | ΔKL | noise | Δppl pts (full test, first seed) | quant s: base -> with (added) | verdict |",
            "|---|---:|---:|---:|---:|---:|---:|---|"]
     for v in variants(meta["steps"], meta["lr"]):
         base = v["baseline"]
@@ -167,6 +170,9 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=CompensateStage().steps, help="compensation steps per layer")
     p.add_argument("--lr", type=float, default=CompensateStage().lr, help="compensation step size")
     p.add_argument("--only", default=None, help="regex: run only variants whose name matches")
+    p.add_argument("--full-ppl-all-seeds", action="store_true",
+                   help="full-test perplexity for every seed (default: the first seed; the others get KL, which is "
+                        "the sensitive metric, and perplexity on the KL tokens)")
     p.add_argument("--plan", action="store_true", help="print the rows that would run, and exit")
     p.add_argument("--resume", action="store_true", help="skip rows already in <name>.partial.json")
     args = p.parse_args(argv)
@@ -174,7 +180,7 @@ def main(argv=None) -> int:
     todo = plan(args)
     if args.plan:
         for r in todo:
-            print(f"{r['name']:40s} seed={r['seed']}")
+            print(f"{r['name']:40s} seed={r['seed']}  ({'full-test ppl' if r['full_ppl'] else 'KL tokens only'})")
         print(f"{len(todo)} quantized rows + the source")
         return 0
 
@@ -188,7 +194,8 @@ def main(argv=None) -> int:
         if (item["name"], item["seed"]) in done:
             continue
         _log(f"[{i}/{len(todo)}] {item['name']} seed={item['seed']}")
-        row = h.evaluate_variant(item["name"], item["stages"], item["seed"], tags={"baseline": item["baseline"]})
+        row = h.evaluate_variant(item["name"], item["stages"], item["seed"], tags={"baseline": item["baseline"]},
+                                 full_ppl=item["full_ppl"])
         row["calib_dependent"] = item["calib"]  # the harness' rule does not know the search and compensation
         row["layers"] = layer_summary(_last_state.pop("state"))
         rows.append(row)

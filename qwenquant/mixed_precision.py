@@ -88,6 +88,9 @@ def run_mixed_precision(recipe: Recipe, model: nn.Module, adapter: ArchAdapter, 
     """Resolve the keep list (measuring if needed), quantize, and return what to export (see module docstring)."""
     stage = recipe.stage("mixed_precision")
     report: dict = {"keep_sensitive": stage.keep_sensitive, "measured": stage.keep is None}
+    if stage.keep is None and stage.keep_sensitive == 0:  # nothing to rank
+        recipe, report["measured"] = with_keep(recipe, []), False
+        stage = recipe.stage("mixed_precision")
     if stage.keep is not None:
         report |= {"keep": list(stage.keep), "kept_groups": _groups_of(stage.keep, adapter)}
         return MixedOutcome(recipe, model, quantize_and_evaluate(recipe, model), report)

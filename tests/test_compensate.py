@@ -38,6 +38,24 @@ def test_straight_through_rounding_forward_rounds_backward_is_identity() -> None
         assert torch.equal(g, torch.arange(1.0, 6.0))  # d/dx of the rounding is taken as 1
 
 
+def test_activation_quantization_can_pass_gradients_straight_through() -> None:
+    """The compensate stage simulates the engine's FP8 input quantization and still needs d(loss)/d(input), e.g. for
+    the norm weights in front of a Linear."""
+    from qwenquant.pipeline import ActivationSpec, activation_quantization
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(16, 4, bias=False)
+    x = torch.randn(3, 16, requires_grad=True)
+    with activation_quantization(lin, {"": ActivationSpec("token")}, straight_through=True):
+        y = lin(x)
+    assert torch.equal(y.detach(), fp8q.fake_quantize_activation(x.detach(), "token") @ lin.weight.detach().T)
+    (g,) = torch.autograd.grad(y.sum(), x)
+    assert torch.allclose(g, lin.weight.detach().sum(0).expand(3, 16))
+    with activation_quantization(lin, {"": ActivationSpec("token")}):  # default: autograd differentiates the
+        (g,) = torch.autograd.grad(lin(x).sum(), x)                   # FP8 cast and the absmax scale instead
+    assert not torch.allclose(g, lin.weight.detach().sum(0).expand(3, 16))
+
+
 def _gptq_record(w: torch.Tensor, x: torch.Tensor):
     H, _ = gptqq.accumulate_hessian(None, x, 0)
     return gptqq.quantize_weight(w, H, gptqq.GPTQConfig(bits=4, group_size=32, actorder="static"))[0]

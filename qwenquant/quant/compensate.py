@@ -14,9 +14,10 @@ its cell: clamp(W / s0, c - 1/2 + e, c + 1/2 - e) s0 with c = q0 - z, which only
 tuning a and v may re-round it. When the quantizer chose other codes on purpose (GPTQ's error feedback; AWQ, whose
 folded scales put W in another basis) u = c s0 (FP8: q0 s0) and v is not used: its codes stay unless a scale moves
 far enough to re-round them. With a = 0 and v = 0 the codes and scales are exactly the quantizer's.
-Norm weights: g = g0 * (1 + d), d in [-A, A]. round(.), fp8(.) and round_dtype(.) are straight-through (identity gradient, STE).
-Loss: mean squared error between the quantized and the unquantized layer outputs.
-Update (signed gradient descent, SignRound): p <- clamp(p - lr_t * sign(dL/dp), lo, hi), lr_t = lr * (1 - t / T).
+Norm weights: g = g0 * (1 + d), d in [-A, A]. round(.), fp8(.) and round_dtype(.) are straight-through
+(identity gradient, STE). Loss: mean squared error between the quantized and the unquantized layer outputs.
+Update (signed gradient descent, SignRound): p <- clamp(p - lr_t * sign(dL/dp), lo, hi), lr_t = lr * (1 - t / T)
+for v (in grid steps), lr_t * RELATIVE_LR_RATIO for a and d (relative changes: one bf16 step of a scale is 2^-8).
 """
 
 from __future__ import annotations
