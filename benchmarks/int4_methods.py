@@ -199,6 +199,14 @@ def plan(args) -> list[dict]:
             if b == 4 or args.llmc_awq3:
                 for s in _ints(args.llmc_awq_seeds)[1:]:
                     llmc("awq", b, s)
+    for b in bits_list:  # more calibration seeds for the ablation only (KL tokens only, paired with/without)
+        for s in _ints(args.ablation_extra_seeds):
+            for norm, method in ((True, "AWQ"), (False, "AWQ no-qkv-scale")):
+                name = variant_name("ours", method, b) + " (extra seeds)"
+                rows.append({"kind": "ours", "name": name, "stages": awq(b, norm=norm), "seed": s,
+                             "tags": {"tool": "qwenquant", "method": method, "bits": b, "group_size": GROUP,
+                                      "symmetric": False, "norm_mappings": norm, "extra_seed": True,
+                                      "full_ppl": False}})
     if args.only:
         rows = [r for r in rows if re.search(args.only, r["name"])]
     return rows
@@ -363,7 +371,7 @@ def _fmt_cmp(c: dict | None, key_spec: str) -> str:
             f"-> **{c['verdict']}**")
 
 
-def findings(aggs: list[dict], bits_list: list[int]) -> tuple[str, dict]:
+def findings(aggs: list[dict], rows: list[dict], bits_list: list[int]) -> tuple[str, dict]:
     by = {g["variant"]: g for g in aggs}
 
     def get(tool, method, b):
@@ -409,24 +417,40 @@ def findings(aggs: list[dict], bits_list: list[int]) -> tuple[str, dict]:
                        f"{x['quant_wall_s']:.1f} s vs {y['quant_wall_s']:.1f} s "
                        f"(theirs/ours {y['quant_wall_s'] / x['quant_wall_s']:.2f}x){cpu}{mem}")
     abl = []
-    for b in bits_list:
-        on, off = get("ours", "AWQ", b), get("ours", "AWQ no-qkv-scale", b)
-        if not on or not off:
+    for b in bits_list:  # paired by calibration seed, pooling the main rows and any '(extra seeds)' rows
+        def pick(norm):
+            return {r["seed"]: r for r in rows if r.get("tool") == "qwenquant" and r.get("bits") == b
+                    and r.get("method") == ("AWQ" if norm else "AWQ no-qkv-scale")}
+        on, off = pick(True), pick(False)
+        seeds = sorted(set(on) & set(off))
+        if not seeds:
             continue
-        ck, cp = compare(on, off, "mean_kl"), compare(on, off, "delta_ppl_kl_pct")
-        ct = compare(on, off, "quant_wall_s")
-        claims[f"AWQ qkv scaling w{b}"] = {"kl": ck, "ppl_kl": cp, "wall": ct}
-        abl.append((b, ck, cp))
-        out.append(f"- AWQ input_layernorm -> q/k/v scaling, {b}-bit: with vs without: KL {_fmt_cmp(ck, '.3e')}; "
-                   f"Δppl (KL tokens) {_fmt_cmp(cp, '+.3f')}; wall {on['quant_wall_s']:.1f} vs "
-                   f"{off['quant_wall_s']:.1f} s")
+        d_kl = [100.0 * (on[s]["mean_kl"] - off[s]["mean_kl"]) / off[s]["mean_kl"] for s in seeds]
+        d_ppl = [on[s]["delta_ppl_kl_pct"] - off[s]["delta_ppl_kl_pct"] for s in seeds]
+        d_top1 = [on[s]["top1"] - off[s]["top1"] for s in seeds]
+        wins = sum(1 for d in d_kl if d < 0)
+        kl_on, kl_off = _mean([on[s]["mean_kl"] for s in seeds]), _mean([off[s]["mean_kl"] for s in seeds])
+        wall_on = _mean([on[s]["quant_wall_s"] for s in seeds])
+        wall_off = _mean([off[s]["quant_wall_s"] for s in seeds])
+        claims[f"AWQ qkv scaling w{b}"] = {
+            "seeds": seeds, "kl_with": [on[s]["mean_kl"] for s in seeds], "kl_without": [off[s]["mean_kl"] for s in seeds],
+            "kl_rel_diff_pct_per_seed": d_kl, "ppl_kl_diff_per_seed": d_ppl, "top1_diff_per_seed": d_top1,
+            "with_lower_kl_in": f"{wins}/{len(seeds)}", "wall_with_s": wall_on, "wall_without_s": wall_off}
+        abl.append((b, wins, len(seeds), _mean(d_kl)))
+        out.append(
+            f"- AWQ input_layernorm -> q/k/v scaling, {b}-bit, paired over seeds {','.join(map(str, seeds))}: mean KL "
+            f"{kl_on:.3e} with vs {kl_off:.3e} without; per-seed KL change with it "
+            f"{', '.join(f'{d:+.1f}%' for d in d_kl)} (mean {_mean(d_kl):+.1f}%; lower with it in {wins}/{len(seeds)}"
+            f" seeds); Δppl (KL tokens) change {', '.join(f'{d:+.2f}' for d in d_ppl)} points; top-1 change "
+            f"{', '.join(f'{d:+.4f}' for d in d_top1)}; quant wall {wall_on:.1f} vs {wall_off:.1f} s")
     if abl:
-        wins = sum(1 for _, ck, _ in abl if ck and ck["diff"] < 0)
-        sep = [f"{b}-bit {ck['verdict']}" for b, ck, _ in abl if ck]
-        claims["AWQ qkv scaling recommendation"] = (
-            "keep norm_mappings=True" if wins == len(abl) else
-            "norm_mappings=False" if wins == 0 else "mixed")
-        out.append(f"- AWQ qkv-scaling: lower mean KL with it in {wins}/{len(abl)} bit widths ({', '.join(sep)}).")
+        all_with = all(w == n for _, w, n, _ in abl)
+        none_with = all(w == 0 for _, w, n, _ in abl)
+        rec = ("keep norm_mappings=True (lower KL with it at every seed and bit width)" if all_with else
+               "norm_mappings=False (lower KL without it at every seed and bit width)" if none_with else
+               "no consistent difference: the sign of the per-seed KL change varies")
+        claims["AWQ qkv scaling recommendation"] = rec
+        out.append(f"- AWQ qkv-scaling default: {rec}.")
     return "\n".join(out), claims
 
 
@@ -437,7 +461,7 @@ def report(h, rows: list[dict], args, name: str, smoke_note: str = "") -> None:
     aggs = aggregate(all_rows)
     order = {"source": 0, "RTN sym": 1, "RTN asym": 2, "GPTQ": 3, "AWQ": 4, "AWQ no-qkv-scale": 5}
     aggs.sort(key=lambda g: (-(g["bits"]), order.get(g["method"], 9), g["tool"] != "qwenquant"))
-    text, claims = findings(aggs, _ints(args.bits))
+    text, claims = findings(aggs, all_rows, _ints(args.bits))
     table = table_md(aggs)
     print(table)
     print(text)
@@ -483,6 +507,9 @@ def main(argv=None) -> int:
     p.add_argument("--llmc-awq-seeds", default="0", help="llm-compressor AWQ seeds (~10-20 min each on 2 shared "
                                                           "CPU cores at N=64; the second one runs last)")
     p.add_argument("--llmc-awq3", action="store_true", help="also llm-compressor AWQ at 3 bits")
+    p.add_argument("--ablation-extra-seeds", default="",
+                   help="extra calibration seeds for the AWQ qkv-scaling ablation only (e.g. 2,3): rows "
+                        "'... (extra seeds)', KL tokens only, with and without the scaling")
     p.add_argument("--no-llmc", action="store_true")
     p.add_argument("--full-ppl", default="main",
                    help="which rows get the full-test perplexity: main (default: all but the AWQ ablation),"
