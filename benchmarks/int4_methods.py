@@ -219,22 +219,23 @@ def row_key(name: str, seed) -> str:
 # -- llm-compressor rows -------------------------------------------------------------------------------------------
 
 
-def run_llmc(h, job: dict, args, work: Path) -> dict:
-    seed, scheme, bits = job["seed"], job["scheme"], job["bits"]
-    calib = h.calibration(seed)
+def llmc_quantize(model_path, calib: torch.Tensor, seed: int, scheme: str, bits: int, threads, work: Path,
+                  tag_suffix: str = "") -> tuple[dict, dict, Path, float]:
+    """Run benchmarks/llmcompressor_baseline.py in its venv on exactly `calib`; returns (its JSON, the RSS / CPU
+    of its oneshot() call, the output folder, the whole subprocess' wall seconds)."""
     calib_path = work / f"calib_n{calib.shape[0]}_l{calib.shape[1]}_s{seed}.pt"
     if not calib_path.is_file():
         torch.save(calib.clone(), calib_path)
-    tag = f"llmc-{scheme}-w{bits}g{GROUP}-n{calib.shape[0]}-s{seed}"
+    tag = f"llmc-{scheme}-w{bits}g{GROUP}-n{calib.shape[0]}-s{seed}{tag_suffix}"
     out_dir, json_path, rss_path = work / tag, work / f"{tag}.json", work / f"{tag}.rss.json"
     wrapper = work / "_llmc_wrapper.py"
     wrapper.write_text(LLMC_WRAPPER)
     cmd = [str(LLMC_PY), str(wrapper), str(BENCH), str(rss_path),
-           "--model", str(h.resolved.path), "--calib-ids", str(calib_path), "--scheme", scheme, "--bits", str(bits),
+           "--model", str(model_path), "--calib-ids", str(calib_path), "--scheme", scheme, "--bits", str(bits),
            "--group-size", str(GROUP), "--out", str(out_dir), "--json", str(json_path)]
-    if args.threads:
-        cmd += ["--threads", str(args.threads)]
-    _log(f"{job['name']} seed={seed}: " + " ".join(cmd[3:]))
+    if threads:
+        cmd += ["--threads", str(threads)]
+    _log(f"llm-compressor {scheme} w{bits} seed={seed}: " + " ".join(cmd[3:]))
     t = time.perf_counter()
     with open(work / f"{tag}.log", "w") as logf:
         proc = subprocess.run(cmd, stdout=logf, stderr=subprocess.STDOUT, cwd=str(BENCH.parent))
@@ -244,7 +245,13 @@ def run_llmc(h, job: dict, args, work: Path) -> dict:
     res = json.loads(json_path.read_text())
     if res["calib_sha256"] != samples_hash(calib):
         raise RuntimeError(f"{tag}: llm-compressor was calibrated on different tokens than qwenquant")
-    mem = json.loads(rss_path.read_text())
+    return res, json.loads(rss_path.read_text()), out_dir, process_s
+
+
+def run_llmc(h, job: dict, args, work: Path) -> dict:
+    seed, scheme, bits = job["seed"], job["scheme"], job["bits"]
+    res, mem, out_dir, process_s = llmc_quantize(h.resolved.path, h.calibration(seed), seed, scheme, bits,
+                                                 args.threads, work)
     row = h.evaluate_external(job["name"], out_dir, tags=job["tags"], full_ppl=job["tags"]["full_ppl"])
     row.update(
         seed=seed,
@@ -493,6 +500,98 @@ def report(h, rows: list[dict], args, name: str, smoke_note: str = "") -> None:
     write_results(name, all_rows, meta, out_dir=args.out_dir, summary_md=summary, print_rows=False)
 
 
+# -- timing only: both tools back to back, alternating, quantization only -------------------------------------------
+
+
+TIMING_METHODS = {"gptq4": ("gptq", 4), "awq4": ("awq", 4), "gptq3": ("gptq", 3)}
+
+
+def timing(args) -> int:
+    """`--timing-reps N`: quantization wall / CPU time and ΔRSS of ours vs llm-compressor, run alternately
+    (ours, theirs, ours, theirs, ...) on the same seed-0 calibration ids with nothing else of ours running, so that
+    both see the same machine load. No evaluation. Writes results/<name>_timing.{json,md}."""
+    import copy
+
+    from qwenquant.calibration import load_calibration
+    from qwenquant.model.loader import load_model, resolve_model
+    from qwenquant.pipeline import QuantState
+    from qwenquant.recipe import CalibrationConfig, ExportConfig, ModelConfig, Recipe
+    from qwenquant.stages import build_stages
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    resolved = resolve_model(args.model)
+    source, tok = load_model(resolved, "bfloat16")
+    source.to("cpu")
+    calib = load_calibration(args.calib, tok, args.num_samples, args.seq_len, 0)
+    args.work_dir.mkdir(parents=True, exist_ok=True)
+    stages_of = {
+        "gptq": lambda b: [GPTQStage(bits=b, group_size=GROUP, symmetric=True, actorder="static",
+                                     dampening_frac=0.01)],
+        "awq": lambda b: [AWQStage(bits=b, group_size=GROUP, symmetric=False, clip=True)],
+    }
+    results = []
+    for rep in range(args.timing_reps):
+        for key in args.timing_methods.split(","):
+            scheme, bits = TIMING_METHODS[key]
+            stages = stages_of[scheme](bits)
+            recipe = Recipe(model=ModelConfig(id=str(resolved.path)), device="cpu",
+                            calibration=CalibrationConfig(args.calib, args.num_samples, args.seq_len, 0),
+                            stages=stages, export=ExportConfig(format=H._export_format_for(stages)))
+            order = ("ours", "llmc") if rep % 2 == 0 else ("llmc", "ours")
+            for tool in order:
+                load = os.getloadavg()[0]
+                if tool == "ours":
+                    model = copy.deepcopy(source)
+                    before, cpu, t = _current_rss(), time.process_time(), time.perf_counter()
+                    with H.RSSSampler() as rss:
+                        H.run_sequential(model, resolved.adapter, calib, build_stages(recipe), torch.device("cpu"),
+                                         QuantState())
+                    r = {"wall_s": time.perf_counter() - t, "cpu_s": time.process_time() - cpu,
+                         "rss_delta_bytes": rss.peak - before}
+                    del model
+                else:
+                    res, mem, _, process_s = llmc_quantize(resolved.path, calib, 0, scheme, bits, args.threads,
+                                                           args.work_dir, f"-timing{rep}")
+                    r = {"wall_s": res["wall_s"], "cpu_s": mem["cpu_s_oneshot"], "process_wall_s": process_s,
+                         "rss_delta_bytes": mem["peak_rss_during_oneshot"] - mem["rss_before_oneshot"]}
+                r |= {"rep": rep, "method": key, "tool": tool, "loadavg_1min_before": load}
+                _log(f"timing rep {rep} {key} {tool}: wall {r['wall_s']:.1f}s cpu {r['cpu_s']:.1f}s "
+                     f"ΔRSS {r['rss_delta_bytes'] / 2**20:.0f} MiB (load {load:.1f})")
+                results.append(r)
+    lines = ["| method | tool | wall s (each rep) | wall s median | CPU s (each rep) | CPU s median | ΔRSS MiB (max) |",
+             "|---|---|---|---:|---|---:|---:|"]
+    summary = {}
+    for key in args.timing_methods.split(","):
+        for tool in ("ours", "llmc"):
+            rs = [r for r in results if r["method"] == key and r["tool"] == tool]
+            walls, cpus = [r["wall_s"] for r in rs], [r["cpu_s"] for r in rs]
+            med_w, med_c = sorted(walls)[len(walls) // 2], sorted(cpus)[len(cpus) // 2]
+            summary[f"{key} {tool}"] = {"wall_median_s": med_w, "cpu_median_s": med_c, "walls": walls, "cpus": cpus}
+            lines.append(f"| {key} | {'qwenquant' if tool == 'ours' else 'llm-compressor'} | "
+                         f"{', '.join(f'{w:.1f}' for w in walls)} | {med_w:.1f} | {', '.join(f'{c:.1f}' for c in cpus)}"
+                         f" | {med_c:.1f} | {max(r['rss_delta_bytes'] for r in rs) / 2**20:.0f} |")
+    table = "\n".join(lines)
+    print(table)
+    env = H.environment_meta()
+    name = (args.name or "int4_methods") + "_timing"
+    out = Path(args.out_dir)
+    (out / f"{name}.json").write_text(json.dumps({"meta": env | {
+        "num_samples": args.num_samples, "seq_len": args.seq_len, "calib_sha256": samples_hash(calib),
+        "threads": args.threads, "reps": args.timing_reps}, "summary": summary, "runs": results}, indent=1) + "\n")
+    (out / f"{name}.md").write_text("\n".join([
+        f"# {name}", "",
+        f"- date (UTC): {env['date_utc']}; {env['machine']['cpu_count']} CPUs, shared; torch threads {args.threads} "
+        f"(llm-compressor too); calibration builtin {args.num_samples} x {args.seq_len}, seed 0 (same ids for both)",
+        f"- command: `{env['command']}`",
+        "- quantization only (no evaluation), the two tools alternating (ours first in even reps, theirs first in odd "
+        "reps); wall = qwenquant `run_sequential` / llm-compressor `oneshot()`; CPU = process CPU seconds of that "
+        "call; ΔRSS = peak RSS during the call minus RSS before it", "",
+        table, ""]))
+    _log(f"wrote {out / (name + '.json')} and {out / (name + '.md')}")
+    return 0
+
+
 # -- main ----------------------------------------------------------------------------------------------------------
 
 
@@ -520,6 +619,10 @@ def main(argv=None) -> int:
     p.add_argument("--name", default=None, help="results name (default int4_methods, int4_methods_smoke)")
     p.add_argument("--smoke", action="store_true",
                    help="tiny settings: 2 ppl windows, 1 KL window, 8 calibration samples of 256 tokens")
+    p.add_argument("--timing-reps", type=int, default=0,
+                   help="timing-only mode: N alternating reps of quantization only, ours vs llm-compressor "
+                        "(writes <name>_timing.{json,md}; no evaluation)")
+    p.add_argument("--timing-methods", default="gptq4,awq4,gptq3")
     p.add_argument("--plan", action="store_true")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--report-only", action="store_true", help="rewrite the results from the partial file")
@@ -528,6 +631,8 @@ def main(argv=None) -> int:
         args.ppl_windows, args.kl_windows, args.num_samples, args.seq_len = 2, 1, 8, 256
     name = args.name or ("int4_methods_smoke" if args.smoke else "int4_methods_quick" if args.quick
                          else "int4_methods")
+    if args.timing_reps:
+        return timing(args)
     jobs = plan(args)
     if args.plan:
         for j in jobs:
