@@ -9,6 +9,7 @@ from __future__ import annotations
 import resource
 import time
 from contextlib import contextmanager
+from functools import partial
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -23,7 +24,7 @@ from qwenquant.recipe import QUANTIZER_STAGES
 
 
 class _StopForward(Exception):
-    """Raised by the capture hook once layer 0's inputs are recorded."""
+    """Raised by an observing hook once everything needed from this forward is recorded."""
 
 
 def get_module(root: nn.Module, dotted: str) -> nn.Module:
@@ -157,6 +158,9 @@ class LayerContext:
     model_config: object
     state: QuantState
     float_state: dict[str, torch.Tensor] | None = None  # the layer as it entered the quantizer (compensate only)
+    _stop_early: bool = field(default=False, repr=False)
+    _batch: int = field(default=0, repr=False)
+    _frozen: dict[str, tuple[nn.Module, Callable | None]] = field(default_factory=dict, repr=False)
 
     def linear(self, name: str) -> nn.Linear:
         return self.layer.get_submodule(name)  # type: ignore[return-value]
@@ -166,29 +170,78 @@ class LayerContext:
 
     @torch.no_grad()
     def forward(self, keep_outputs: bool = False) -> list[torch.Tensor]:
-        """Run the layer over every calibration batch (with the current weights and hooks)."""
+        """Run the layer over every calibration batch (with the current weights and hooks).
+
+        Inside `observe_inputs(..., stop_early=True)` each batch stops once every observed Linear has seen its
+        input (nothing after it is needed), so outputs cannot be kept there."""
+        if keep_outputs and self._stop_early:
+            raise RuntimeError("forward(keep_outputs=True) inside observe_inputs(stop_early=True)")
         outs = []
-        for h, kw in zip(self.cache.hidden, self.cache.kwargs):
-            out = self.layer(h.to(self.device), **_to(kw, self.device))
+        for self._batch, (h, kw) in enumerate(zip(self.cache.hidden, self.cache.kwargs)):
+            try:
+                out = self.layer(h.to(self.device), **_to(kw, self.device))
+            except _StopForward:
+                continue
             out = out[0] if isinstance(out, tuple) else out
             if keep_outputs:
                 outs.append(out.detach().to(self.cache.store_device))
         return outs
 
     @contextmanager
-    def observe_inputs(self, names: list[str], fn: Callable[[str, torch.Tensor], None]) -> Iterator[None]:
-        """Call fn(name, input) for each listed Linear during forwards inside the block."""
-        handles = []
+    def observe_inputs(self, names: list[str], fn: Callable[[str, torch.Tensor], None],
+                       stop_early: bool = True) -> Iterator[None]:
+        """Call fn(name, input) for each listed Linear during forwards inside the block.
+
+        `stop_early`: abandon each batch's forward once all listed Linears have seen their inputs (true-sequential
+        GPTQ observes q/k/v, o, gate/up and down in turn; the rest of the layer would be computed for nothing)."""
+        handles, seen = [], set()
+        wanted = set(names)
+
+        def hook(_m, args, name):
+            fn(name, args[0].detach())
+            if stop_early:
+                seen.add(name)
+                if seen >= wanted:
+                    seen.clear()
+                    raise _StopForward
+
         try:
             for name in names:
-                def hook(_m, args, name=name):
-                    fn(name, args[0].detach())
-
-                handles.append(self.linear(name).register_forward_pre_hook(hook))
+                handles.append(self.linear(name).register_forward_pre_hook(partial(hook, name=name)))
+            self._stop_early = stop_early
             yield
         finally:
+            self._stop_early = False
             for h in handles:
                 h.remove()
+
+    def freeze_outputs(self, submodule: str) -> None:
+        """Promise that `submodule`'s weights are final for the rest of this stage: from now on its output per
+        calibration batch is computed once and then reused (e.g. self_attn once q/k/v/o are quantized, saving the
+        attention in the later GPTQ passes). `unfreeze_all` ends the promise; the pipeline calls it before every
+        stage and after propagation."""
+        module = self.layer.get_submodule(submodule)
+        if submodule in self._frozen:
+            return
+        outputs: list = [None] * len(self.cache.hidden)
+        original = module.forward
+        ctx = self
+
+        def forward(*args, **kwargs):
+            if outputs[ctx._batch] is None:
+                outputs[ctx._batch] = _to(original(*args, **kwargs), ctx.cache.store_device)
+            return _to(outputs[ctx._batch], ctx.device)
+
+        self._frozen[submodule] = (module, module.__dict__.get("forward"))  # an instance forward (hooks) or None
+        module.forward = forward
+
+    def unfreeze_all(self) -> None:
+        for module, instance_forward in self._frozen.values():
+            if instance_forward is None:
+                del module.forward  # back to the class's forward
+            else:
+                module.forward = instance_forward
+        self._frozen.clear()
 
     def activation_specs(self) -> dict[str, ActivationSpec]:
         """This layer's activation specs, keyed by names relative to the layer."""
@@ -232,6 +285,7 @@ def run_sequential(
         ctx = LayerContext(i, f"{adapter.layers_path}.{i}.", layer, adapter, cache, device, model.config, state)
         report: dict = {"layer": i}
         for name, stage in stages:
+            ctx.unfreeze_all()  # a stage may change any weight: outputs frozen by an earlier stage are stale
             if keep_float and name in QUANTIZER_STAGES:  # a compensate stage fits the quantized layer to this copy
                 ctx.float_state = {k: v.detach().clone() for k, v in layer.state_dict().items()}
             t = time.perf_counter()
@@ -245,6 +299,7 @@ def run_sequential(
             with activation_quantization(layer, ctx.activation_specs()):
                 cache = ActivationCache(ctx.forward(keep_outputs=True), cache.kwargs, cache.store_device)
             state.add_time("propagate", time.perf_counter() - t)
+        ctx.unfreeze_all()
         layer.to("cpu")
         state.layer_reports.append(report)
         if on_layer_done:

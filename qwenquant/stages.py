@@ -158,7 +158,12 @@ def gptq_layer(ctx: LayerContext, cfg: GPTQStage) -> dict:
         dampening_frac=cfg.dampening_frac, block_size=cfg.block_size,
     )
     report: dict = {}
+    done: set[str] = set()
     for group in ctx.adapter.sequential_groups:
+        for submodule, linears in ctx.adapter.output_determined_by:  # final already: reuse its outputs
+            if done.issuperset(linears):
+                ctx.freeze_outputs(submodule)
+        done.update(group)
         group = quantized_names(ctx, group)
         if not group:
             continue
@@ -169,9 +174,9 @@ def gptq_layer(ctx: LayerContext, cfg: GPTQStage) -> dict:
 
         with ctx.observe_inputs([group[0]], observe):  # members of a group share one input
             ctx.forward()
-        for name in group:
-            w = ctx.linear(name).weight.data
-            qw, loss = gptqq.quantize_weight(w.float(), hessian["H"], gcfg, scale_dtype=w.dtype)
+        weights = [ctx.linear(name).weight.data for name in group]
+        results = gptqq.quantize_weights_shared(weights, hessian["H"], gcfg, scale_dtype=weights[0].dtype)
+        for name, (qw, loss) in zip(group, results):
             _store_int(ctx, name, qw, report, {"gptq_loss": loss})
     return report
 

@@ -91,14 +91,14 @@ def test_gptq_is_true_sequential(tiny, monkeypatch) -> None:
     differs from the Hessian of the unquantized model."""
     source, adapter, calib, _ = tiny
     model = copy.deepcopy(source)
-    seen: list[tuple[torch.Size, torch.Tensor]] = []  # (weight shape, Hessian) per quantize_weight call, in order
-    real = gptqq.quantize_weight
+    seen: list[tuple[torch.Size, torch.Tensor]] = []  # (weight shape, Hessian) per quantized Linear, in order
+    real = gptqq.quantize_weights_shared
 
-    def spy(W, H, config, scale_dtype=torch.bfloat16):
-        seen.append((W.shape, H.clone()))
-        return real(W, H, config, scale_dtype)
+    def spy(Ws, H, config, scale_dtype=torch.bfloat16):
+        seen.extend((W.shape, H.clone()) for W in Ws)
+        return real(Ws, H, config, scale_dtype)
 
-    monkeypatch.setattr(gptqq, "quantize_weight", spy)
+    monkeypatch.setattr(gptqq, "quantize_weights_shared", spy)
     state = quantize(model, adapter, calib, "gptq", gptq_layer, GPTQStage(bits=4, group_size=128))
 
     order = [n for g in adapter.sequential_groups for n in g]
@@ -195,3 +195,27 @@ def test_awq_without_norm_mappings_skips_input_layernorm(tiny) -> None:
     default = copy.deepcopy(src)
     quantize(default, adapter, calib, "awq", awq_layer, AWQStage(bits=3, group_size=128))
     assert not torch.equal(default.model.layers[0].input_layernorm.weight, src.model.layers[0].input_layernorm.weight)
+
+
+def test_observe_inputs_stops_each_forward_after_the_last_observed_linear(tiny) -> None:
+    """Observing q_proj needs nothing after it: the MLP must not run, and the inputs seen equal a full forward's."""
+    from qwenquant.pipeline import LayerContext
+
+    source, adapter, calib, _ = tiny
+    model = copy.deepcopy(source)
+    cache = capture_layer0_inputs(model, adapter, calib, 8, CPU)
+    layer = model.model.layers[0]
+    ctx = LayerContext(0, "model.layers.0.", layer, adapter, cache, CPU, model.config, QuantState())
+    mlp_calls = []
+    handle = layer.mlp.down_proj.register_forward_pre_hook(lambda *_: mlp_calls.append(1))
+    early, full = [], []
+    with ctx.observe_inputs(["self_attn.q_proj"], lambda _n, x: early.append(x.clone())):
+        assert ctx.forward() == []
+    with ctx.observe_inputs(["self_attn.q_proj"], lambda _n, x: full.append(x.clone()), stop_early=False):
+        ctx.forward()
+    handle.remove()
+    assert len(mlp_calls) == len(cache.hidden)  # only the stop_early=False pass reached the MLP
+    assert len(early) == len(full) == len(cache.hidden)
+    assert all(torch.equal(a, b) for a, b in zip(early, full))
+    with pytest.raises(RuntimeError), ctx.observe_inputs(["self_attn.q_proj"], lambda *_: None):
+        ctx.forward(keep_outputs=True)

@@ -34,6 +34,9 @@ class ArchAdapter:
     norms: tuple[str, ...] = ()  # the layer's RMSNorms on the residual stream (tuned by compensation)
     head_norms: tuple[str, ...] = ()  # per-head norms on q/k (Qwen3's q_norm/k_norm), tuned only on request
     fused_names: tuple[str, ...] = ()  # vLLM/SGLang module name of each fused group (same order as fused_groups)
+    # submodule -> the Linears that alone determine its output given its input (its output can be reused once
+    # they are final, e.g. attention after q/k/v/o in true-sequential GPTQ)
+    output_determined_by: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
     def fused_group_of(self, linear: str) -> tuple[str, ...]:
         for group in self.fused_groups:
@@ -75,6 +78,9 @@ QWEN3 = ArchAdapter(
     ),
     norms=("input_layernorm", "post_attention_layernorm"),
     head_norms=("self_attn.q_norm", "self_attn.k_norm"),
+    output_determined_by=(
+        ("self_attn", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")),
+    ),
 )
 
 ADAPTERS: tuple[ArchAdapter, ...] = (QWEN3,)

@@ -205,3 +205,22 @@ def test_accumulate_hessian_is_running_mean() -> None:
     flat = x.reshape(-1, 8).double()
     assert n == 30
     assert torch.allclose(h.double(), 2 * flat.T @ flat / 30, atol=1e-5)
+
+
+@pytest.mark.parametrize("actorder", [None, "static", "group"])
+def test_shared_hessian_stack_equals_separate_runs(layer, actorder) -> None:
+    """q/k/v share one input: quantizing their stacked rows once must give each exactly its separate result."""
+    _, w, h = layer
+    ws = [w[:32], w[32:48] * 3.0, w[48:]]
+    cfg = GPTQConfig(bits=4, group_size=64, actorder=actorder)
+    from qwenquant.quant.gptq import quantize_weights_shared
+
+    shared = quantize_weights_shared(ws, h, cfg)
+    for wi, (rec, loss) in zip(ws, shared):
+        ref, ref_loss = quantize_weight(wi, h, cfg)
+        assert torch.equal(rec.q, ref.q) and torch.equal(rec.scale, ref.scale)
+        assert torch.equal(rec.zero_point, ref.zero_point)
+        assert (rec.g_idx is None) == (ref.g_idx is None)
+        if ref.g_idx is not None:
+            assert torch.equal(rec.g_idx, ref.g_idx)
+        assert loss == pytest.approx(ref_loss, rel=1e-5)
