@@ -57,7 +57,8 @@ harness.run_sequential = _keeping_state
 
 def variants(steps: int, lr: float) -> list[dict]:
     """name, stages, whether the result depends on calibration, the baseline it is compared with."""
-    comp = CompensateStage(steps=steps, lr=lr)
+    comp = CompensateStage(steps=steps, lr=lr, target="layer")
+    comp_f = CompensateStage(steps=steps, lr=lr, target="float")
     fp8 = dict(weights="channel", activations="dynamic")
     static = dict(weights="tensor", activations="static")
     out = [
@@ -73,6 +74,12 @@ def variants(steps: int, lr: float) -> list[dict]:
         ("int4 g128 gptq + compensate", [GPTQStage(4, 128), comp], True, "int4 g128 gptq"),
         ("int3 g128 gptq", [GPTQStage(3, 128)], True, None),
         ("int3 g128 gptq + compensate", [GPTQStage(3, 128), comp], True, "int3 g128 gptq"),
+        # target "float": fit to the unquantized model's own layer outputs (absorbs error from earlier layers)
+        ("int4 g128 rtn + compensate (float target)", [RTNStage(4, 128), comp_f], True, "int4 g128 rtn"),
+        ("int4 g128 gptq + compensate (float target)", [GPTQStage(4, 128), comp_f], True, "int4 g128 gptq"),
+        ("int3 g128 gptq + compensate (float target)", [GPTQStage(3, 128), comp_f], True, "int3 g128 gptq"),
+        ("int4 g128 rtn + scale search", [RTNStage(4, 128, clip_search=True)], True, "int4 g128 rtn"),
+        ("int4 g128 gptq + scale search", [GPTQStage(4, 128, clip_search=True)], True, "int4 g128 gptq"),
     ]
     return [{"name": n, "stages": s, "calib": c, "baseline": b} for n, s, c, b in out]
 
@@ -101,7 +108,7 @@ def layer_summary(state) -> dict:
         a = rep.get("smooth", {}).get("alpha_search")
         if a:
             alphas[rep["layer"]] = {"alpha": a["alpha"], "error_at_default": a["error_at_default"], "error": a["error"]}
-        for n, v in (rep.get("fp8") or {}).items():
+        for n, v in {**(rep.get("fp8") or {}), **(rep.get("rtn") or {}), **(rep.get("gptq") or {})}.items():
             if isinstance(v, dict) and "clip_search" in v:
                 clips[f"{rep['layer']}.{n}"] = v["clip_search"]
     return {"compensate": comp, "alpha": alphas, "clip": clips}

@@ -49,14 +49,37 @@ def _fmt(v, spec: str) -> str:
     return "n/a" if v is None else format(v, spec)
 
 
+def bench_columns(folder: Path) -> dict:
+    """{"bench": summary} when `folder` (or its bench/ subfolder) holds a qwenquant_bench.json, else {}."""
+    from qwenquant.bench.output import find_bench, summary
+
+    data = find_bench(folder)
+    return {} if data is None else {"bench": summary(data)}
+
+
+def _bench_values(b: dict | None) -> tuple[str, str, str]:
+    """(decode tok/s, prefill tok/s, peak MiB) of a bench summary; peak on CPU = weight + KV tensor bytes."""
+    if not b:
+        return "n/a", "n/a", "n/a"
+    peak = b["peak_bytes"] if b["peak_bytes"] is not None else b["weights_bytes"] + (b["kv_cache_bytes"] or 0)
+    return _fmt(b["decode_tokens_per_s"], ".1f"), _fmt(b["prefill_tokens_per_s"], ".0f"), f"{peak / 2**20:.0f}"
+
+
+def _bench_cells(b: dict | None) -> str:
+    return "".join(f" {v} |" for v in _bench_values(b))
+
+
 def render_table(rows: list[dict]) -> str:
     head = "| run | stages | format | ppl | Δppl % | mean KL | top-1 % | size MiB | quantize s | peak RSS MiB | verified |"
-    lines = [head, "|" + "---|" * 11]
+    bench = any(r.get("bench") for r in rows)  # qwenquant bench columns (batch 1; see each run's bench/BENCH.md)
+    if bench:
+        head += " decode tok/s | prefill tok/s | bench peak MiB |"
+    lines = [head, "|" + "---|" * (14 if bench else 11)]
     for r in rows:
         lines.append(
             f"| {r['name']} | {r['stages']} | {r['format']} | {_fmt(r['ppl'], '.3f')} | {_fmt(r['delta_ppl_pct'], '+.3f')} | "
             f"{r['mean_kl']:.5f} | {100 * r['top1_agreement']:.2f} | {r['output_mib']:.1f} | {_fmt(r['quantize_s'], '.1f')} | "
-            f"{r['peak_host_mib']:.0f} | {r['verified']} |"
+            f"{r['peak_host_mib']:.0f} | {r['verified']} |" + (_bench_cells(r.get("bench")) if bench else "")
         )
     return "\n".join(lines)
 
@@ -80,6 +103,22 @@ def _plots(rows: list[dict], out: Path) -> list[str]:
     return ["accuracy_vs_size.png"]
 
 
+def _bench_notes(rows: list[dict], meta: dict) -> list[str]:
+    """How the bench columns were measured, and the source's own bench figures (compare --bench)."""
+    benches = [r["bench"] for r in rows if r.get("bench")]
+    if not benches:
+        return []
+    b = benches[0]
+    lines = [f"Bench columns: `qwenquant bench`, batch {b['batch']}, context {b['context']}, on {b['device']}"
+             f"{' (CPU numbers are not GPU numbers)' if b.get('cpu_note') else ''}; peak is "
+             f"{'allocated VRAM' if b['memory_kind'] == 'cuda-allocator' else 'weights + KV cache tensor bytes'}."]
+    src = meta.get("source_bench")
+    if src:
+        decode, prefill, peak = _bench_values(src)
+        lines.append(f"Source model: decode {decode} tok/s, prefill {prefill} tok/s, peak {peak} MiB.")
+    return lines + [""]
+
+
 def write_comparison(rows: list[dict], out: Path, meta: dict) -> dict:
     """compare.json + COMPARE.md + plots in `out`."""
     evals = {json.dumps(r["eval"], sort_keys=True) for r in rows}
@@ -92,6 +131,6 @@ def write_comparison(rows: list[dict], out: Path, meta: dict) -> dict:
     ev = rows[0]["eval"] if rows else {}
     md = [f"# qwenquant comparison", "", f"Perplexity on {ev.get('text')}, windows of {ev.get('window')} tokens "
           f"({ev.get('windows')} windows); mean KL is per token vs the source model.", note, render_table(rows), "",
-          *[f"![{p}]({p})" for p in plots], ""]
+          *_bench_notes(rows, meta), *[f"![{p}]({p})" for p in plots], ""]
     (out / "COMPARE.md").write_text("\n".join(md))
     return data

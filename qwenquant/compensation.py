@@ -41,10 +41,12 @@ def _rows(obj, start: int, stop: int, batch: int):
     return obj
 
 
-def select_batches(ctx: LayerContext, samples: int, batch_size: int) -> list[tuple[torch.Tensor, dict]]:
-    """The first `samples` calibration inputs of the layer, as minibatches of `batch_size` samples."""
+def select_batches(ctx: LayerContext, samples: int, batch_size: int, cache=None) -> list[tuple[torch.Tensor, dict]]:
+    """The first `samples` calibration inputs of the layer (from `cache`, default the quantized path's), as
+    minibatches of `batch_size` samples."""
     out, taken = [], 0
-    for h, kw in zip(ctx.cache.hidden, ctx.cache.kwargs):
+    cache = cache if cache is not None else ctx.cache
+    for h, kw in zip(cache.hidden, cache.kwargs):
         for start in range(0, h.shape[0], batch_size):
             if taken >= samples:
                 return out
@@ -65,13 +67,13 @@ def _float32(state: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def _output_error(ctx: LayerContext, params: dict, batches, targets) -> float:
-    """Relative squared error of the layer's residual branches, sum ||y_q - y||^2 / sum ||y - x||^2, with the
-    engine's activation quantization simulated."""
+def _output_error(ctx: LayerContext, params: dict, batches, targets, ref_inputs) -> float:
+    """Relative squared error of the layer's residual branches, sum ||y_q - y||^2 / sum ||y - x||^2 (x: the
+    target's inputs), with the engine's activation quantization simulated."""
     err = ref = 0.0
     with activation_quantization(ctx.layer, ctx.activation_specs()):
-        for (h, kw), y in zip(batches, targets):
-            e, r = cq.branch_error(_forward32(ctx, params, h, kw), y.to(ctx.device), h.to(ctx.device))
+        for (h, kw), y, x in zip(batches, targets, ref_inputs):
+            e, r = cq.branch_error(_forward32(ctx, params, h, kw), y.to(ctx.device), x.to(ctx.device))
             err, ref = err + e, ref + r
     return err / max(ref, 1e-30)
 
@@ -89,9 +91,9 @@ def _init_linears(ctx: LayerContext, names: list[str], rounding: bool) -> dict[s
         record = _moved(ctx.state.records[ctx.full_name(name)], ctx.device)
         a = None
         if record.kind == "fp8" and record.granularity == "tensor":
-            group = ctx.adapter.fused_group_of(name)
+            group = next((g for g in ctx.adapter.fused_groups if name in g), (name,))  # shards sharing one scale
             a = shared.setdefault(group, torch.zeros_like(record.scale, dtype=torch.float32))
-        w = ctx.float_state[f"{name}.weight"].to(ctx.device)
+        w = ctx.pre_rounding.get(name, ctx.float_state[f"{name}.weight"]).to(ctx.device)
         linears[name] = cq.init_compensation(w, record, a, rounding)
     for p in linears.values():
         for t in p.parameters():
@@ -107,11 +109,14 @@ def compensate_layer(ctx: LayerContext, cfg: CompensateStage) -> dict:
     names = [n for n in ctx.adapter.linears if ctx.full_name(n) in ctx.state.records]
     norms = (ctx.adapter.norms if cfg.norms else ()) + (ctx.adapter.head_norms if cfg.qk_norms else ())
     batches = select_batches(ctx, cfg.samples, cfg.batch_size)
+    # target "float": the unquantized model's layer output (its own inputs); "layer": the unquantized layer on ours
+    target_batches = select_batches(ctx, cfg.samples, cfg.batch_size, ctx.float_cache) if cfg.target == "float" else batches
     with torch.no_grad():
         float_params = _float32(ctx.float_state, ctx.device)
-        targets = [_forward32(ctx, float_params, h, kw).to(ctx.cache.store_device) for h, kw in batches]
+        targets = [_forward32(ctx, float_params, h, kw).to(ctx.cache.store_device) for h, kw in target_batches]
     del float_params
-    before = _output_error(ctx, _live_params(ctx), batches, targets)
+    ref_inputs = [h for h, _ in target_batches]
+    before = _output_error(ctx, _live_params(ctx), batches, targets, ref_inputs)
 
     linears = _init_linears(ctx, names, cfg.rounding)
     norm0 = {n: ctx.layer.get_submodule(n).weight.detach().float() for n in norms}
@@ -147,7 +152,7 @@ def compensate_layer(ctx: LayerContext, cfg: CompensateStage) -> dict:
               "output_error_before": before, "output_error_after": before,
               "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None}
     if status == "compensated":
-        after, moved = _apply(ctx, linears, norm0, norm_change, batches, targets, before)
+        after, moved = _apply(ctx, linears, norm0, norm_change, batches, targets, ref_inputs, before)
         report.update(output_error_after=min(after, before), **moved)
         if after >= before:
             status = f"kept the quantizer's result: tuned output error {after:.4g} >= {before:.4g}"
@@ -156,7 +161,8 @@ def compensate_layer(ctx: LayerContext, cfg: CompensateStage) -> dict:
     return report
 
 
-def _apply(ctx: LayerContext, linears, norm0, norm_change, batches, targets, before: float) -> tuple[float, dict]:
+def _apply(ctx: LayerContext, linears, norm0, norm_change, batches, targets, ref_inputs,
+           before: float) -> tuple[float, dict]:
     """Write the tuned records, weights and norms; measure; put everything back if the error did not drop."""
     dtype = next(ctx.layer.parameters()).dtype
     saved_records = {n: ctx.state.records[ctx.full_name(n)] for n in linears}
@@ -174,7 +180,7 @@ def _apply(ctx: LayerContext, linears, norm0, norm_change, batches, targets, bef
             ctx.state.records[ctx.full_name(n)] = _moved(record, "cpu")
         for n, d in norm_change.items():
             ctx.layer.get_submodule(n).weight.data = (norm0[n] * (1.0 + d)).to(dtype)
-    after = _output_error(ctx, _live_params(ctx), batches, targets)
+    after = _output_error(ctx, _live_params(ctx), batches, targets, ref_inputs)
     if after >= before:
         for n in linears:
             ctx.state.records[ctx.full_name(n)] = saved_records[n]

@@ -37,3 +37,9 @@ class ResourceError(QwenquantError):
     """Disk or memory ran out."""
 
     exit_code = EXIT_RESOURCES
+
+
+class InterruptedRun(QwenquantError):
+    """Ctrl-C or SIGTERM stopped a run whose finished layers were kept for --resume."""
+
+    exit_code = 130

@@ -33,9 +33,10 @@ from qwenquant.sensitivity import fused_units, group_label, rank_groups, scheme_
 QuantizeAndEvaluate = Callable[[Recipe, nn.Module], tuple]
 
 
-def all_groups(adapter: ArchAdapter, num_layers: int) -> list[tuple[str, ...]]:
-    """Every fused group of the model as full Linear names, layer by layer."""
-    return [tuple(f"{adapter.layers_path}.{i}.{n}" for n in g) for i in range(num_layers) for g in fused_units(adapter)]
+def all_groups(adapter: ArchAdapter, num_layers: int, config=None) -> list[tuple[str, ...]]:
+    """Every fused group of the model as full Linear names, layer by layer (`config` tells MoE layers apart)."""
+    return [tuple(f"{adapter.layers_path}.{i}.{n}" for n in g)
+            for i, layer in enumerate(adapter.layers(config, num_layers)) for g in fused_units(layer)]
 
 
 def check_mixed_precision(recipe: Recipe, adapter: ArchAdapter, config: dict) -> None:
@@ -43,11 +44,11 @@ def check_mixed_precision(recipe: Recipe, adapter: ArchAdapter, config: dict) ->
     stage = recipe.stage("mixed_precision")
     if stage is None:
         return
-    groups = all_groups(adapter, int(config["num_hidden_layers"]))
+    groups = all_groups(adapter, int(config["num_hidden_layers"]), config)
     n = len(groups)
     if isinstance(stage.keep_sensitive, int) and stage.keep_sensitive > n:
         raise BadInputError(f"--keep-sensitive {stage.keep_sensitive}: the model has only {n} fused groups "
-                            f"({config['num_hidden_layers']} layers x {len(fused_units(adapter))}); use at most {n}")
+                            f"in {config['num_hidden_layers']} layers; use at most {n}")
     if stage.keep is None:
         return
     group_of = {name: g for g in groups for name in g}
@@ -92,15 +93,14 @@ def run_mixed_precision(recipe: Recipe, model: nn.Module, adapter: ArchAdapter, 
         recipe, report["measured"] = with_keep(recipe, []), False
         stage = recipe.stage("mixed_precision")
     if stage.keep is not None:
-        report |= {"keep": list(stage.keep), "kept_groups": _groups_of(stage.keep, adapter)}
+        report |= {"keep": list(stage.keep), "kept_groups": _groups_of(stage.keep, adapter, model.config)}
         return MixedOutcome(recipe, model, quantize_and_evaluate(recipe, model), report)
 
     scheme = scheme_for_stage(recipe.stage(recipe.quantizer))
     windows = calib[: stage.sensitivity_samples]
-    n_layers = len(model.get_submodule(adapter.layers_path))
+    n_groups = len(all_groups(adapter, len(model.get_submodule(adapter.layers_path)), model.config))
     model.to(device)
-    with reporter.step(f"sensitivity ({n_layers * len(fused_units(adapter))} fused groups, {scheme.label})",
-                       n_layers * len(fused_units(adapter))) as advance:
+    with reporter.step(f"sensitivity ({n_groups} fused groups, {scheme.label})", n_groups) as advance:
         ranking, measured = rank_groups(model, adapter, windows, scheme, device, on_unit=lambda i, n: advance())
     model.to("cpu")
     rows = {r["unit"]: r for r in measured.rows}
@@ -116,7 +116,7 @@ def run_mixed_precision(recipe: Recipe, model: nn.Module, adapter: ArchAdapter, 
     if stage.keep_sensitive != "auto":
         keep = [name for g in ranking[: stage.keep_sensitive] for name in g]
         resolved = with_keep(recipe, keep)
-        report |= {"keep": keep, "kept_groups": _groups_of(keep, adapter)}
+        report |= {"keep": keep, "kept_groups": _groups_of(keep, adapter, model.config)}
         return MixedOutcome(resolved, model, quantize_and_evaluate(resolved, model), report)
 
     limit = recipe.eval.max_ppl_increase_pct
@@ -144,7 +144,7 @@ def run_mixed_precision(recipe: Recipe, model: nn.Module, adapter: ArchAdapter, 
     # the selection's prefix is the best candidate: the first that passed, or the lowest perplexity (fewest on ties)
     report |= {
         "keep": [name for g in selection.keep for name in g],
-        "kept_groups": _groups_of([n for g in selection.keep for n in g], adapter),
+        "kept_groups": _groups_of([n for g in selection.keep for n in g], adapter, model.config),
         "search": {"limit_pct": limit, "max_keep": stage.max_keep, "met": selection.met,
                    "attempts": [{"kept_groups": k, "delta_ppl_pct": d} for k, d in selection.measured]},
     }
@@ -161,12 +161,13 @@ def _split(name: str, adapter: ArchAdapter) -> tuple[str, str]:
     return head + index, rel
 
 
-def _groups_of(keep: list[str], adapter: ArchAdapter) -> list[str]:
+def _groups_of(keep: list[str], adapter: ArchAdapter, config=None) -> list[str]:
     """Labels like `model.layers.3:gate+up` of the fused groups a keep list covers, in its order."""
     labels: list[str] = []
     for name in keep:
         prefix, rel = _split(name, adapter)
-        label = f"{prefix}:{group_label(adapter.fused_group_of(rel))}"
+        layer = adapter.for_layer(config, int(prefix.rsplit(".", 1)[1]))
+        label = f"{prefix}:{group_label(layer.fused_group_of(rel))}"
         if label not in labels:
             labels.append(label)
     return labels

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from qwenquant.errors import BadInputError
+from qwenquant.model.moe import observe_all_tokens, routing_counts
 from qwenquant.model.qwen3 import ArchAdapter
 from qwenquant.quant.fp8 import fake_quantize_activation
 from qwenquant.quant.records import QuantizedWeight
@@ -158,6 +159,10 @@ class LayerContext:
     model_config: object
     state: QuantState
     float_state: dict[str, torch.Tensor] | None = None  # the layer as it entered the quantizer (compensate only)
+    float_cache: ActivationCache | None = None  # this layer's inputs in the unquantized model (compensate target=float)
+    # per Linear: the weight a quantizer rounded to nearest when that is not the float weight (GPTQ's error-fed
+    # weights); compensation tunes the rounding from it
+    pre_rounding: dict[str, torch.Tensor] = field(default_factory=dict)
     _stop_early: bool = field(default=False, repr=False)
     _batch: int = field(default=0, repr=False)
     _frozen: dict[str, tuple[nn.Module, Callable | None]] = field(default_factory=dict, repr=False)
@@ -209,7 +214,8 @@ class LayerContext:
             for name in names:
                 handles.append(self.linear(name).register_forward_pre_hook(partial(hook, name=name)))
             self._stop_early = stop_early
-            yield
+            with observe_all_tokens(self.layer, names):  # MoE: observed experts see every token (model/moe.py)
+                yield
         finally:
             self._stop_early = False
             for h in handles:
@@ -255,6 +261,19 @@ class LayerContext:
 Stage = Callable[[LayerContext], dict]
 
 
+@torch.no_grad()
+def propagate_float(ctx: LayerContext) -> ActivationCache:
+    """The next layer's inputs in the unquantized model: this layer as it entered the quantizer, on its float inputs."""
+    from torch.func import functional_call
+
+    params = {k: v.to(ctx.device) for k, v in ctx.float_state.items()}
+    outs = []
+    for h, kw in zip(ctx.float_cache.hidden, ctx.float_cache.kwargs):
+        out = functional_call(ctx.layer, params, (h.to(ctx.device),), _to(kw, ctx.device))
+        outs.append((out[0] if isinstance(out, tuple) else out).detach().to(ctx.float_cache.store_device))
+    return ActivationCache(outs, ctx.float_cache.kwargs, ctx.float_cache.store_device)
+
+
 def peak_host_bytes() -> int:
     """Peak resident set size of this process so far (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -270,19 +289,38 @@ def run_sequential(
     state: QuantState,
     batch_size: int = 8,
     on_layer_done: Callable[[int, int], None] | None = None,
+    journal=None,
 ) -> QuantState:
-    """For each decoder layer: onload, run each (name, stage) in order, propagate quantized outputs, offload."""
-    t0 = time.perf_counter()
-    # No calibration ids (RTN alone): nothing is captured or propagated.
-    cache = capture_layer0_inputs(model, adapter, ids, batch_size, device) if ids is not None else None
-    state.add_time("capture", time.perf_counter() - t0)
-    keep_float = any(name == "compensate" for name, _ in stages)
+    """For each decoder layer: onload, run each (name, stage) in order, propagate quantized outputs, offload.
+
+    With a `journal` (qwenquant/journal.py) each finished layer is persisted (its records leave memory) and layers
+    an interrupted run already finished are restored instead of recomputed."""
     layers = decoder_layers(model, adapter)
+    start = journal.layers_done() if journal is not None else 0
+    t0 = time.perf_counter()
+    if start:
+        restored = journal.restore(layers, adapter.layers_path, state, start)
+        cache = ActivationCache(*restored) if restored is not None else None
+    else:  # no calibration ids (RTN alone): nothing is captured or propagated
+        cache = capture_layer0_inputs(model, adapter, ids, batch_size, device) if ids is not None else None
+        state.add_time("capture", time.perf_counter() - t0)
+    keep_float = any(name == "compensate" for name, _ in stages)
+    # the unquantized model's own activations, propagated beside the quantized path (compensation to float targets)
+    float_path = any(getattr(getattr(stage, "keywords", {}).get("cfg"), "target", None) == "float"
+                     for _, stage in stages)
+    if float_path and start:
+        raise BadInputError("--resume is not supported with compensation to float targets; run without --resume")
+    float_cache = ActivationCache(list(cache.hidden), cache.kwargs) if float_path and cache is not None else None
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     for i, layer in enumerate(layers):
+        if i < start:
+            if on_layer_done:
+                on_layer_done(i + 1, len(layers))
+            continue
         layer.to(device)
-        ctx = LayerContext(i, f"{adapter.layers_path}.{i}.", layer, adapter, cache, device, model.config, state)
+        ctx = LayerContext(i, f"{adapter.layers_path}.{i}.", layer, adapter.for_layer(model.config, i), cache, device,
+                           model.config, state, float_cache=float_cache)
         report: dict = {"layer": i}
         for name, stage in stages:
             ctx.unfreeze_all()  # a stage may change any weight: outputs frozen by an earlier stage are stale
@@ -296,12 +334,17 @@ def run_sequential(
             state.add_time(name, time.perf_counter() - t)
         if cache is not None:
             t = time.perf_counter()
-            with activation_quantization(layer, ctx.activation_specs()):
+            if float_cache is not None:
+                float_cache = propagate_float(ctx)
+            with activation_quantization(layer, ctx.activation_specs()), routing_counts(layer) as routing:
                 cache = ActivationCache(ctx.forward(keep_outputs=True), cache.kwargs, cache.store_device)
+            report.update(routing)  # MoE: calibration tokens the router sent to each expert
             state.add_time("propagate", time.perf_counter() - t)
         ctx.unfreeze_all()
         layer.to("cpu")
         state.layer_reports.append(report)
+        if journal is not None:
+            journal.save_layer(i, ctx.prefix, layer, state, cache)
         if on_layer_done:
             on_layer_done(i + 1, len(layers))
     if device.type == "cuda":

@@ -139,12 +139,27 @@ class IntStage:
 
 
 @dataclass
-class RTNStage(IntStage):
+class ClippedIntStage(IntStage):
+    """INT quantizers whose weight range can be clipped per Linear: fixed ratios (`clip`, full Linear name -> ratio;
+    absent = 1.0) or chosen by each Linear's output error on calibration inputs (`clip_search`, scale search)."""
+
+    clip: dict = field(default_factory=dict)
+    clip_search: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _ratio_map(f"{self.name}.clip", self.clip, str, 0.0, exclusive_low=True)
+        if self.clip_search and self.clip:
+            raise ValueError(f"{self.name}.clip: set either clip_search or per-Linear clip ratios, not both")
+
+
+@dataclass
+class RTNStage(ClippedIntStage):
     name = "rtn"
 
 
 @dataclass
-class GPTQStage(IntStage):
+class GPTQStage(ClippedIntStage):
     actorder: str = "static"  # static | group | none
     dampening_frac: float = 0.01
     block_size: int = 128
@@ -195,6 +210,9 @@ class MixedPrecisionStage:
         _positive("mixed_precision.sensitivity_samples", self.sensitivity_samples)
 
 
+COMPENSATE_TARGETS = ("layer", "float")
+
+
 @dataclass
 class CompensateStage:
     """Error-compensation fine-tuning after the quantizer (qwenquant/compensation.py): per decoder layer, tune the
@@ -209,8 +227,14 @@ class CompensateStage:
     rounding: bool = True
     norms: bool = True
     qk_norms: bool = False
+    # what the quantized layer is fitted to: "float" = the unquantized model's own layer output (the float path's
+    # inputs, so the fit also absorbs error accumulated in earlier layers); "layer" = the unquantized layer applied
+    # to the quantized path's inputs (this layer's own quantization error only)
+    target: str = "layer"
 
     def __post_init__(self) -> None:
+        if self.target not in COMPENSATE_TARGETS:
+            raise ValueError(f"compensate.target: must be one of {', '.join(COMPENSATE_TARGETS)}, got {self.target!r}")
         _positive("compensate.steps", self.steps)
         _positive("compensate.samples", self.samples)
         _positive("compensate.batch_size", self.batch_size)

@@ -3,7 +3,8 @@
 Schema 1, top-level keys: schema_version, qwenquant_version, created, command, model, recipe, calibration,
 evaluation {text, window, windows, kl_tokens, source, quantized, delta_ppl_pct, kl_vs_source}, verification,
 sizes {source_bytes, output_bytes, ratio}, memory {peak_host_bytes, peak_device_bytes, device}, timings_s,
-layers [{layer, <stage>: {...}}], environment {torch, transformers, compressed_tensors, python, platform},
+layers [{layer, <stage>: {...}, moe_routing (MoE layers with calibration): {experts path: {tokens,
+routed_tokens [per expert], experts_without_tokens}}}], environment {torch, transformers, compressed_tensors, python, platform},
 gates [{gate, limit, measured, passed, description}], model.files_sha256 {file: sha256}.
 """
 
@@ -142,7 +143,7 @@ def render_markdown(r: dict) -> str:
         "",
     ]
     lines += _layer_table(r["layers"])
-    lines += _compensation_section(r) + _scale_search_section(r["layers"])
+    lines += _compensation_section(r) + _scale_search_section(r["layers"]) + _moe_routing_section(r["layers"])
     cal = r["calibration"]
     if cal["sha256_token_ids"] is None:
         lines += ["", "Calibration: none (round-to-nearest uses no data).", ""]
@@ -182,6 +183,7 @@ def _short(value):
 def _layer_table(layers: list[dict]) -> list[str]:
     linears: list[str] = []
     rows = []
+    averaged = False
     for rep in layers:
         errs = {}
         for stage_rep in rep.values():
@@ -189,16 +191,21 @@ def _layer_table(layers: list[dict]) -> list[str]:
                 for name, val in stage_rep.items():
                     if isinstance(val, dict) and "weight_rel_error" in val:
                         errs[name] = val["weight_rel_error"]
-        for n in errs:
+        by_short: dict[str, list[float]] = {}  # MoE: one column per projection, averaged over the experts
+        for n, e in errs.items():
+            by_short.setdefault(n.split(".")[-1], []).append(e)
+        for n in by_short:
             if n not in linears:
                 linears.append(n)
-        rows.append((rep["layer"], errs))
+        rows.append((rep["layer"], {n: sum(v) / len(v) for n, v in by_short.items()}))
+        averaged = averaged or any(len(v) > 1 for v in by_short.values())
     if not linears:
         return ["(no quantized layers)"]
-    short = [n.split(".")[-1] for n in linears]
-    out = ["| layer | " + " | ".join(short) + " |", "|---" * (len(short) + 1) + "|"]
+    out = ["| layer | " + " | ".join(linears) + " |", "|---" * (len(linears) + 1) + "|"]
     for i, errs in rows:
         out.append(f"| {i} | " + " | ".join(f"{errs[n]:.4f}" if n in errs else "" for n in linears) + " |")
+    if averaged:
+        out += ["", "MoE layers: the mean over the layer's experts (each expert's error is in qwenquant_report.json)."]
     return out
 
 
@@ -239,6 +246,25 @@ def _scale_search_section(layers: list[dict]) -> list[str]:
         out.append(f"- FP8 weight clipping: {len(clipped)} of {len(clips)} Linears clipped"
                    + (": " + ", ".join(f"{i}.{n} {c['clip']:g} ({c['error_at_1']:.2e} -> {c['error']:.2e})"
                                        for i, n, c in clipped) if clipped else " (ratio 1.0 was best everywhere)"))
+    return out
+
+
+def _moe_routing_section(layers: list[dict]) -> list[str]:
+    """Per MoE layer: calibration tokens the router sent to each expert (layers[i]["moe_routing"], model/moe.py)."""
+    rows = [(rep["layer"], path, r) for rep in layers for path, r in rep.get("moe_routing", {}).items()]
+    if not rows:
+        return []
+    out = ["", "## MoE experts", "",
+           "Every expert was calibrated on all of its layer's calibration tokens (an observed expert runs on every "
+           "token; the layer's output keeps only the routed ones), so no expert lacks statistics. Tokens the router "
+           "sent to each expert (top-k, counted while propagating the calibration set through the quantized layer):",
+           "", "| layer | tokens | min | max | experts without tokens | routed tokens per expert (0, 1, ...) |",
+           "|---|---:|---:|---:|---|---|"]
+    for i, path, r in rows:
+        counts = r["routed_tokens"]
+        empty = ", ".join(map(str, r["experts_without_tokens"])) or "none"
+        out.append(f"| {i} `{path}` | {r['tokens']} | {min(counts)} | {max(counts)} | {empty} | "
+                   f"{' '.join(map(str, counts))} |")
     return out
 
 

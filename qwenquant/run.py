@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -17,6 +19,7 @@ from qwenquant.eval.verify import reader_for, verify_checkpoint
 from qwenquant.eval.perplexity import eval_windows, kl_stats, load_eval_text, next_token_logprobs, perplexity
 from qwenquant.export.checkpoint import write_checkpoint
 from qwenquant.export.writer import atomic_output_dir, check_output_dir
+from qwenquant.journal import JOURNAL_DIR, Journal, run_fingerprint
 from qwenquant.export.model_card import render_model_card, source_license
 from qwenquant.model.loader import file_sha256, load_model, resolve_model
 from qwenquant.mixed_precision import check_mixed_precision, run_mixed_precision
@@ -40,7 +43,7 @@ def needs_calibration(recipe: Recipe) -> bool:
     """Round-to-nearest alone uses no data; every other stage does."""
     from qwenquant.recipe import stage_name
 
-    return any(stage_name(s) != "rtn" and not (stage_name(s) == "mixed_precision" and s.keep is not None)
+    return any((stage_name(s) != "rtn" or s.clip_search) and not (stage_name(s) == "mixed_precision" and s.keep is not None)
                for s in recipe.stages)  # a resolved keep list needs no data; ranking groups does
 
 
@@ -114,7 +117,8 @@ def _evaluate(model, windows, kl_windows, device, reporter: Reporter, label: str
     return ppl, logp
 
 
-def run_recipe(recipe: Recipe, out: Path, overwrite: bool = False, reporter: Reporter | None = None, command: str = "") -> dict:
+def run_recipe(recipe: Recipe, out: Path, overwrite: bool = False, reporter: Reporter | None = None, command: str = "",
+               resume: bool = False) -> dict:
     """Quantize per the recipe, write `out` atomically, verify it, and return the report dict.
 
     Raises VerificationError (after writing the folder and its report) when the reloaded checkpoint disagrees
@@ -148,42 +152,62 @@ def run_recipe(recipe: Recipe, out: Path, overwrite: bool = False, reporter: Rep
     all_windows = eval_windows(tokenizer, text, window, None)
     ppl_windows = all_windows[: ev.max_windows] if ev.max_windows else all_windows
     kl_windows = all_windows[: max(1, math.ceil(ev.kl_tokens / window))]
-    model.to(device)
-    with timer("eval_source"):
-        src_ppl, src_logp = _evaluate(model, ppl_windows if ev.perplexity else None, kl_windows, device, reporter, "source")
-        src_tasks = _evaluate_tasks(model, tokenizer, ev, device, reporter, "source")
-    model.to("cpu")
+    mixed = recipe.stage("mixed_precision") is not None
+    if resume and mixed:
+        raise BadInputError("--resume is not supported for mixed-precision (--keep-sensitive) runs; run without --resume")
 
-    def quantize_and_evaluate(recipe: Recipe, model) -> tuple:
-        state = QuantState()
-        stages = build_stages(recipe)
-        n_layers = len(model.get_submodule(resolved.adapter.layers_path))
-        with timer("quantize"):
-            with reporter.step(f"quantize ({' -> '.join(n for n, _ in stages)})", n_layers) as advance:
-                run_sequential(model, resolved.adapter, calib, stages, device, state, on_layer_done=lambda i, n: advance())
+    with atomic_output_dir(out, overwrite, resume=resume, keep_on_interrupt=_has_progress) as tmp:
+        # the journal keeps finished layers on disk (bounded memory, --resume); mixed precision may quantize the
+        # model several times, so it keeps its records in memory
+        journal = None if mixed else Journal(tmp, run_fingerprint(recipe.to_yaml(), resolved.weight_files))
+        done = journal.layers_done() if journal is not None else 0
+        if resume:
+            reporter.log(f"resuming after {done} finished decoder layers" if done else "nothing to resume; starting")
+        saved = journal.load_source_eval() if journal is not None else None
+        if saved is not None:
+            src_ppl, src_logp, src_tasks = saved["ppl"], saved["logp"], saved["tasks"]
+        else:
+            model.to(device)
+            with timer("eval_source"):
+                src_ppl, src_logp = _evaluate(model, ppl_windows if ev.perplexity else None, kl_windows, device,
+                                              reporter, "source")
+                src_tasks = _evaluate_tasks(model, tokenizer, ev, device, reporter, "source")
+            model.to("cpu")
+            if journal is not None:
+                journal.save_source_eval({"ppl": src_ppl, "logp": src_logp, "tasks": src_tasks})
 
-        model.to(device)
-        with timer("eval_quantized"):
-            q_ppl, q_logp = _evaluate(
-                model, ppl_windows if ev.perplexity else None, kl_windows, device, reporter, "quantized", state.activations
-            )
+        def quantize_and_evaluate(recipe: Recipe, model) -> tuple:
+            state = QuantState()
+            if journal is not None:
+                state.records = journal.records
+            stages = build_stages(recipe)
+            n_layers = len(model.get_submodule(resolved.adapter.layers_path))
+            with timer("quantize"):
+                with reporter.step(f"quantize ({' -> '.join(n for n, _ in stages)})", n_layers) as advance:
+                    run_sequential(model, resolved.adapter, calib, stages, device, state,
+                                   on_layer_done=lambda i, n: advance(), journal=journal)
+
+            model.to(device)
+            with timer("eval_quantized"):
+                q_ppl, q_logp = _evaluate(
+                    model, ppl_windows if ev.perplexity else None, kl_windows, device, reporter, "quantized", state.activations
+                )
+            model.to("cpu")
+            return state, q_ppl, q_logp
+
+        mixed_report = None
+        if not mixed:
+            state, q_ppl, q_logp = quantize_and_evaluate(recipe, model)
+        else:  # resolves the keep list (measuring sensitivity if asked; auto tries candidates) -> resolved recipe
+            outcome = run_mixed_precision(recipe, model, resolved.adapter, calib, device, reporter, src_ppl,
+                                          quantize_and_evaluate, lambda: load_model(resolved, recipe.model.dtype)[0])
+            recipe, model, (state, q_ppl, q_logp), mixed_report = outcome.recipe, outcome.model, outcome.result, outcome.report
+        recipe = resolve_searched(recipe, state)  # scale search choices go into recipe.yaml and the report
+        with timer("eval_tasks_quantized"), activation_quantization(model, state.activations):
+            q_tasks = _evaluate_tasks(model, tokenizer, ev, device, reporter, "quantized")
         model.to("cpu")
-        return state, q_ppl, q_logp
 
-    mixed_report = None
-    if recipe.stage("mixed_precision") is None:
-        state, q_ppl, q_logp = quantize_and_evaluate(recipe, model)
-    else:  # resolves the keep list (measuring sensitivity if asked; auto tries candidates) -> resolved recipe
-        outcome = run_mixed_precision(recipe, model, resolved.adapter, calib, device, reporter, src_ppl,
-                                      quantize_and_evaluate, lambda: load_model(resolved, recipe.model.dtype)[0])
-        recipe, model, (state, q_ppl, q_logp), mixed_report = outcome.recipe, outcome.model, outcome.result, outcome.report
-    recipe = resolve_searched(recipe, state)  # scale search choices go into recipe.yaml and the report
-    with timer("eval_tasks_quantized"), activation_quantization(model, state.activations):
-        q_tasks = _evaluate_tasks(model, tokenizer, ev, device, reporter, "quantized")
-    model.to("cpu")
-
-    verification = None
-    with atomic_output_dir(out, overwrite) as tmp:
+        verification = None
         with timer("export"):
             try:
                 written = write_checkpoint(tmp, model, tokenizer, recipe, state, resolved.adapter.always_ignore)
@@ -193,7 +217,8 @@ def run_recipe(recipe: Recipe, out: Path, overwrite: bool = False, reporter: Rep
         if ev.verify:
             with timer("verify"):
                 q = recipe.stage(recipe.quantizer)
-                reader = reader_for(recipe.export.format, recipe.quantizer, getattr(q, "symmetric", True))
+                reader = reader_for(recipe.export.format, recipe.quantizer, getattr(q, "symmetric", True),
+                                    resolved.adapter.moe is not None and getattr(q, "weights", None) == "block")
                 verification = verify_checkpoint(tmp, model, list(state.records), reader, recipe.export.format,
                                                  kl_windows, src_logp, q_logp, device, ev.verify_max_kl)
         report = build_report(
@@ -223,6 +248,9 @@ def run_recipe(recipe: Recipe, out: Path, overwrite: bool = False, reporter: Rep
         if mixed_report is not None:
             report["mixed_precision"] = mixed_report
         report["model"]["files_sha256"] = {f.name: file_sha256(f) for f in resolved.weight_files}
+        if done:
+            report["resumed_after_layers"] = done
+        shutil.rmtree(tmp / JOURNAL_DIR, ignore_errors=True)  # scratch of this run, not part of the checkpoint
         write_report(tmp, report)
         (tmp / "README.md").write_text(render_model_card(report, source_license(resolved.path)))
     if verification is not None and not verification["passed"]:
@@ -233,6 +261,12 @@ def run_recipe(recipe: Recipe, out: Path, overwrite: bool = False, reporter: Rep
     if failed:
         raise QualityGateError(f"quality gate failed: {failed[0]['description']}; the folder {out} and its report were written")
     return report
+
+
+def _has_progress(tmp: Path) -> bool:
+    """Whether an interrupted run's temporary folder holds finished layers worth resuming."""
+    meta = tmp / JOURNAL_DIR / "journal.json"
+    return meta.is_file() and json.loads(meta.read_text()).get("layers_done", 0) > 0
 
 
 def _evaluate_tasks(model, tokenizer, ev, device, reporter: Reporter, label: str) -> dict | None:

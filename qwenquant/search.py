@@ -1,5 +1,5 @@
-"""Per-layer glue of the scale search (`--scale-search`): per-Linear FP8 weight clipping ratios for the fp8 stage
-and a per-layer SmoothQuant alpha for the smooth stage, each chosen by the output error it causes on calibration
+"""Per-layer glue of the scale search (`--scale-search`): per-Linear weight clipping ratios for the fp8, rtn and
+gptq stages and a per-layer SmoothQuant alpha for the smooth stage, each chosen by the output error it causes on calibration
 inputs (`qwenquant.quant.scale_search`). Choices go to the layer report and to `state.searched`;
 `resolve_searched` writes them into the recipe saved with the output, which then replays them without searching.
 
@@ -19,10 +19,12 @@ from qwenquant.pipeline import LayerContext, QuantState
 from qwenquant.quant import fp8 as fp8q
 from qwenquant.quant import scale_search as ss
 from qwenquant.quant import smooth as sq
-from qwenquant.recipe import FP8Stage, Recipe, SmoothStage
+from qwenquant.quant import intq
+from qwenquant.recipe import FP8Stage, GPTQStage, Recipe, RTNStage, SmoothStage
 
 MAX_SEARCH_TOKENS = 4096  # calibration tokens per Linear input used by the searches (evenly strided)
 CLIP_KEY, ALPHA_KEY, ALPHA_BASELINE_KEY = "fp8.clip", "smooth.layer_alpha", "smooth.baseline_error"
+CLIP_KEYS = {FP8Stage: CLIP_KEY, RTNStage: "rtn.clip", GPTQStage: "gptq.clip"}  # state.searched key per quantizer
 
 
 def _inputs(ctx: LayerContext, names: list[str]) -> dict[str, torch.Tensor]:
@@ -31,15 +33,18 @@ def _inputs(ctx: LayerContext, names: list[str]) -> dict[str, torch.Tensor]:
     return _sample_inputs(ctx, names, MAX_SEARCH_TOKENS)
 
 
-def layer_clips(ctx: LayerContext, cfg: FP8Stage, names: list[str]) -> tuple[dict[str, float], dict[str, dict]]:
+def layer_clips(ctx: LayerContext, cfg: FP8Stage | RTNStage | GPTQStage,
+                names: list[str]) -> tuple[dict[str, float], dict[str, dict]]:
     """Clip ratio per Linear (names relative to the layer) and, when searching, the search record per Linear.
 
-    Without `cfg.clip_search` the ratios come from `cfg.clip` (full names; 1.0 when absent). Per-tensor weights
-    search per vLLM fused group, whose members share one scale.
+    Without `cfg.clip_search` the ratios come from `cfg.clip` (full names; 1.0 when absent). FP8 per-tensor weights
+    search per vLLM fused group, whose members share one scale. INT ratios are judged by the round-to-nearest
+    output error (for GPTQ a cheap proxy: its error feedback then works inside the chosen range).
     """
     if not cfg.clip_search:
         return {n: float(cfg.clip.get(ctx.full_name(n), 1.0)) for n in names}, {}
-    units = ([[n for n in g if n in names] for g in ctx.adapter.fused_groups] if cfg.weights == "tensor" else [])
+    fp8 = isinstance(cfg, FP8Stage)
+    units = ([[n for n in g if n in names] for g in ctx.adapter.fused_groups] if fp8 and cfg.weights == "tensor" else [])
     units = [u for u in units if u]
     grouped = {n for u in units for n in u}
     units += [[n] for n in names if n not in grouped]
@@ -48,7 +53,9 @@ def layer_clips(ctx: LayerContext, cfg: FP8Stage, names: list[str]) -> tuple[dic
     dtype = next(ctx.layer.parameters()).dtype
 
     def quantize(w: torch.Tensor, ratio: float) -> torch.Tensor:
-        return fp8q.quantize_fp8(w, cfg.weights, cfg.block_size, clip_ratio=ratio, scale_dtype=dtype).dequantize()
+        if fp8:
+            return fp8q.quantize_fp8(w, cfg.weights, cfg.block_size, clip_ratio=ratio, scale_dtype=dtype).dequantize()
+        return intq.quantize_rtn(w, cfg.bits, cfg.group_size, cfg.symmetric, ratio, dtype).dequantize()
 
     weights = {tuple(u): torch.cat([ctx.linear(n).weight.data.float() for n in u]) for u in units}
     x_of = {u: xs[input_of[u[0]]].to(ctx.device) for u in weights}
@@ -62,7 +69,7 @@ def layer_clips(ctx: LayerContext, cfg: FP8Stage, names: list[str]) -> tuple[dic
             clips[n] = res.best
             details[n] = {"clip": res.best, "error_at_1": baseline[u], "error": res.best_error,
                           "grid": "fine" if len(grid) == len(ss.CLIP_GRID_FINE) else "coarse"}
-    ctx.state.searched.setdefault(CLIP_KEY, {}).update({ctx.full_name(n): c for n, c in clips.items()})
+    ctx.state.searched.setdefault(CLIP_KEYS[type(cfg)], {}).update({ctx.full_name(n): c for n, c in clips.items()})
     return clips, details
 
 
@@ -119,10 +126,11 @@ def layer_alpha(ctx: LayerContext, cfg: SmoothStage, quantizer: FP8Stage | None,
 
 def resolve_searched(recipe: Recipe, state: QuantState) -> Recipe:
     """The recipe with the searched values written in and the searches turned off: it replays them exactly."""
-    clip, alpha = state.searched.get(CLIP_KEY), state.searched.get(ALPHA_KEY)
+    alpha = state.searched.get(ALPHA_KEY)
     stages = []
     for s in recipe.stages:
-        if isinstance(s, FP8Stage) and s.clip_search and clip is not None:
+        clip = state.searched.get(CLIP_KEYS.get(type(s), ""))
+        if getattr(s, "clip_search", False) and clip is not None:
             s = dataclasses.replace(s, clip_search=False, clip=dict(clip))
         elif isinstance(s, SmoothStage) and s.alpha_search and alpha is not None:
             s = dataclasses.replace(s, alpha_search=False, layer_alpha=dict(alpha))

@@ -111,7 +111,12 @@ class Unit:
 
 
 def group_label(group: tuple[str, ...]) -> str:
-    """`("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")` -> "q+k+v"; `("mlp.down_proj",)` -> "down"."""
+    """`("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")` -> "q+k+v"; `("mlp.down_proj",)` -> "down";
+    members of different modules (every expert of an MoE layer) -> their common parent, "experts"."""
+    parents = {n.rsplit(".", 1)[0] for n in group}
+    if len(parents) > 1:
+        common = [p for p in zip(*(n.split(".") for n in group)) if len(set(p)) == 1]
+        return common[-1][0] if common else "+".join(sorted(parents))
     return "+".join(n.rsplit(".", 1)[-1].removesuffix("_proj") for n in group)
 
 
@@ -125,22 +130,23 @@ def fused_units(adapter: ArchAdapter) -> list[tuple[str, ...]]:
     return out
 
 
-def list_units(adapter: ArchAdapter, num_layers: int, levels: tuple[str, ...] = LEVELS) -> list[Unit]:
+def list_units(adapter: ArchAdapter, num_layers: int, levels: tuple[str, ...] = LEVELS, config=None) -> list[Unit]:
     """Every unit of the requested levels, names like `model.layers.3.mlp.down_proj`, `model.layers.3:gate+up`,
-    `model.layers.3`."""
+    `model.layers.3` (`config` tells MoE layers apart: their experts are one group, `model.layers.3:experts`)."""
     unknown = [lv for lv in levels if lv not in LEVELS]
     if unknown:
         raise ValueError(f"levels: {unknown[0]!r} is not allowed; use {', '.join(LEVELS)}")
     units = []
-    for i in range(num_layers):
+    for i, layer_adapter in enumerate(adapter.layers(config, num_layers)):
         prefix = f"{adapter.layers_path}.{i}"
         if "linear" in levels:
-            units += [Unit(f"{prefix}.{n}", "linear", i, n.rsplit(".", 1)[-1], (f"{prefix}.{n}",)) for n in adapter.linears]
+            units += [Unit(f"{prefix}.{n}", "linear", i, n.rsplit(".", 1)[-1], (f"{prefix}.{n}",))
+                      for n in layer_adapter.linears]
         if "group" in levels:
             units += [Unit(f"{prefix}:{group_label(g)}", "group", i, group_label(g), tuple(f"{prefix}.{n}" for n in g))
-                      for g in fused_units(adapter)]
+                      for g in fused_units(layer_adapter)]
         if "block" in levels:
-            units.append(Unit(prefix, "block", i, "block", tuple(f"{prefix}.{n}" for n in adapter.linears)))
+            units.append(Unit(prefix, "block", i, "block", tuple(f"{prefix}.{n}" for n in layer_adapter.linears)))
     return units
 
 
@@ -241,8 +247,9 @@ def measure_sensitivity(
     """Measure every unit of `levels` on token windows [rows, T]; the model must already be on `device`."""
     t0 = time.perf_counter()
     num_layers = len(model.get_submodule(adapter.layers_path))
-    units = list_units(adapter, num_layers, levels)
-    linears = [f"{adapter.layers_path}.{i}.{n}" for i in range(num_layers) for n in adapter.linears]
+    units = list_units(adapter, num_layers, levels, model.config)
+    linears = [f"{adapter.layers_path}.{i}.{n}" for i, layer in enumerate(adapter.layers(model.config, num_layers))
+               for n in layer.linears]
     src_logp, src_nll, terms = _source_pass(model, windows, device, linears, scheme)
     rows = []
     for j, unit in enumerate(units):

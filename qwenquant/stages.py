@@ -52,7 +52,7 @@ def fold_mapping(ctx: LayerContext, m, s: torch.Tensor) -> torch.Tensor:
         smooth_mod.weight.data = sq.fold_into_output_rows(smooth_mod.weight.data, s)
     else:
         smooth_mod.weight.data = sq.fold_into_norm(smooth_mod.weight.data, s)
-    for name in m.balance:
+    for name in m.balance + m.passthrough:  # passthrough: unquantized readers (MoE router) keep the function exact
         lin = ctx.linear(name)
         lin.weight.data = sq.fold_into_input_columns(lin.weight.data, s)
     return s
@@ -97,6 +97,10 @@ def fp8_layer(ctx: LayerContext, cfg: FP8Stage) -> dict:
     input_absmax = {}
     if cfg.activations == "static":
         input_absmax = {n: a.amax() for n, a in collect_channel_absmax(ctx, names).items()}
+        for group in ctx.adapter.input_scale_groups:  # the engine uses one (the max) input scale for these
+            members = [n for n in group if n in input_absmax]
+            shared = max((input_absmax[n] for n in members), default=None)
+            input_absmax.update({n: shared for n in members})
     shared_scale: dict[str, torch.Tensor] = {}
     clips, clip_search = layer_clips(ctx, cfg, names)  # weight clipping ratio per Linear (1.0: absmax)
     if cfg.weights == "tensor":
@@ -143,11 +147,17 @@ def _store_int(ctx: LayerContext, name: str, qw, report: dict, extra: dict | Non
 def rtn_layer(ctx: LayerContext, cfg: RTNStage) -> dict:
     """Round-to-nearest with the same group layout: the baseline every INT benchmark reports."""
     report: dict = {}
-    for name in quantized_names(ctx, ctx.adapter.linears):
+    names = quantized_names(ctx, ctx.adapter.linears)
+    clips, search = layer_clips(ctx, cfg, names)  # 1.0 unless clip ratios are given or searched
+    for name in names:
         w = ctx.linear(name).weight.data
-        qw = intq.quantize_rtn(w.float(), cfg.bits, cfg.group_size, cfg.symmetric, scale_dtype=w.dtype)
-        _store_int(ctx, name, qw, report)
+        qw = intq.quantize_rtn(w.float(), cfg.bits, cfg.group_size, cfg.symmetric, clips[name], scale_dtype=w.dtype)
+        _store_int(ctx, name, qw, report, _clip_report(clips[name], search.get(name)))
     return report
+
+
+def _clip_report(clip: float, search: dict | None) -> dict:
+    return ({"clip": clip} if clip != 1.0 or search else {}) | ({"clip_search": search} if search else {})
 
 
 def gptq_layer(ctx: LayerContext, cfg: GPTQStage) -> dict:
@@ -159,6 +169,7 @@ def gptq_layer(ctx: LayerContext, cfg: GPTQStage) -> dict:
     )
     report: dict = {}
     done: set[str] = set()
+    clips, search = layer_clips(ctx, cfg, quantized_names(ctx, ctx.adapter.linears))  # before any Linear changes
     for group in ctx.adapter.sequential_groups:
         for submodule, linears in ctx.adapter.output_determined_by:  # final already: reuse its outputs
             if done.issuperset(linears):
@@ -175,9 +186,11 @@ def gptq_layer(ctx: LayerContext, cfg: GPTQStage) -> dict:
         with ctx.observe_inputs([group[0]], observe):  # members of a group share one input
             ctx.forward()
         weights = [ctx.linear(name).weight.data for name in group]
-        results = gptqq.quantize_weights_shared(weights, hessian["H"], gcfg, scale_dtype=weights[0].dtype)
-        for name, (qw, loss) in zip(group, results):
-            _store_int(ctx, name, qw, report, {"gptq_loss": loss})
+        results = gptqq.quantize_weights_shared(weights, hessian["H"], gcfg, scale_dtype=weights[0].dtype,
+                                                clip_ratios=[clips[n] for n in group])
+        for name, res in zip(group, results):
+            _store_int(ctx, name, res.record, report, {"gptq_loss": res.loss} | _clip_report(clips[name], search.get(name)))
+            ctx.pre_rounding[name] = res.pre_rounding  # a later compensate stage tunes the rounding from here
     return report
 
 

@@ -94,9 +94,9 @@ def test_gptq_is_true_sequential(tiny, monkeypatch) -> None:
     seen: list[tuple[torch.Size, torch.Tensor]] = []  # (weight shape, Hessian) per quantized Linear, in order
     real = gptqq.quantize_weights_shared
 
-    def spy(Ws, H, config, scale_dtype=torch.bfloat16):
+    def spy(Ws, H, config, scale_dtype=torch.bfloat16, **kwargs):
         seen.extend((W.shape, H.clone()) for W in Ws)
-        return real(Ws, H, config, scale_dtype)
+        return real(Ws, H, config, scale_dtype, **kwargs)
 
     monkeypatch.setattr(gptqq, "quantize_weights_shared", spy)
     state = quantize(model, adapter, calib, "gptq", gptq_layer, GPTQStage(bits=4, group_size=128))

@@ -149,3 +149,36 @@ def test_scale_search_lands_in_recipe_and_replays_identically(cli, tiny_args, ti
     first, second = _tensors(out), _tensors(again)
     assert first.keys() == second.keys()
     assert all(torch.equal(first[k], second[k]) for k in first), [k for k in first if not torch.equal(first[k], second[k])]
+
+
+def test_int_scale_search_lands_in_recipe_and_replays_identically(cli, tiny_args, tiny_qwen3, tmp_path) -> None:
+    """GPTQ --scale-search: per-Linear clip ratios judged by the RTN output error, saved, replayed bit for bit."""
+    out = tmp_path / "searched"
+    res = cli(["gptq", *tiny_args, "--out", out, "--quiet", "--scale-search", "--group-size", "64"])
+    assert res.code == 0, res.err[-3000:]
+    saved = yaml.safe_load((out / "recipe.yaml").read_text())
+    gptq = next(st["gptq"] for st in saved["stages"] if "gptq" in st)
+    assert gptq["clip_search"] is False and len(gptq["clip"]) == 14
+    assert all(0.8 <= v <= 1.0 for v in gptq["clip"].values()) and min(gptq["clip"].values()) < 1.0
+    report = json.loads((out / "qwenquant_report.json").read_text())
+    for rep in report["layers"]:
+        for n, v in rep["gptq"].items():
+            assert v["clip_search"]["clip"] == gptq["clip"][f"model.layers.{rep['layer']}.{n}"]
+            assert v["clip_search"]["error"] <= v["clip_search"]["error_at_1"]
+    again = tmp_path / "replayed"
+    res2 = cli(["run", out / "recipe.yaml", "--model", tiny_qwen3, "--out", again, "--quiet"])
+    assert res2.code == 0, res2.err[-3000:]
+    first, second = _tensors(out), _tensors(again)
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    plain = tmp_path / "plain"
+    assert cli(["gptq", *tiny_args, "--out", plain, "--quiet", "--group-size", "64"]).code == 0
+    assert any(not torch.equal(first[k], v) for k, v in _tensors(plain).items())  # the clip ratios took effect
+
+
+def test_int_recipe_validates_clip_fields() -> None:
+    from qwenquant.recipe import GPTQStage
+
+    with pytest.raises(ValueError, match="either clip_search or per-Linear clip"):
+        GPTQStage(clip={"a": 0.9}, clip_search=True)
+    with pytest.raises(ValueError, match="rtn.clip"):
+        RTNStage(clip={"model.layers.0.mlp.down_proj": 1.5})

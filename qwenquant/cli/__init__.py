@@ -31,6 +31,7 @@ from qwenquant.cli import push as _push  # noqa: E402,F401
 from qwenquant.cli import compare as _compare  # noqa: E402,F401
 from qwenquant.cli import eval as _eval  # noqa: E402,F401
 from qwenquant.cli import sensitivity as _sensitivity  # noqa: E402,F401
+from qwenquant.cli import bench as _bench  # noqa: E402,F401
 
 
 MULTI_VALUE_OPTIONS = ("--recipes",)
@@ -55,10 +56,11 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point: one-line errors on stderr, documented exit codes (see README)."""
     args = expand_multi_value(list(sys.argv[1:] if argv is None else argv))
     want_json = "--json" in args
+    _sigterm_as_interrupt()
     try:
         app(args=args, standalone_mode=False, prog_name="qwenquant", obj={"argv": list(args)})
     except QwenquantError as err:
-        return _fail(str(err), err.exit_code, want_json)
+        return _fail(str(err), err.exit_code, want_json, getattr(err, "details", None))
     except typer.Abort:
         return _fail("aborted", 130, want_json)
     except typer.TyperException as err:  # bad flags or values (typer's click exceptions)
@@ -71,10 +73,25 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _fail(message: str, code: int, want_json: bool) -> int:
+def _sigterm_as_interrupt() -> None:
+    """CI cancellations send SIGTERM: treat it like Ctrl-C, so a run cleans up (or keeps its progress for --resume)."""
+    import signal
+
+    def handler(_signum, _frame):
+        raise KeyboardInterrupt
+
+    try:
+        signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread (e.g. called from a test runner thread)
+        pass
+
+
+def _fail(message: str, code: int, want_json: bool, details: dict | None = None) -> int:
+    """One line on stderr; with --json also one JSON object on stdout (plus what the error carries, e.g. the
+    --dry-run estimate)."""
     print(f"qwenquant: error: {message}", file=sys.stderr)
     if want_json:
-        print(json.dumps({"ok": False, "error": message, "exit_code": code}))
+        print(json.dumps((details or {}) | {"ok": False, "error": message, "exit_code": code}))
     return code
 
 

@@ -32,6 +32,8 @@ NoPpl = Annotated[bool, typer.Option("--no-ppl", help="Skip perplexity (KL and v
 NoVerify = Annotated[bool, typer.Option("--no-verify", help="Do not reload and compare the written checkpoint.")]
 VerifyMaxKL = Annotated[float, typer.Option(help="Fail if the reloaded checkpoint's mean next-token KL vs the source exceeds this (nats).")]
 Overwrite = Annotated[bool, typer.Option(help="Replace an existing output folder.")]
+Resume = Annotated[bool, typer.Option("--resume", help="Continue an interrupted run of the same command from its last finished decoder layer (kept in the hidden .OUT.partial folder).")]
+DryRun = Annotated[bool, typer.Option("--dry-run", help="Load nothing, write nothing: estimate peak host/device memory, output size and time per stage from config.json, the safetensors headers and a few-second speed probe, and check them against the free memory and disk (exit 5 when they do not fit).")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")]
 Json = Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")]
 MaxPplIncrease = Annotated[Optional[float], typer.Option("--max-ppl-increase", help="Quality gate: exit 3 (after writing the report) if perplexity rises more than this many percent.")]
@@ -64,9 +66,18 @@ CompensateSteps = Annotated[int, typer.Option(help="Signed-gradient steps per la
 CompensateLr = Annotated[float, typer.Option(help="Step size for --compensate (rounding offsets, in grid steps; scales and norms take relative steps of a fixed fraction of it).")]
 
 
-def compensate_stages(compensate: bool, steps: int, lr: float) -> list:
-    """[] or [CompensateStage] from --compensate/--compensate-steps/--compensate-lr (placed after the quantizer)."""
-    return [CompensateStage(steps=steps, lr=lr)] if compensate else []
+CompensateTarget = Annotated[str, typer.Option("--compensate-target", metavar="float|layer", help="What --compensate fits each quantized layer to: float = the unquantized model's own layer output (also absorbs error from earlier layers); layer = the unquantized layer on the quantized model's inputs.")]
+
+
+def compensate_stages(compensate: bool, steps: int, lr: float, target: str = _CP.target) -> list:
+    """[] or [CompensateStage] from --compensate/--compensate-steps/--compensate-lr/--compensate-target (placed
+    after the quantizer); a bad target is a one-line exit 2."""
+    from qwenquant.errors import BadInputError
+
+    try:
+        return [CompensateStage(steps=steps, lr=lr, target=target)] if compensate else []
+    except ValueError as err:
+        raise BadInputError(f"--compensate-target {target!r}: use float or layer") from err
 
 
 def base_configs(model: str, revision, calib, num_samples, seq_len, seed, eval_text, eval_windows, eval_window,
@@ -97,8 +108,8 @@ def silence_libraries() -> None:
 
 
 def execute(ctx: typer.Context, recipe, out: Path | None, suffix: str, overwrite: bool, quiet: bool, json_out: bool,
-            print_recipe: bool) -> None:
-    """Run a recipe and print the result (or just the recipe)."""
+            print_recipe: bool, resume: bool = False, dry_run: bool = False) -> None:
+    """Run a recipe and print the result (or just the recipe, or with `dry_run` its resource estimate)."""
     from qwenquant.progress import Reporter
     from qwenquant.report import summary
     from qwenquant.run import run_recipe
@@ -107,11 +118,13 @@ def execute(ctx: typer.Context, recipe, out: Path | None, suffix: str, overwrite
         sys.stdout.write(recipe.to_yaml())
         return
     out = out or Path(default_output_name(recipe.model.id, suffix))
+    if dry_run:
+        return estimate_only(recipe, out, overwrite, json_out)
     reporter = Reporter(quiet=quiet or json_out)
     silence_libraries()  # our own progress display replaces theirs
     argv = (ctx.obj or {}).get("argv", sys.argv[1:])
     command = "qwenquant " + " ".join(shlex.quote(a) for a in argv)
-    report = run_recipe(recipe, out, overwrite=overwrite, reporter=reporter, command=command)
+    report = run_recipe(recipe, out, overwrite=overwrite, reporter=reporter, command=command, resume=resume)
     if json_out:
         print(json.dumps(summary(report) | {"out": str(out)}))
     elif not quiet:
@@ -119,3 +132,18 @@ def execute(ctx: typer.Context, recipe, out: Path | None, suffix: str, overwrite
         ppl = (f"perplexity {s['source_ppl']:.3f} -> {s['quantized_ppl']:.3f} ({s['delta_ppl_pct']:+.2f}%), "
                if s["source_ppl"] else "")
         reporter.console.print(f"[green]wrote {out}[/green]: {ppl}mean KL {s['mean_kl']:.5f} nats; see {out}/REPORT.md")
+
+
+def estimate_only(recipe, out: Path, overwrite: bool, json_out: bool) -> None:
+    """--dry-run: print the resource estimate (rich tables, or one JSON document with --json) and raise a
+    ResourceError (exit 5, one line) when the run would not fit; the estimate rides along in the --json error."""
+    from qwenquant.estimate import estimate_run, fits_or_raise, print_estimate
+
+    silence_libraries()
+    est = estimate_run(recipe, out, overwrite)
+    if json_out:
+        if est.ok:
+            print(json.dumps(est.to_dict()))
+    else:
+        print_estimate(est)
+    fits_or_raise(est)

@@ -11,7 +11,7 @@ import typer
 
 from qwenquant.cli import app
 from qwenquant.cli import common as c
-from qwenquant.compare import load_report, render_table, row_for, write_comparison
+from qwenquant.compare import bench_columns, load_report, render_table, row_for, write_comparison
 from qwenquant.errors import BadInputError
 from qwenquant.recipe import EvalConfig, load_recipe
 
@@ -26,6 +26,7 @@ def compare_command(
     eval_windows: c.EvalWindows = None,
     eval_window: c.Window = c._E.window,
     device: c.Device = "auto",
+    bench: Annotated[Optional[bool], typer.Option("--bench/--no-bench", help="Also run `qwenquant bench` (batch 1, short context) on the source and each run: decode/prefill tok/s and peak memory columns (default: on when CUDA is available).")] = None,
     quiet: c.Quiet = False,
     json_out: c.Json = False,
 ) -> None:
@@ -53,7 +54,10 @@ def compare_command(
             reporter.log(f"{name}: running")
             report = run_recipe(recipe, run_dir, overwrite=True, reporter=reporter, command=f"qwenquant run {recipes[names.index(name)]}")
         rows.append(row_for(name, report))
-    data = write_comparison(rows, out, {"model": model, "recipes": [str(r) for r in recipes]})
+    meta = {"model": model, "recipes": [str(r) for r in recipes]}
+    if bench if bench is not None else _cuda_available():
+        meta["source_bench"] = _bench_runs(model, rows, out, device, reporter)
+    data = write_comparison(rows, out, meta)
     _print(data, out, quiet, json_out)
 
 
@@ -65,9 +69,29 @@ def report_command(
     json_out: c.Json = False,
 ) -> None:
     """Merge the reports of finished runs into one comparison table with plots."""
-    rows = [row_for(f.name, load_report(f)) for f in folders]
+    rows = [row_for(f.name, load_report(f)) | bench_columns(f) for f in folders]
     data = write_comparison(rows, out, {"folders": [str(f) for f in folders]})
     _print(data, out, quiet, json_out)
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _bench_runs(model: str, rows: list[dict], out: Path, device: str, reporter) -> dict:
+    """Bench each run (into OUT/bench/<name>) and the source (OUT/bench/source); returns the source's summary."""
+    from qwenquant.bench.runner import quick_bench
+    from qwenquant.cli.eval import resolve_device
+    from qwenquant.model.loader import resolve_model
+
+    dev = resolve_device(device)
+    for row in rows:
+        reporter.log(f"{row['name']}: bench")
+        row["bench"] = quick_bench(out / row["name"], out / "bench" / row["name"], dev)
+    reporter.log("source: bench")
+    return quick_bench(resolve_model(model).path, out / "bench" / "source", dev)
 
 
 def _print(data: dict, out: Path, quiet: bool, json_out: bool) -> None:

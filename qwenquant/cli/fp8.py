@@ -64,7 +64,10 @@ def fp8_command(
     compensate: c.Compensate = False,
     compensate_steps: c.CompensateSteps = c._CP.steps,
     compensate_lr: c.CompensateLr = c._CP.lr,
+    compensate_target: c.CompensateTarget = c._CP.target,
     overwrite: c.Overwrite = False,
+    resume: c.Resume = False,
+    dry_run: c.DryRun = False,
     quiet: c.Quiet = False,
     json_out: c.Json = False,
     print_recipe: c.PrintRecipe = False,
@@ -76,7 +79,7 @@ def fp8_command(
         stages += [SmoothStage(alpha=smooth_alpha, alpha_search=scale_search)] if smooth else []
         stages.append(FP8Stage(weights=weights.value, activations=activations.value, block_size=block_size,
                                clip_search=scale_search))
-        stages += c.compensate_stages(compensate, compensate_steps, compensate_lr)
+        stages += c.compensate_stages(compensate, compensate_steps, compensate_lr, compensate_target)
         return Recipe(
             stages=stages,
             export=ExportConfig(format=format.value),
@@ -87,4 +90,4 @@ def fp8_command(
         )
 
     recipe = validate(build)
-    c.execute(ctx, recipe, out, "FP8", overwrite, quiet, json_out, print_recipe)
+    c.execute(ctx, recipe, out, "FP8", overwrite, quiet, json_out, print_recipe, resume, dry_run)

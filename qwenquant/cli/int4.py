@@ -43,6 +43,7 @@ def gptq_command(
     sym: Annotated[bool, typer.Option("--sym/--asym", help="Symmetric (zero point fixed) or asymmetric grid.")] = True,
     act_order: Annotated[ActOrder, typer.Option(help="static: quantize columns by Hessian diagonal, natural groups; group: groups follow that order (needs --format gptq); none.")] = ActOrder.static,
     dampening: Annotated[float, typer.Option(help="Hessian dampening as a fraction of its mean diagonal.")] = 0.01,
+    scale_search: Annotated[bool, typer.Option("--scale-search", help="Choose each Linear's weight clipping ratio by its round-to-nearest output error on calibration inputs; the choices are saved in recipe.yaml.")] = False,
     format: Format = IntFormat.compressed_tensors,
     revision: c.Revision = None,
     calib: c.Calib = c._C.dataset,
@@ -65,7 +66,10 @@ def gptq_command(
     compensate: c.Compensate = False,
     compensate_steps: c.CompensateSteps = c._CP.steps,
     compensate_lr: c.CompensateLr = c._CP.lr,
+    compensate_target: c.CompensateTarget = c._CP.target,
     overwrite: c.Overwrite = False,
+    resume: c.Resume = False,
+    dry_run: c.DryRun = False,
     quiet: c.Quiet = False,
     json_out: c.Json = False,
     print_recipe: c.PrintRecipe = False,
@@ -74,10 +78,11 @@ def gptq_command(
     base = c.base_configs(model, revision, calib, num_samples, seq_len, seed, eval_text, eval_windows, eval_window,
                           no_ppl, no_verify, verify_max_kl, max_ppl_increase,
                           tasks, task_limit, min_task_recovery)
-    stage = lambda: GPTQStage(bits=bits, group_size=group_size, symmetric=sym, actorder=act_order.value, dampening_frac=dampening)  # noqa: E731
+    stage = lambda: GPTQStage(bits=bits, group_size=group_size, symmetric=sym, actorder=act_order.value, dampening_frac=dampening,  # noqa: E731
+                               clip_search=scale_search)
     mixed = lambda: c.mixed_precision_stages(keep_sensitive, max_keep)  # noqa: E731
-    after = lambda: c.compensate_stages(compensate, compensate_steps, compensate_lr)  # noqa: E731
-    c.execute(ctx, _recipe(stage, format, device, base, mixed, after), out, f"W{bits}A16-GPTQ", overwrite, quiet, json_out, print_recipe)
+    after = lambda: c.compensate_stages(compensate, compensate_steps, compensate_lr, compensate_target)  # noqa: E731
+    c.execute(ctx, _recipe(stage, format, device, base, mixed, after), out, f"W{bits}A16-GPTQ", overwrite, quiet, json_out, print_recipe, resume, dry_run)
 
 
 @app.command("awq")
@@ -112,7 +117,10 @@ def awq_command(
     compensate: c.Compensate = False,
     compensate_steps: c.CompensateSteps = c._CP.steps,
     compensate_lr: c.CompensateLr = c._CP.lr,
+    compensate_target: c.CompensateTarget = c._CP.target,
     overwrite: c.Overwrite = False,
+    resume: c.Resume = False,
+    dry_run: c.DryRun = False,
     quiet: c.Quiet = False,
     json_out: c.Json = False,
     print_recipe: c.PrintRecipe = False,
@@ -123,8 +131,8 @@ def awq_command(
                           tasks, task_limit, min_task_recovery)
     stage = lambda: AWQStage(bits=bits, group_size=group_size, symmetric=sym, clip=clip, norm_mappings=norm_mappings)  # noqa: E731
     mixed = lambda: c.mixed_precision_stages(keep_sensitive, max_keep)  # noqa: E731
-    after = lambda: c.compensate_stages(compensate, compensate_steps, compensate_lr)  # noqa: E731
-    c.execute(ctx, _recipe(stage, format, device, base, mixed, after), out, f"W{bits}A16-AWQ", overwrite, quiet, json_out, print_recipe)
+    after = lambda: c.compensate_stages(compensate, compensate_steps, compensate_lr, compensate_target)  # noqa: E731
+    c.execute(ctx, _recipe(stage, format, device, base, mixed, after), out, f"W{bits}A16-AWQ", overwrite, quiet, json_out, print_recipe, resume, dry_run)
 
 
 @app.command("rtn")
@@ -135,6 +143,7 @@ def rtn_command(
     bits: Bits = 4,
     group_size: GroupSize = 128,
     sym: Annotated[bool, typer.Option("--sym/--asym", help="Symmetric or asymmetric grid.")] = True,
+    scale_search: Annotated[bool, typer.Option("--scale-search", help="Choose each Linear's weight clipping ratio by its output error on the default calibration set; the choices are saved in recipe.yaml.")] = False,
     format: Format = IntFormat.compressed_tensors,
     revision: c.Revision = None,
     device: c.Device = "auto",
@@ -153,7 +162,10 @@ def rtn_command(
     compensate: c.Compensate = False,
     compensate_steps: c.CompensateSteps = c._CP.steps,
     compensate_lr: c.CompensateLr = c._CP.lr,
+    compensate_target: c.CompensateTarget = c._CP.target,
     overwrite: c.Overwrite = False,
+    resume: c.Resume = False,
+    dry_run: c.DryRun = False,
     quiet: c.Quiet = False,
     json_out: c.Json = False,
     print_recipe: c.PrintRecipe = False,
@@ -163,7 +175,7 @@ def rtn_command(
     base = c.base_configs(model, revision, c._C.dataset, c._C.num_samples, c._C.seq_len, c._C.seed, eval_text,
                           eval_windows, eval_window, no_ppl, no_verify, verify_max_kl, max_ppl_increase,
                           tasks, task_limit, min_task_recovery)
-    stage = lambda: RTNStage(bits=bits, group_size=group_size, symmetric=sym)  # noqa: E731
+    stage = lambda: RTNStage(bits=bits, group_size=group_size, symmetric=sym, clip_search=scale_search)  # noqa: E731
     mixed = lambda: c.mixed_precision_stages(keep_sensitive, max_keep)  # noqa: E731
-    after = lambda: c.compensate_stages(compensate, compensate_steps, compensate_lr)  # noqa: E731
-    c.execute(ctx, _recipe(stage, format, device, base, mixed, after), out, f"W{bits}A16-RTN", overwrite, quiet, json_out, print_recipe)
+    after = lambda: c.compensate_stages(compensate, compensate_steps, compensate_lr, compensate_target)  # noqa: E731
+    c.execute(ctx, _recipe(stage, format, device, base, mixed, after), out, f"W{bits}A16-RTN", overwrite, quiet, json_out, print_recipe, resume, dry_run)

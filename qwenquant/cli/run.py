@@ -21,6 +21,8 @@ def run_command(
     out: c.Out = None,
     device: Annotated[Optional[str], typer.Option(help="Overrides the recipe's device.")] = None,
     overwrite: c.Overwrite = False,
+    resume: c.Resume = False,
+    dry_run: c.DryRun = False,
     quiet: c.Quiet = False,
     json_out: c.Json = False,
     print_recipe: c.PrintRecipe = False,
@@ -34,4 +36,4 @@ def run_command(
         recipe.device = device
     if not recipe.model.id:
         raise BadInputError(f"recipe {recipe_file}: no model; pass --model or set model.id in the recipe")
-    c.execute(ctx, recipe, out, recipe_file.stem.upper(), overwrite, quiet, json_out, print_recipe)
+    c.execute(ctx, recipe, out, recipe_file.stem.upper(), overwrite, quiet, json_out, print_recipe, resume, dry_run)

@@ -105,7 +105,7 @@ def sensitivity_command(
     source, tokenizer = load_model(resolved)
     adapter = resolved.adapter
     n_layers = len(source.get_submodule(adapter.layers_path))
-    n_units = len(list_units(adapter, n_layers, level_list))
+    n_units = len(list_units(adapter, n_layers, level_list, source.config))
     source.to(dev)
     results, hashes = {}, {}
     for s in seed_list:

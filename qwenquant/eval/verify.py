@@ -4,8 +4,12 @@ distributions with the source.
 Which reader verifies depends on the format, decided up front and stated in the report:
 - transformers (the reference loader): compressed-tensors FP8, symmetric pack-quantized INT, hf-fp8.
 - qwenquant's spec readers (`export/*.read_linear`, written from docs/formats.md, not from our writers):
-  gptq and awq (transformers needs gptqmodel for them) and asymmetric pack-quantized (transformers 5.x with
-  compressed-tensors 0.20 cannot load packed zero points: it allocates them unpacked and rejects the shapes).
+  gptq and awq (transformers needs gptqmodel for them), asymmetric pack-quantized (transformers 5.x with
+  compressed-tensors 0.20 cannot load packed zero points: it allocates them unpacked and rejects the shapes), and
+  compressed-tensors FP8 with block scales in an MoE model (transformers 5.23 dequantizes per-expert FP8 tensors
+  while fusing the experts as `weight * weight_scale`, which only broadcasts per-tensor and per-channel scales).
+MoE checkpoints hold per-expert tensors (`mlp.experts.E.gate_proj...`); transformers fuses them at load, and the
+reloaded model is split again (qwenquant/model/moe.py) to compare expert by expert.
 """
 
 from __future__ import annotations
@@ -24,8 +28,11 @@ from qwenquant.eval.perplexity import kl_stats, next_token_logprobs
 FORMAT_READERS = {"compressed-tensors": "ct_packed", "gptq": "gptq_v1", "awq": "awq_gemm"}
 
 
-def reader_for(fmt: str, quantizer: str, symmetric: bool) -> str:
-    """'transformers' or 'spec-reader' for this format and scheme."""
+def reader_for(fmt: str, quantizer: str, symmetric: bool, fp8_block_experts: bool = False) -> str:
+    """'transformers' or 'spec-reader' for this format and scheme (`fp8_block_experts`: an MoE model's experts
+    get FP8 block scales)."""
+    if quantizer == "fp8" and fmt == "compressed-tensors" and fp8_block_experts:
+        return "spec-reader"
     if quantizer == "fp8" or (fmt == "compressed-tensors" and symmetric):
         return "transformers"
     return "spec-reader"
@@ -93,12 +100,16 @@ def verify_checkpoint(folder: Path, model, names: list[str], reader: str, fmt: s
         except Exception as err:  # a checkpoint the reference loader rejects fails verification
             return {"passed": False, "reason": f"transformers could not load the checkpoint ({type(err).__name__}: {err})",
                     "loader": "transformers"}
+        from qwenquant.model.moe import unfuse_model
+
+        unfuse_model(reloaded)  # MoE: transformers fused the per-expert tensors it loaded; compare expert by expert
         theirs = {n: _effective_weight(reloaded.get_submodule(n)) for n in names}
         del reloaded
         loader = "transformers.AutoModelForCausalLM"
     else:
-        module = __import__(f"qwenquant.export.{FORMAT_READERS[fmt]}", fromlist=["read_linear"])
         config = json.loads((Path(folder) / "config.json").read_text())["quantization_config"]
+        name = "compressed_tensors" if config.get("format") == "float-quantized" else FORMAT_READERS[fmt]
+        module = __import__(f"qwenquant.export.{name}", fromlist=["read_linear"])
         tensors = read_checkpoint_tensors(folder)
         theirs = {}
         for n in names:

@@ -13,9 +13,23 @@ from qwenquant.recipe import Recipe
 
 
 def ignore_list(model: nn.Module, state: QuantState, always: tuple[str, ...]) -> list[str]:
-    """Linears left in the source dtype: always-ignored ones (lm_head) plus decoder Linears not quantized."""
+    """Linears left in the source dtype: always-ignored ones (lm_head), decoder Linears not quantized, and modules
+    engines load as Linears that the architecture never quantizes (MoE routers `mlp.gate`, which vLLM builds with the
+    checkpoint's quantization config: they must be listed by name)."""
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in state.records]
-    return sorted(set(names) | set(always))
+    return sorted(set(names) | set(always) | set(unquantized_modules(model)))
+
+
+def unquantized_modules(model: nn.Module) -> list[str]:
+    """Full names of every layer's `unquantized` modules (qwenquant/model/qwen3.py)."""
+    from qwenquant.model.qwen3 import adapter_for
+
+    adapter = adapter_for((getattr(model.config, "architectures", None) or [""])[0])
+    if adapter is None:
+        return []
+    n_layers = len(model.get_submodule(adapter.layers_path))
+    return [f"{adapter.layers_path}.{i}.{m}" for i, layer in enumerate(adapter.layers(model.config, n_layers))
+            for m in layer.unquantized]
 
 
 def engine_fused_ignores(model: nn.Module, ignore: list[str]) -> list[str]:
@@ -32,9 +46,9 @@ def engine_fused_ignores(model: nn.Module, ignore: list[str]) -> list[str]:
     skipped = set(ignore)
     out = []
     for i in range(len(model.get_submodule(adapter.layers_path))):
-        prefix = f"{adapter.layers_path}.{i}."
-        for group, fused in zip(adapter.fused_groups, adapter.fused_names):
-            if all(prefix + n in skipped for n in group):
+        prefix, layer = f"{adapter.layers_path}.{i}.", adapter.for_layer(model.config, i)
+        for group, fused in zip(layer.fused_groups, layer.fused_names):
+            if all(prefix + n in skipped for n in group) and prefix + fused not in out:  # MoE: one name, all experts
                 out.append(prefix + fused)
     return out
 

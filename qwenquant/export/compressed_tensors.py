@@ -62,3 +62,17 @@ def _clean(d: dict) -> dict:
                 for legacy in ("scale_dtype", "zp_dtype"):
                     args.pop(legacy, None)
     return data
+
+
+def read_linear(tensors: dict[str, torch.Tensor], config: dict) -> torch.Tensor:
+    """Dequantized float32 [N, K] from one Linear's `float-quantized` tensors, written from the format description
+    (independent of the library): w = weight (F8_E4M3) * weight_scale, the scale being per tensor [1], per channel
+    [N, 1] or per block [ceil(N/Bn), ceil(K/Bk)] with [Bn, Bk] the config's `block_structure`."""
+    w = tensors["weight"].float()
+    scale = tensors["weight_scale"].float()
+    n, k = w.shape
+    weights = [g["weights"] for g in config.get("config_groups", {}).values() if isinstance(g, dict) and g.get("weights")]
+    if weights and weights[0].get("strategy") == "block":
+        bn, bk = weights[0]["block_structure"]
+        scale = scale.repeat_interleave(bn, dim=0)[:n].repeat_interleave(bk, dim=1)[:, :k]
+    return w * scale

@@ -9,12 +9,12 @@ import re
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from safetensors.torch import save_file
 
-from qwenquant.errors import BadInputError, ResourceError
+from qwenquant.errors import BadInputError, InterruptedRun, ResourceError
 
 
 def check_output_dir(out: Path, overwrite: bool) -> None:
@@ -34,16 +34,25 @@ def check_output_dir(out: Path, overwrite: bool) -> None:
         raise BadInputError(f"--out {out}: {parent} is not a writable folder; choose another --out")
 
 
+def partial_dir(out: Path) -> Path:
+    """The hidden sibling a run writes into before renaming it to `out` (also where --resume looks)."""
+    return Path(out).resolve().parent / f".{Path(out).name}.partial"
+
+
 @contextmanager
-def atomic_output_dir(out: Path, overwrite: bool) -> Iterator[Path]:
-    """Yield a temporary sibling folder; rename it to `out` only if the block succeeds, else delete it."""
+def atomic_output_dir(out: Path, overwrite: bool, resume: bool = False,
+                      keep_on_interrupt: Callable[[Path], bool] | None = None) -> Iterator[Path]:
+    """Yield a temporary sibling folder; rename it to `out` only if the block succeeds, else delete it.
+
+    `resume`: reuse the folder an interrupted run left (else it is replaced). On Ctrl-C / SIGTERM the folder is
+    kept when `keep_on_interrupt(tmp)` says it holds resumable progress, and the user is told how to resume."""
     out = Path(out)
     check_output_dir(out, overwrite)
     out.resolve().parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.resolve().parent / f".{out.name}.partial-{os.getpid()}"
-    if tmp.exists():
+    tmp = partial_dir(out)
+    if tmp.exists() and not resume:
         shutil.rmtree(tmp)
-    tmp.mkdir()
+    tmp.mkdir(exist_ok=True)
     try:
         yield tmp
         if out.exists():
@@ -58,6 +67,12 @@ def atomic_output_dir(out: Path, overwrite: bool) -> Iterator[Path]:
         if err.errno in (errno.ENOSPC, errno.EDQUOT):
             what = "disk full" if err.errno == errno.ENOSPC else "disk quota exceeded"
             raise ResourceError(f"{what} while writing {out}; free space or choose another --out") from err
+        raise
+    except KeyboardInterrupt as err:
+        if keep_on_interrupt is not None and keep_on_interrupt(tmp):
+            raise InterruptedRun(f"interrupted; progress kept in {tmp}: rerun the same command with --resume "
+                                 "to continue") from err
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -41,10 +41,10 @@ def default_output_name(reference: str, suffix: str) -> str:
     return f"{Path(reference.rstrip('/')).name}-{suffix}"
 
 
-def _download(repo_id: str, revision: str | None) -> Path:
+def _download(repo_id: str, revision: str | None, download: bool = True) -> Path:
     from huggingface_hub import snapshot_download
 
-    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes") or not download
     try:
         path = snapshot_download(
             repo_id,
@@ -53,7 +53,8 @@ def _download(repo_id: str, revision: str | None) -> Path:
             local_files_only=offline,
         )
     except Exception as err:  # hub errors come in many classes; all mean the same thing to the user
-        how = "HF_HUB_OFFLINE is set and it is not in the local cache" if offline else f"{type(err).__name__}"
+        how = ("it is not in the local cache and --dry-run downloads nothing" if not download else
+               "HF_HUB_OFFLINE is set and it is not in the local cache" if offline else f"{type(err).__name__}")
         raise BadInputError(
             f"cannot get model {repo_id!r} from the hub ({how}): download it where the hub is reachable "
             "(huggingface-cli download) or pass a local directory with --model"
@@ -61,8 +62,9 @@ def _download(repo_id: str, revision: str | None) -> Path:
     return Path(path)
 
 
-def resolve_model(reference: str, revision: str | None = None) -> ResolvedModel:
-    """Find the model's files and check config.json and safetensors headers before loading any weight."""
+def resolve_model(reference: str, revision: str | None = None, download: bool = True) -> ResolvedModel:
+    """Find the model's files and check config.json and safetensors headers before loading any weight.
+    `download=False`: a hub id must already be in the local cache (--dry-run writes nothing)."""
     local = Path(reference).expanduser()
     repo_id = None
     if local.exists():
@@ -73,7 +75,7 @@ def resolve_model(reference: str, revision: str | None = None) -> ResolvedModel:
         raise BadInputError(f"--model {reference}: no such directory; check the path")
     else:
         repo_id = hub_id_for(reference)
-        path = _download(repo_id, revision)
+        path = _download(repo_id, revision, download)
     config_file = path / "config.json"
     if not config_file.is_file():
         raise BadInputError(f"--model {reference}: no config.json in {path}; point --model at a Hugging Face model folder")
@@ -142,6 +144,10 @@ def load_model(resolved: ResolvedModel, dtype: str = "bfloat16"):
     except Exception as err:
         raise BadInputError(f"--model {resolved.reference}: transformers could not load it ({err})") from err
     model.eval()
+    if resolved.adapter.moe is not None:  # one nn.Linear per expert projection, named as on disk
+        from qwenquant.model.moe import unfuse_experts
+
+        unfuse_experts(model, resolved.adapter)
     for name, param in model.named_parameters():
         if not torch.isfinite(param).all():
             raise BadInputError(f"--model {resolved.reference}: weight {name} contains NaN or Inf; the checkpoint is broken, re-download or re-export it")

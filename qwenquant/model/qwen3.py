@@ -5,19 +5,53 @@ Adding an architecture means adding one `ArchAdapter` here; nothing else names t
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from functools import lru_cache
 
 
 @dataclass(frozen=True)
 class SmoothMapping:
     """Activation scaling factors fold into `smooth` (an RMSNorm, or a Linear's output rows) and into the
     input columns of the `balance` Linears that read its output. `kind` is "norm" or "linear"; "gqa" marks
-    v_proj -> o_proj, where one v channel feeds several query heads' o_proj columns."""
+    v_proj -> o_proj, where one v channel feeds several query heads' o_proj columns. `passthrough`: modules that
+    also read `smooth`'s output but are never quantized (an MoE router): their input columns take the factors too,
+    so the function is unchanged, but they play no part in choosing them."""
 
     smooth: str
     balance: tuple[str, ...]
     kind: str
     gqa: bool = False
+    passthrough: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class MoESpec:
+    """A sparse MoE block of a decoder layer (names relative to the layer). transformers keeps the experts fused
+    (`fused_params`: gate_up [E, 2I, H], down [E, H, I]); qwenquant.model.moe splits them at load into one Linear
+    per expert projection, named as on disk: `{experts}.{e}.{projection}`. The router stays in the source dtype."""
+
+    experts: str
+    router: str
+    projections: tuple[str, str, str]  # gate, up, down
+    fused_params: tuple[str, str]  # transformers' fused gate_up and down parameters of the experts module
+    num_experts_keys: tuple[str, ...]  # config keys holding the expert count (the first one present)
+    dense_layers_key: str  # config key listing layers with a dense MLP
+    sparse_step_key: str  # config key: every n-th layer is sparse
+
+    def num_experts(self, config) -> int:
+        return int(next((v for k in self.num_experts_keys if (v := config_value(config, k)) is not None), 0))
+
+    def is_sparse(self, config, index: int) -> bool:
+        """transformers' and vLLM's rule for Qwen3-MoE: not listed as dense, and (index + 1) % step == 0."""
+        step = config_value(config, self.sparse_step_key) or 1
+        dense = config_value(config, self.dense_layers_key) or ()
+        return self.num_experts(config) > 0 and index not in dense and (index + 1) % step == 0
+
+
+def config_value(config, key: str, default=None):
+    """A config value from config.json (a dict) or a transformers config object."""
+    return config.get(key, default) if isinstance(config, dict) else getattr(config, key, default)
 
 
 @dataclass(frozen=True)
@@ -37,12 +71,29 @@ class ArchAdapter:
     # submodule -> the Linears that alone determine its output given its input (its output can be reused once
     # they are final, e.g. attention after q/k/v/o in true-sequential GPTQ)
     output_determined_by: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    # Linears an engine runs as ONE module, beyond fused_groups: one scheme and one ignore status, while each fused
+    # group inside keeps its own scales (vLLM's FusedMoE holds every expert of a layer)
+    scheme_groups: tuple[tuple[str, ...], ...] = ()
+    unquantized: tuple[str, ...] = ()  # modules engines load as Linears that always stay in the source dtype
+    input_scale_groups: tuple[tuple[str, ...], ...] = ()  # static FP8: the engine uses the max input scale of each
+    moe: MoESpec | None = None  # sparse layers (see `for_layer`)
 
     def fused_group_of(self, linear: str) -> tuple[str, ...]:
-        for group in self.fused_groups:
+        """The Linears sharing `linear`'s scheme and ignore status in an engine (a singleton when unfused)."""
+        for group in self.scheme_groups + self.fused_groups:
             if linear in group:
                 return group
         return (linear,)
+
+    def for_layer(self, config, index: int) -> ArchAdapter:
+        """The adapter of decoder layer `index`: itself, or for a sparse MoE layer its expert-level variant."""
+        if self.moe is None or not self.moe.is_sparse(config, index):
+            return self
+        return _sparse_layer(self, self.moe.num_experts(config))
+
+    def layers(self, config, num_layers: int) -> list[ArchAdapter]:
+        """`for_layer` of every decoder layer."""
+        return [self.for_layer(config, i) for i in range(num_layers)]
 
 
 QWEN3 = ArchAdapter(
@@ -83,7 +134,63 @@ QWEN3 = ArchAdapter(
     ),
 )
 
-ADAPTERS: tuple[ArchAdapter, ...] = (QWEN3,)
+
+def _dense(names) -> bool:
+    return not any(n.startswith("mlp.") for n in names)
+
+
+@lru_cache(maxsize=None)
+def _sparse_layer(base: ArchAdapter, num_experts: int) -> ArchAdapter:
+    """`base`'s description of a dense Qwen3 layer with the MLP replaced by `num_experts` experts.
+
+    - Every expert's gate/up reads the same input (post_attention_layernorm's output): one sequential group (under
+      calibration every expert sees every token, qwenquant/model/moe.py, so one GPTQ Hessian serves them all); each
+      expert's down reads its own input: one group per expert.
+    - vLLM fuses each expert's gate/up into w13[e] (per-tensor FP8 scales are maxed over the two): fused groups.
+      All experts form one FusedMoE module: one scheme group (kept or quantized whole by mixed precision).
+    - Static FP8 activations: vLLM's FusedMoE keeps one input scale for all experts' gate/up and one for all
+      downs (the max over experts): input scale groups.
+    - Smoothing: post_attention_layernorm -> every expert's gate/up, the router (mlp.gate) passing the factors
+      through unquantized; up -> down within each expert.
+    """
+    moe = base.moe
+    g, u, d = moe.projections
+    experts = [tuple(f"{moe.experts}.{e}.{p}" for p in (g, u, d)) for e in range(num_experts)]
+    gate_up = tuple(n for ge, ue, _ in experts for n in (ge, ue))
+    fused = [(grp, name) for grp, name in zip(base.fused_groups, base.fused_names) if _dense(grp)]
+    return dataclasses.replace(
+        base,
+        linears=tuple(n for n in base.linears if _dense((n,))) + tuple(n for ex in experts for n in ex),
+        sequential_groups=tuple(grp for grp in base.sequential_groups if _dense(grp)) + (gate_up,)
+        + tuple((de,) for _, _, de in experts),
+        fused_groups=tuple(grp for grp, _ in fused) + tuple((ge, ue) for ge, ue, _ in experts),
+        fused_names=tuple(name for _, name in fused) + (moe.experts,) * num_experts,
+        scheme_groups=(tuple(n for ex in experts for n in ex),),
+        smooth_mappings=tuple(m for m in base.smooth_mappings if _dense((m.smooth,) + m.balance))
+        + (SmoothMapping("post_attention_layernorm", gate_up, "norm", passthrough=(moe.router,)),)
+        + tuple(SmoothMapping(ue, (de,), "linear") for _, ue, de in experts),
+        unquantized=(moe.router,),
+        input_scale_groups=(gate_up, tuple(de for _, _, de in experts)),
+    )
+
+
+# Qwen3-30B-A3B, Qwen3-235B-A22B. The base fields describe a dense layer (`mlp_only_layers`; Qwen3MoeMLP has
+# Qwen3's names); `for_layer` gives a sparse layer's expert-level variant.
+QWEN3_MOE = dataclasses.replace(
+    QWEN3,
+    architectures=("Qwen3MoeForCausalLM",),
+    moe=MoESpec(
+        experts="mlp.experts",
+        router="mlp.gate",
+        projections=("gate_proj", "up_proj", "down_proj"),
+        fused_params=("gate_up_proj", "down_proj"),
+        num_experts_keys=("num_experts", "num_local_experts"),  # hub config.json / transformers 5 save_pretrained
+        dense_layers_key="mlp_only_layers",
+        sparse_step_key="decoder_sparse_step",
+    ),
+)
+
+ADAPTERS: tuple[ArchAdapter, ...] = (QWEN3, QWEN3_MOE)
 
 
 def supported_architectures() -> list[str]:
@@ -104,7 +211,7 @@ def linear_shapes(config: dict) -> dict[str, tuple[int, int]]:
     q = config["num_attention_heads"] * head_dim
     kv = config["num_key_value_heads"] * head_dim
     inter = config["intermediate_size"]
-    return {
+    shapes = {
         "self_attn.q_proj": (q, hidden),
         "self_attn.k_proj": (kv, hidden),
         "self_attn.v_proj": (kv, hidden),
@@ -113,3 +220,15 @@ def linear_shapes(config: dict) -> dict[str, tuple[int, int]]:
         "mlp.up_proj": (inter, hidden),
         "mlp.down_proj": (hidden, inter),
     }
+    adapter = next((a for a in map(adapter_for, config.get("architectures") or []) if a is not None), None)
+    moe = adapter.moe if adapter is not None else None
+    if moe is None:
+        return shapes
+    sparse = [moe.is_sparse(config, i) for i in range(int(config["num_hidden_layers"]))]
+    if all(sparse):  # no dense MLP anywhere
+        shapes = {n: s for n, s in shapes.items() if not n.startswith("mlp.")}
+    if any(sparse):  # one entry stands for every expert ("*")
+        e_inter = config["moe_intermediate_size"]
+        g, u, d = (f"{moe.experts}.*.{p}" for p in moe.projections)
+        shapes |= {g: (e_inter, hidden), u: (e_inter, hidden), d: (hidden, e_inter)}
+    return shapes

@@ -131,14 +131,33 @@ def quantize_weight(
     H: torch.Tensor,
     config: GPTQConfig,
     scale_dtype: torch.dtype = torch.bfloat16,
+    clip_ratio: float = 1.0,
 ) -> tuple[QuantizedWeight, float]:
     """GPTQ-quantize W [N, K] given H [K, K]; returns the record and the loss sum_k (w_k - q_k)^2 / (2 [Hinv]_kk^2).
 
     The record's q is in original column order and dequantizes exactly to GPTQ's final weight.
     On Cholesky failure after retries it warns and falls back to RTN (loss = 1/2 sum_k max(H_kk, 0) ||E_:k||^2).
     """
-    record, row_losses = _quantize_rows(W, H, config, scale_dtype)
-    return record, float(row_losses.sum())
+    result = _quantize_rows(W, H, config, scale_dtype, clip_ratio)
+    return result.record, float(result.loss.sum())
+
+
+@dataclass
+class GPTQResult:
+    """One Linear's GPTQ outcome. `pre_rounding` [N, K] float32 holds each weight as GPTQ rounded it (after the
+    error feedback of earlier columns): `record.q` is its nearest code, so rounding-tuning methods (compensation)
+    can start from GPTQ's solution."""
+
+    record: QuantizedWeight
+    loss: float
+    pre_rounding: torch.Tensor
+
+
+@dataclass
+class _Rows:
+    record: QuantizedWeight
+    loss: torch.Tensor  # [N] per output row
+    pre_rounding: torch.Tensor  # [N, K]
 
 
 @torch.no_grad()
@@ -147,14 +166,18 @@ def quantize_weights_shared(
     H: torch.Tensor,
     config: GPTQConfig,
     scale_dtype: torch.dtype = torch.bfloat16,
-) -> list[tuple[QuantizedWeight, float]]:
+    clip_ratios: list[float] | None = None,
+) -> list[GPTQResult]:
     """GPTQ for several Linears reading the same input (one H), e.g. q/k/v: rows are independent in GPTQ, so
     quantizing the stacked rows once gives each Linear exactly its own result, with one column loop instead of many."""
-    record, row_losses = _quantize_rows(torch.cat([w.detach().float() for w in Ws]), H, config, scale_dtype)
+    clip: float | torch.Tensor = 1.0
+    if clip_ratios is not None and any(r != 1.0 for r in clip_ratios):  # one ratio per Linear -> per row [N, 1]
+        clip = torch.cat([torch.full((w.shape[0], 1), float(r)) for w, r in zip(Ws, clip_ratios)]).to(H.device)
+    res = _quantize_rows(torch.cat([w.detach().float() for w in Ws]), H, config, scale_dtype, clip)
     out, start = [], 0
     for w in Ws:
         rows = slice(start, start + w.shape[0])
-        out.append((split_rows(record, rows), float(row_losses[rows].sum())))
+        out.append(GPTQResult(split_rows(res.record, rows), float(res.loss[rows].sum()), res.pre_rounding[rows]))
         start += w.shape[0]
     return out
 
@@ -169,9 +192,11 @@ def split_rows(record: QuantizedWeight, rows: slice) -> QuantizedWeight:
 
 
 def _quantize_rows(
-    W: torch.Tensor, H: torch.Tensor, config: GPTQConfig, scale_dtype: torch.dtype
-) -> tuple[QuantizedWeight, torch.Tensor]:
-    """The GPTQ column loop; returns the record and the loss of each output row [N]."""
+    W: torch.Tensor, H: torch.Tensor, config: GPTQConfig, scale_dtype: torch.dtype,
+    clip_ratio: float | torch.Tensor = 1.0,
+) -> _Rows:
+    """The GPTQ column loop; returns the record, the loss of each output row [N] and the pre-rounding weights.
+    `clip_ratio` (float or per-row [N, 1]) shrinks every group's range before its scale is computed."""
     _check_inputs(W, H)
     W = W.detach().float().clone()
     H = H.detach().float().clone()
@@ -187,7 +212,8 @@ def _quantize_rows(
     # natural-group qparams up front: static act-order, and channel-wise (one group = whole row)
     static_params = None
     if config.actorder == "static" or G == K:
-        static_params = compute_group_qparams(W, bits, G, sym, 1.0, scale_dtype)  # [N, n_groups] x2
+        group_clip = clip_ratio.expand(n, K // G) if isinstance(clip_ratio, torch.Tensor) else clip_ratio
+        static_params = compute_group_qparams(W, bits, G, sym, group_clip, scale_dtype)  # [N, n_groups] x2
 
     perm = None
     if config.actorder is not None:
@@ -197,13 +223,14 @@ def _quantize_rows(
 
     Hinv = _factor_hinv_with_retries(H, config.dampening_frac)
     if Hinv is None:
-        return _fallback_rtn(W, H, perm, config, scale_dtype)
+        return _fallback_rtn(W, H, perm, config, scale_dtype, clip_ratio)
 
     codes = torch.zeros(n, K, dtype=torch.int32, device=W.device)  # quantization order
     n_groups = K // G
     scale = torch.zeros(n, n_groups, dtype=torch.float32, device=W.device)
     zero = torch.zeros_like(scale)
     losses = torch.zeros(n, dtype=torch.float32, device=W.device)
+    pre = torch.empty_like(W)  # quantization order
     B = _aligned_block_size(config.block_size, G)
     natural_group = torch.arange(K, device=W.device) // G
     col_group = natural_group if perm is None or static_params is None else natural_group[perm]
@@ -222,11 +249,12 @@ def _quantize_rows(
             elif col % G == 0:
                 # group starts here: params from the weight as updated by all earlier columns
                 cur = W1[:, i : i + G] if i + G <= i2 - i1 else W[:, col : col + G]
-                s, z = compute_qparams(cur, bits, sym, 1.0, scale_dtype)  # [N, 1]
+                s, z = compute_qparams(cur, bits, sym, clip_ratio, scale_dtype)  # [N, 1]
                 scale[:, g : g + 1], zero[:, g : g + 1] = s, z
             w = W1[:, i : i + 1]  # [N, 1]
             code = quantize_codes(w, s, z, bits)
             codes[:, col : col + 1] = code
+            pre[:, col : col + 1] = w
             q = dequantize_codes(code, s, z)
             d = Hinv1[i, i]
             losses += ((w - q).squeeze(1) / d) ** 2 / 2
@@ -241,15 +269,17 @@ def _quantize_rows(
     if perm is not None:
         inv = torch.argsort(perm)
         codes = codes[:, inv]
+        pre = pre[:, inv]
         if config.actorder == "group":
             g_idx = natural_group[inv]  # original column perm[c] sits in group c // G
     record = make_int_record(codes, scale, zero, bits, G, sym, scale_dtype, g_idx, config.actorder)
-    return record, losses
+    return _Rows(record, losses, pre)
 
 
 def _fallback_rtn(
-    W: torch.Tensor, H: torch.Tensor, perm: torch.Tensor | None, config: GPTQConfig, scale_dtype: torch.dtype
-) -> tuple[QuantizedWeight, torch.Tensor]:
+    W: torch.Tensor, H: torch.Tensor, perm: torch.Tensor | None, config: GPTQConfig, scale_dtype: torch.dtype,
+    clip_ratio: float | torch.Tensor = 1.0,
+) -> _Rows:
     """RTN in natural order when no dampening makes H positive definite.
 
     Loss uses only diag(H), clamped at 0: the full form 1/2 tr(E H E^T) can be negative for an indefinite H.
@@ -262,6 +292,8 @@ def _fallback_rtn(
     if perm is not None:
         inv = torch.argsort(perm)
         W, H = W[:, inv], H[inv][:, inv]
-    record = quantize_rtn(W, config.bits, config.group_size, config.symmetric, 1.0, scale_dtype)
+    if isinstance(clip_ratio, torch.Tensor):  # per row [N, 1] -> per group
+        clip_ratio = clip_ratio.expand(W.shape[0], W.shape[1] // resolve_group_size(W.shape[1], config.group_size))
+    record = quantize_rtn(W, config.bits, config.group_size, config.symmetric, clip_ratio, scale_dtype)
     E = W - record.dequantize()  # [N, K]
-    return record, 0.5 * (E.pow(2) * torch.diagonal(H).clamp(min=0)).sum(dim=1)
+    return _Rows(record, 0.5 * (E.pow(2) * torch.diagonal(H).clamp(min=0)).sum(dim=1), W)

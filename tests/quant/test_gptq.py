@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from qwenquant.quant.gptq import GPTQConfig, accumulate_hessian, quantize_weight
-from qwenquant.quant.intq import quantize_rtn
+from qwenquant.quant.intq import quantize_codes, quantize_rtn
 
 
 def correlated_inputs(t: int, k: int, seed: int) -> torch.Tensor:
@@ -216,8 +216,13 @@ def test_shared_hessian_stack_equals_separate_runs(layer, actorder) -> None:
     from qwenquant.quant.gptq import quantize_weights_shared
 
     shared = quantize_weights_shared(ws, h, cfg)
-    for wi, (rec, loss) in zip(ws, shared):
+    for wi, res in zip(ws, shared):
+        rec, loss = res.record, res.loss
         ref, ref_loss = quantize_weight(wi, h, cfg)
+        # GPTQ's codes are the nearest rounding of its error-fed weights, which differ from the float weights
+        codes_of_pre = quantize_codes(res.pre_rounding, rec.scale.float()[:, rec.group_index()],
+                                      rec.zero_point.float()[:, rec.group_index()], rec.bits)
+        assert torch.equal(codes_of_pre, rec.q) and not torch.equal(res.pre_rounding, wi)
         assert torch.equal(rec.q, ref.q) and torch.equal(rec.scale, ref.scale)
         assert torch.equal(rec.zero_point, ref.zero_point)
         assert (rec.g_idx is None) == (ref.g_idx is None)

@@ -1,0 +1,213 @@
+"""The run journal: each finished decoder layer's results on disk, in the run's temporary output folder.
+
+Two jobs, one mechanism:
+- bounded memory: a layer's quantized records (codes and scales, needed only by the exporter) leave host memory
+  as soon as the layer is done; `JournalRecords` loads them back one layer file at a time while the checkpoint is
+  written, so the exporter never holds more than one layer's records;
+- resumable runs: after each layer the journal also keeps that layer's other final parameters (norms folded by
+  smoothing or tuned by compensation, Linears kept in bf16), its activation specs and report, and the activations
+  entering the next layer. `qwenquant ... --resume` restores layers 0..k-1 from it and continues at layer k; the
+  checkpoint is identical to an uninterrupted run's because every layer sees exactly the inputs it would have seen.
+
+Layout (`<tmp out>/_journal/`): `journal.json` (fingerprint of the run, layers done, stage seconds),
+`layer-00003.pt` (records + params + specs + report of layer 3), `inputs.pt` (inputs of the next layer),
+`source_eval.pt` (the source model's evaluation, measured once). Files are written to a temporary name and renamed,
+and `journal.json` last, so a run killed at any instant leaves a consistent journal.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import signal
+from collections.abc import MutableMapping
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from qwenquant.errors import BadInputError
+from qwenquant.quant.records import QuantizedWeight
+
+JOURNAL_DIR = "_journal"
+JOURNAL_VERSION = 1
+
+
+def run_fingerprint(recipe_yaml: str, weight_files: list[Path], extra: dict | None = None) -> str:
+    """What must not change between an interrupted run and its resumption: the recipe and the source weights
+    (names, sizes and modification times: hashing a large model's files would cost minutes)."""
+    h = hashlib.sha256(recipe_yaml.encode())
+    for f in sorted(Path(p) for p in weight_files):
+        st = f.stat()
+        h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    h.update(json.dumps(extra or {}, sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def _save_atomic(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _record_to_dict(r: QuantizedWeight) -> dict:
+    return dataclasses.asdict(r)
+
+
+def _record_from_dict(d: dict) -> QuantizedWeight:
+    return QuantizedWeight(**d)
+
+
+class JournalRecords(MutableMapping):
+    """`QuantState.records` backed by the journal: records of finished layers live in their layer file and are
+    loaded on access (one layer file cached), records of the layer in progress live in memory."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self._memory: dict[str, QuantizedWeight] = {}
+        self._on_disk: dict[str, Path] = {}  # insertion order = quantization order
+        self._order: list[str] = []
+        self._cached: tuple[Path | None, dict] = (None, {})
+
+    def __getitem__(self, name: str) -> QuantizedWeight:
+        if name in self._memory:
+            return self._memory[name]
+        path = self._on_disk[name]
+        if self._cached[0] != path:
+            self._cached = (path, torch.load(path, weights_only=True)["records"])
+        return _record_from_dict(self._cached[1][name])
+
+    def __setitem__(self, name: str, record: QuantizedWeight) -> None:
+        self._on_disk.pop(name, None)
+        if name not in self._order:
+            self._order.append(name)
+        self._memory[name] = record
+
+    def __delitem__(self, name: str) -> None:
+        self._memory.pop(name, None)
+        self._on_disk.pop(name, None)
+        self._order.remove(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(self._order))
+
+    def __len__(self) -> int:
+        return len(self._order)
+
+    def take_layer(self, prefix: str) -> dict[str, dict]:
+        """The in-memory records whose names start with `prefix`, as plain dicts (for the layer file)."""
+        return {n: _record_to_dict(r) for n, r in self._memory.items() if n.startswith(prefix)}
+
+    def mark_on_disk(self, names, path: Path) -> None:
+        """These records are now in `path`: drop them from memory."""
+        for n in names:
+            self._memory.pop(n, None)
+            self._on_disk[n] = path
+            if n not in self._order:
+                self._order.append(n)
+
+
+class Journal:
+    """The `_journal/` folder of one run (see the module doc)."""
+
+    def __init__(self, out_tmp: Path, fingerprint: str):
+        self.folder = Path(out_tmp) / JOURNAL_DIR
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.fingerprint = fingerprint
+        self.records = JournalRecords(self.folder)
+
+    # -- bookkeeping ----------------------------------------------------------------------------------------------
+
+    def _meta_path(self) -> Path:
+        return self.folder / "journal.json"
+
+    def read_meta(self) -> dict | None:
+        path = self._meta_path()
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def layers_done(self) -> int:
+        """Decoder layers finished by an earlier (interrupted) run of the same recipe on the same weights."""
+        meta = self.read_meta()
+        if meta is None:
+            return 0
+        if meta.get("fingerprint") != self.fingerprint or meta.get("version") != JOURNAL_VERSION:
+            raise BadInputError(f"{self.folder.parent} holds an interrupted run of a different recipe or model; "
+                                "run without --resume to start over")
+        return int(meta["layers_done"])
+
+    def _write_meta(self, layers_done: int, stage_seconds: dict) -> None:
+        tmp = self._meta_path().with_name("journal.json.tmp")
+        tmp.write_text(json.dumps({"version": JOURNAL_VERSION, "fingerprint": self.fingerprint,
+                                   "layers_done": layers_done, "stage_seconds": stage_seconds}))
+        os.replace(tmp, self._meta_path())
+
+    # -- source evaluation ----------------------------------------------------------------------------------------
+
+    def save_source_eval(self, result: dict) -> None:
+        _save_atomic(result, self.folder / "source_eval.pt")
+
+    def load_source_eval(self) -> dict | None:
+        path = self.folder / "source_eval.pt"
+        return torch.load(path, weights_only=False) if path.is_file() else None
+
+    # -- layers ---------------------------------------------------------------------------------------------------
+
+    def layer_path(self, i: int) -> Path:
+        return self.folder / f"layer-{i:05d}.pt"
+
+    def save_layer(self, i: int, prefix: str, layer: nn.Module, state, next_inputs) -> None:
+        """Persist layer i (records, other parameters, activation specs, report) and the next layer's inputs,
+        then drop the layer's records from memory."""
+        records = self.records.take_layer(prefix)
+        # a recorded Linear's live weight is its record dequantized, so only the record is kept; verified here,
+        # since resuming rebuilds the weight that way (anything else stays in `params`)
+        recorded = {n[len(prefix):] + ".weight" for n, d in records.items()
+                    if torch.equal(layer.get_submodule(n[len(prefix):]).weight.detach().cpu(),
+                                   _record_from_dict(d).dequantize(layer.get_submodule(n[len(prefix):]).weight.dtype))}
+        params = {k: v.detach().to("cpu").clone() for k, v in layer.state_dict().items() if k not in recorded}
+        specs = {n: dataclasses.asdict(s) for n, s in state.activations.items() if n.startswith(prefix)}
+        searched = {kind: {n: v for n, v in choices.items()  # keyed by Linear name or by layer index
+                           if (n.startswith(prefix) if isinstance(n, str) else n == i)}
+                    for kind, choices in state.searched.items()}
+        path = self.layer_path(i)
+        _save_atomic({"records": records, "params": params, "activations": specs, "searched": searched,
+                      "report": state.layer_reports[-1] if state.layer_reports else None}, path)
+        if next_inputs is not None:
+            _save_atomic({"hidden": next_inputs.hidden, "kwargs": next_inputs.kwargs}, self.folder / "inputs.pt")
+        self._write_meta(i + 1, state.stage_seconds)
+        self.records.mark_on_disk(list(records), path)
+        if os.environ.get("QWENQUANT_FAULT_KILL_AFTER_LAYER") == str(i):  # fault injection for the resume tests
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def restore(self, layers: nn.ModuleList, layers_path: str, state, n_done: int):
+        """Put layers 0..n_done-1 back as the interrupted run left them; return the inputs of layer n_done
+        (as (hidden, kwargs) lists) or None when the run captured none."""
+        from qwenquant.pipeline import ActivationSpec
+
+        for i in range(n_done):
+            prefix = f"{layers_path}.{i}."
+            saved = torch.load(self.layer_path(i), weights_only=False)
+            layer = layers[i]
+            own = dict(layer.named_parameters()) | dict(layer.named_buffers())
+            for k, v in saved["params"].items():
+                own[k].data = v.to(own[k].dtype)
+            for name, d in saved["records"].items():
+                linear = layer.get_submodule(name[len(prefix):])
+                linear.weight.data = _record_from_dict(d).dequantize(linear.weight.dtype)
+            self.records.mark_on_disk(list(saved["records"]), self.layer_path(i))
+            state.activations.update({n: ActivationSpec(**s) for n, s in saved["activations"].items()})
+            for kind, choices in saved["searched"].items():
+                state.searched.setdefault(kind, {}).update(choices)
+            if saved["report"] is not None:
+                state.layer_reports.append(saved["report"])
+        meta = self.read_meta() or {}
+        for stage, seconds in meta.get("stage_seconds", {}).items():
+            state.stage_seconds[stage] = seconds
+        inputs = self.folder / "inputs.pt"
+        if n_done and inputs.is_file():
+            saved = torch.load(inputs, weights_only=False)
+            return saved["hidden"], saved["kwargs"]
+        return None

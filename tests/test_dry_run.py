@@ -1,0 +1,210 @@
+"""`--dry-run` on the quantize commands (qwenquant/estimate.py, qwenquant/probe.py), in process on the tiny random
+Qwen3: it prints an estimate and writes nothing, `--json` has the documented keys, the output size it predicts
+matches the checkpoint a real run writes (fp8 and W4A16 in each INT format), a run that cannot fit exits 5 with one
+line, and a bad model fails as it does without --dry-run. Most tests replace the few-second speed probe with fixed
+rates (sizes and memory do not depend on it); one runs the real probe."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+import qwenquant.estimate as estimate
+import qwenquant.probe as probe_mod
+
+JSON_KEYS = {"ok", "dry_run", "model", "recipe", "run", "sizes", "memory", "disk", "timings_s", "fits", "reasons",
+             "notes", "probe"}
+TIMING_KEYS = {"startup", "load", "calibration_data", "eval_source", "quantize", "eval_quantized", "export", "verify",
+               "report", "stages", "total"}
+
+
+def _fixed_probe(*_args, **_kwargs) -> probe_mod.Probe:
+    return probe_mod.Probe(device="cpu", threads=1, layer_s_per_token=1e-5, attn_s_per_token2=1e-9,
+                           layer_s_per_call=1e-3, lm_head_s_per_token=1e-5, fp32_gflops=50.0,
+                           logits_s_per_element=1e-9, kl_s_per_element=1e-9, act_quant_s_per_element=1e-9,
+                           quant_s_per_weight=1e-8, quant_s_per_linear=1e-3, export_s_per_weight=1e-8, isfinite_s_per_weight=1e-9,
+                           seconds=0.0)
+
+
+@pytest.fixture
+def quick_probe(monkeypatch):
+    monkeypatch.setattr(probe_mod, "run_probe", _fixed_probe)
+
+
+def _listing(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+def _args(cmd: str, tiny_args: list[str]) -> list[str]:
+    """The tiny model's fast flags; `rtn` takes no calibration flags."""
+    if cmd != "rtn":
+        return list(tiny_args)
+    out, skip = [], False
+    for a in tiny_args:
+        if skip:
+            skip = False
+        elif a in ("--calib", "--num-samples", "--seq-len"):
+            skip = True
+        else:
+            out.append(a)
+    return out
+
+
+def _dry(cli, cmd: str, tiny_args: list[str], out: Path, *flags: str):
+    return cli([cmd, *_args(cmd, tiny_args), "--out", str(out), "--dry-run", *flags])
+
+
+def test_dry_run_prints_estimate_and_writes_nothing(cli, tiny_args, tmp_path) -> None:
+    """The real probe, the rich tables, exit 0, and not a file written (no output, no hidden partial folder)."""
+    work = tmp_path / "work"
+    work.mkdir()
+    before = _listing(tmp_path)
+    res = _dry(cli, "fp8", tiny_args, work / "out")
+    assert res.code == 0, res.err[-2000:]
+    assert _listing(tmp_path) == before
+    for words in ("peak host memory", "output safetensors", "eval_source", "propagate", "total", "fits"):
+        assert words in res.out, words
+    assert not res.error_lines
+
+
+@pytest.mark.parametrize("cmd,flags", [("fp8", ()), ("gptq", ()), ("awq", ("--format", "awq")), ("rtn", ())],
+                         ids=["fp8", "gptq", "awq", "rtn"])
+def test_json_has_documented_keys(cli, tiny_args, tmp_path, quick_probe, cmd, flags) -> None:
+    res = _dry(cli, cmd, tiny_args, tmp_path / "out", "--json", *flags)
+    assert res.code == 0, res.err[-2000:]
+    data = json.loads(res.out)  # the whole of stdout is one JSON document
+    assert JSON_KEYS <= set(data), sorted(set(data))
+    assert data["ok"] is True and data["dry_run"] is True and data["reasons"] == []
+    assert TIMING_KEYS <= set(data["timings_s"]), sorted(data["timings_s"])
+    assert cmd in data["timings_s"]["stages"]
+    assert data["timings_s"]["total"] > 0
+    mem = data["memory"]
+    assert mem["peak_host_bytes"] > mem["peak_host_breakdown"]["model"] > 0
+    assert mem["peak_device_bytes"] is None and mem["device"] == "cpu"  # CPU: device memory is host memory
+    assert set(data["fits"]) == {"host", "device", "disk"} and data["fits"]["host"] and data["fits"]["disk"]
+    assert data["sizes"]["output_bytes"] > 0 and data["sizes"]["quantized_linears"] == 14
+    assert data["disk"]["free_bytes"] > data["disk"]["need_bytes"] > data["sizes"]["output_bytes"]
+    assert not (tmp_path / "out").exists()
+
+
+SIZE_CASES = [
+    ("fp8", ()),
+    ("fp8", ("--weights", "block", "--format", "hf-fp8")),
+    ("fp8", ("--weights", "tensor", "--activations", "static")),
+    ("rtn", ()),
+    ("rtn", ("--asym",)),
+    ("rtn", ("--format", "gptq")),
+    ("rtn", ("--format", "awq", "--group-size", "64")),
+]
+
+
+@pytest.mark.parametrize("cmd,flags", SIZE_CASES, ids=["-".join((c, *f)).replace("--", "") for c, f in SIZE_CASES])
+def test_size_matches_written_checkpoint(cli, tiny_args, tmp_path, quick_probe, cmd, flags) -> None:
+    """Predicted safetensors bytes == what the run writes, within 1% (headers are estimated)."""
+    dry = _dry(cli, cmd, tiny_args, tmp_path / "out", "--json", *flags)
+    assert dry.code == 0, dry.err[-2000:]
+    predicted = json.loads(dry.out)["sizes"]["output_bytes"]
+    real = cli([cmd, *_args(cmd, tiny_args), "--out", str(tmp_path / "out"), "--no-verify", "--no-ppl", "--quiet", *flags])
+    assert real.code == 0, real.err[-2000:]
+    written = sum(f.stat().st_size for f in (tmp_path / "out").glob("*.safetensors"))
+    assert predicted == pytest.approx(written, rel=0.01), (predicted, written)
+
+
+def test_does_not_fit_in_memory_exits_5_with_one_line(cli, tiny_args, tmp_path, quick_probe, monkeypatch) -> None:
+    monkeypatch.setattr(estimate, "available_host_bytes", lambda: (64 * 2**20, "test limit"))
+    res = _dry(cli, "fp8", tiny_args, tmp_path / "out")
+    assert res.code == 5
+    assert len(res.error_lines) == 1 and len(res.err.strip().splitlines()) == 1, res.err
+    line = res.error_lines[0]
+    assert "peak host memory" in line and "0.06 GiB available (test limit)" in line
+    assert "does not fit" in res.out  # the table still says what was estimated
+
+    res = _dry(cli, "fp8", tiny_args, tmp_path / "out", "--json")
+    assert res.code == 5
+    data = json.loads(res.out)  # one document: the error with the estimate
+    assert data["ok"] is False and data["exit_code"] == 5 and data["fits"]["host"] is False
+    assert data["memory"]["peak_host_bytes"] > data["memory"]["available_host_bytes"]
+    assert not (tmp_path / "out").exists()
+
+
+def test_does_not_fit_on_disk_exits_5(cli, tiny_args, tmp_path, quick_probe, monkeypatch) -> None:
+    monkeypatch.setattr(estimate, "free_disk_bytes", lambda out: (1000, tmp_path))
+    res = _dry(cli, "rtn", tiny_args, tmp_path / "out")
+    assert res.code == 5 and len(res.error_lines) == 1
+    assert "on disk" in res.error_lines[0]
+
+
+def test_unreadable_model_errors_as_usual(cli, tiny_args, tiny_qwen3, tmp_path, quick_probe) -> None:
+    model = tmp_path / "broken"
+    shutil.copytree(tiny_qwen3, model)
+    weights = model / "model.safetensors"
+    with weights.open("r+b") as f:
+        f.truncate(weights.stat().st_size // 2)
+    args = list(tiny_args)
+    args[args.index("--model") + 1] = str(model)
+    res = _dry(cli, "fp8", args, tmp_path / "out")
+    assert res.code == 2 and len(res.error_lines) == 1
+    assert "corrupt or truncated" in res.error_lines[0]
+    args[args.index("--model") + 1] = str(tmp_path / "missing")
+    res = _dry(cli, "gptq", args, tmp_path / "out")
+    assert res.code == 2 and "no such directory" in res.error_lines[0]
+
+
+def test_hub_id_not_cached_downloads_nothing(cli, tiny_args, tmp_path, quick_probe, monkeypatch) -> None:
+    import huggingface_hub.constants as hf_constants
+
+    home = tmp_path / "hf-home"
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(home / "hub"))
+    args = list(tiny_args)
+    args[args.index("--model") + 1] = "Qwen3-4B"
+    res = _dry(cli, "fp8", args, tmp_path / "out")
+    assert res.code == 2 and "not in the local cache" in res.error_lines[0]
+    assert not home.exists() or not any((home / "hub").rglob("*.safetensors"))
+
+
+def test_existing_out_is_refused_as_in_a_real_run(cli, tiny_args, tmp_path, quick_probe) -> None:
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "x").write_text("x")
+    res = _dry(cli, "fp8", tiny_args, tmp_path / "out")
+    assert res.code == 2 and "already exists" in res.error_lines[0]
+
+
+def test_recipe_file_dry_run(cli, tiny_qwen3, tmp_path, quick_probe) -> None:
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "w4a16-gptq.yaml"
+    res = cli(["run", str(recipe), "--model", str(tiny_qwen3), "--out", str(tmp_path / "out"), "--device", "cpu",
+               "--dry-run", "--json"])
+    assert res.code == 0, res.err[-2000:]
+    data = json.loads(res.out)
+    assert "gptq" in data["timings_s"]["stages"] and not (tmp_path / "out").exists()
+
+
+def test_kl_statistics_dominate_large_vocabularies() -> None:
+    """Pure model: at Qwen3's vocabulary the float32 KL temporaries (5 x tokens x vocab x 4 B) set the peak."""
+    from qwenquant.recipe import FP8Stage, ModelConfig, Recipe
+
+    recipe = Recipe(model=ModelConfig(id="x"), stages=[FP8Stage()])
+    n_layers, hidden, inter, vocab = 28, 1024, 3072, 151936
+    shapes = {"self_attn.q_proj": (2048, hidden), "self_attn.k_proj": (1024, hidden), "self_attn.v_proj": (1024, hidden),
+              "self_attn.o_proj": (hidden, 2048), "mlp.gate_proj": (inter, hidden), "mlp.up_proj": (inter, hidden),
+              "mlp.down_proj": (hidden, inter)}
+    tensors = {"model.embed_tokens.weight": estimate.TensorInfo("BF16", (vocab, hidden))}
+    linears = []
+    for i in range(n_layers):
+        for local, (n, k) in shapes.items():
+            tensors[f"model.layers.{i}.{local}.weight"] = estimate.TensorInfo("BF16", (n, k))
+            linears.append(estimate.LinearInfo(f"model.layers.{i}.{local}", n, k, i, local))
+    facts = estimate.ModelFacts("x", "x", "Qwen3ForCausalLM", {"num_hidden_layers": n_layers}, n_layers, hidden, vocab,
+                                True, 40960, tensors, linears, sum(t.nbytes for t in tensors.values()), 0)
+    shape = estimate.run_shape(recipe, facts, 300_000, True)
+    assert shape.kl_tokens == 4096 and shape.window == 2048
+    out = estimate.output_size(recipe, facts)
+    fp8_weights = sum(n * k for n, k in shapes.values()) * n_layers
+    assert out.quantized_bytes == pytest.approx(fp8_weights, rel=0.01)
+    phases = estimate.memory_phases(recipe, facts, shape, out, 0, estimate.Traits(journal=False), cuda=False)
+    peak = max(phases, key=lambda p: p.host_total)
+    assert peak.host["KL statistics"] == 5 * 4 * 4096 * vocab
+    assert peak.name in ("verify (KL)", "report")
