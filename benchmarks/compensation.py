@@ -7,10 +7,10 @@ bf16 source, in one process (benchmarks/harness.py measures every row the same w
     nohup python benchmarks/compensation.py > /tmp/compensation.log 2>&1 &   # full run -> compensation.{json,md}
 
 Rows (pairs: baseline, then the same with the feature):
-  FP8 channel/dynamic | + scale search (clip per Linear) | + compensation
+  FP8 channel/dynamic | + scale search (channel/block per fused group, clip per Linear) | + compensation
   FP8 tensor/static + smoothing (alpha 0.5) | + scale search (clip per Linear, alpha per layer)
-  INT4 g128 RTN | + compensation (SignRound-style)      INT4 g128 GPTQ | + compensation
-  INT3 g128 GPTQ | + compensation
+  INT4 g128 RTN | + compensation to the layer target | + compensation to the float target | + scale search (clip)
+  INT4 g128 GPTQ | the same three          INT3 g128 GPTQ | + compensation (layer target, float target)
 Every row whose result depends on the calibration samples runs once per seed in --seeds (noise estimate); FP8 dynamic
 and RTN without search or compensation are functions of the weights and run once. Mean next-token KL vs the source is
 the sensitive metric; perplexity is on the full WikiText-2 test (first seed; the other seeds report perplexity on the
@@ -63,7 +63,7 @@ def variants(steps: int, lr: float) -> list[dict]:
     static = dict(weights="tensor", activations="static")
     out = [
         ("fp8 ch/dyn", [FP8Stage(**fp8)], False, None),
-        ("fp8 ch/dyn + scale search", [FP8Stage(**fp8, clip_search=True)], True, "fp8 ch/dyn"),
+        ("fp8 ch/dyn + scale search", [FP8Stage(**fp8, clip_search=True, granularity_search=True)], True, "fp8 ch/dyn"),
         ("fp8 ch/dyn + compensate", [FP8Stage(**fp8), comp], True, "fp8 ch/dyn"),
         ("fp8 t/static smooth", [SmoothStage(0.5), FP8Stage(**static)], True, None),
         ("fp8 t/static smooth + scale search", [SmoothStage(0.5, alpha_search=True), FP8Stage(**static, clip_search=True)],

@@ -401,6 +401,7 @@ class Phase:
     name: str
     host: dict[str, int]
     device: dict[str, int] = field(default_factory=dict)
+    reclaimable: int = 0  # part of `host` that is clean, no longer used file-backed pages the kernel can drop
 
     @property
     def host_total(self) -> int:
@@ -432,37 +433,50 @@ def memory_phases(recipe, facts: ModelFacts, shape: RunShape, out: OutputSize, b
     biggest = max((l.n * l.k for l in facts.linears), default=0)
     export_pending = min(out.quantized_bytes, recipe.export.max_shard_size_mb * 2**20) + 3 * 4 * biggest
     rec_name = "records (one layer; the others in the journal)" if records != records_all else "records"
+    # transformers memory-maps safetensors whose dtype is the model dtype: those weights are file-backed pages in
+    # the RSS. A quantizer gives each Linear a new (dequantized) weight; the mapped original stays resident until
+    # the kernel needs the memory (clean page cache: counted in RSS, reclaimable), so the RSS grows by the
+    # quantized Linears' size during quantization.
+    st_dtype = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}[recipe.model.dtype]
+    float_dtypes = {t.dtype for t in facts.tensors.values() if t.dtype in ("BF16", "F16", "F32", "F64")}
+    kept, _ = kept_linears(recipe, facts)
+    copies = dt * sum(l.n * l.k for l in facts.linears if l.name not in kept) if float_dtypes == {st_dtype} else 0
+    copies_name = "quantized weights (new copies; the mapped originals stay in the RSS)"
     # on CUDA the model moves to the device for evaluation and verification; the host keeps the rest
     on_host = {"process": base_rss} if cuda else {"process": base_rss, "model": model}
     fwd_host = {} if cuda else {"forward": fwd_temp}
     fwd_dev = {"model": model, "forward": fwd_temp} if cuda else {}
     # peak_device_bytes in the report is torch's max_memory_allocated: the CUDA context itself is not in it
+    after = {copies_name: copies} if copies and not cuda else {}  # from the quantize phase on
     phases = [
         Phase("load", {"process": base_rss, "model": model}),
         Phase("eval_source", on_host | {"log-probs (source)": logp} | fwd_host, fwd_dev),
         Phase("quantize", {"process": base_rss, "model": model, "log-probs (source)": logp, rec_name: records,
-                           "calibration activations": cache} | ({} if cuda else {temps_what: temps}),
+                           "calibration activations": cache} | after | ({} if cuda else {temps_what: temps}),
               {"layer": facts.layer_linear_params(0) * dt, temps_what: temps} if cuda else {}),
-        Phase("eval_quantized", on_host | {rec_name: records, "log-probs (source, quantized)": 2 * logp} | fwd_host,
-              fwd_dev),
+        Phase("eval_quantized", on_host | after | {rec_name: records, "log-probs (source, quantized)": 2 * logp}
+              | fwd_host, fwd_dev),
         Phase("export", {"process": base_rss, "model": model, rec_name: records,
-                         "log-probs (source, quantized)": 2 * logp, "pending shard": export_pending}),
+                         "log-probs (source, quantized)": 2 * logp, "pending shard": export_pending} | after),
     ]
     if recipe.eval.verify:
         q = recipe.stage(recipe.quantizer)
         from qwenquant.eval.verify import reader_for
 
         reader = reader_for(recipe.export.format, recipe.quantizer, getattr(q, "symmetric", True))
-        common = {"process": base_rss, "model": model, rec_name: records, "log-probs (source, quantized)": 2 * logp}
+        common = {"process": base_rss, "model": model, rec_name: records,
+                  "log-probs (source, quantized)": 2 * logp} | after
         if reader == "transformers":
-            # reloaded: its compressed tensors and the dense weights it computes with; then our float32 copies
-            reload = {"reloaded checkpoint": model + out.quantized_bytes, "log-probs (checkpoint)": logp}
-            if not cuda:
-                reload["forward"] = fwd_temp
-            after = {"reloaded weights (float32)": 4 * lin, "log-probs (checkpoint)": logp, "KL statistics": kl}
+            # reloaded: its compressed tensors and the dense weights it computes with; then our float32 copies.
+            # `del reloaded` does not free it at once (reference cycles wait for the garbage collector): measured
+            # on a 0.6B model, it is still there while the KL statistics run
+            reloaded = {"reloaded checkpoint": model + out.quantized_bytes}
+            reload = reloaded | {"log-probs (checkpoint)": logp} | ({} if cuda else {"forward": fwd_temp})
+            kl_part = reloaded | {"reloaded weights (float32)": 4 * lin, "log-probs (checkpoint)": logp,
+                                  "KL statistics": kl}
             phases.append(Phase("verify", common | reload, {"reloaded checkpoint": model, "forward": fwd_temp}
                                 if cuda else {}))
-            phases.append(Phase("verify (KL)", common | after))
+            phases.append(Phase("verify (KL)", common | kl_part))
         else:
             read = {"checkpoint tensors": out.safetensors_bytes, "read weights (float32)": 4 * lin,
                     "swapped weights": dt * lin, "log-probs (checkpoint)": logp}
@@ -472,7 +486,9 @@ def memory_phases(recipe, facts: ModelFacts, shape: RunShape, out: OutputSize, b
                                                          "read weights (float32)": 4 * lin,
                                                          "log-probs (checkpoint)": logp, "KL statistics": kl}))
     phases.append(Phase("report", {"process": base_rss, "model": model, rec_name: records,
-                                   "log-probs (source, quantized)": 2 * logp, "KL statistics": kl}))
+                                   "log-probs (source, quantized)": 2 * logp, "KL statistics": kl} | after))
+    for ph in phases:
+        ph.reclaimable = ph.host.get(copies_name, 0)
     return phases
 
 
@@ -698,6 +714,7 @@ def build_estimate(recipe, facts: ModelFacts, shape: RunShape, probe, device, ba
     out = output_size(recipe, facts)
     phases = memory_phases(recipe, facts, shape, out, base_rss, traits, cuda)
     peak = max(phases, key=lambda p: p.host_total)
+    need = max(p.host_total - p.reclaimable for p in phases)  # what must fit: RSS minus droppable page cache
     dev_peak = max(phases, key=lambda p: p.device_total) if cuda else None
     timings = time_estimate(recipe, facts, shape, out, probe, traits)
     dt = MODEL_DTYPE_BYTES[recipe.model.dtype]
@@ -708,9 +725,9 @@ def build_estimate(recipe, facts: ModelFacts, shape: RunShape, probe, device, ba
     disk_need = out.folder_bytes + journal
     host_avail, host_src = available_host
     reasons = []
-    if host_avail is not None and peak.host_total > host_avail:
+    if host_avail is not None and need > host_avail:
         big = max(peak.host.items(), key=lambda kv: kv[1])
-        reasons.append(f"estimated peak host memory {_gib(peak.host_total)} (during {peak.name}; largest part: {big[0]} "
+        reasons.append(f"estimated peak host memory {_gib(need)} (during {peak.name}; largest part: {big[0]} "
                        f"{_gib(big[1])}) exceeds the {_gib(host_avail)} available ({host_src})")
     if cuda and available_device is not None and dev_peak.device_total > available_device:
         reasons.append(f"estimated peak device memory {_gib(dev_peak.device_total)} (during {dev_peak.name}) exceeds "
@@ -757,6 +774,7 @@ def build_estimate(recipe, facts: ModelFacts, shape: RunShape, probe, device, ba
                "source_bytes": facts.source_bytes,
                "ratio": out.safetensors_bytes / facts.source_bytes if facts.source_bytes else None},
         memory={"peak_host_bytes": peak.host_total, "peak_host_phase": peak.name, "peak_host_breakdown": peak.host,
+                "reclaimable_at_peak_bytes": peak.reclaimable, "needed_host_bytes": need,
                 "host_phases": {p.name: p.host_total for p in phases},
                 "available_host_bytes": host_avail, "available_host_source": host_src,
                 "peak_device_bytes": dev_peak.device_total if cuda else None,
@@ -765,7 +783,7 @@ def build_estimate(recipe, facts: ModelFacts, shape: RunShape, probe, device, ba
                 "available_device_bytes": available_device, "device": str(device)},
         disk={"need_bytes": disk_need, "journal_bytes": journal, "free_bytes": disk_free[0], "path": str(disk_free[1])},
         timings_s=timings,
-        fits={"host": host_avail is None or peak.host_total <= host_avail,
+        fits={"host": host_avail is None or need <= host_avail,
               "device": (dev_peak.device_total <= available_device) if cuda and available_device is not None else None,
               "disk": disk_need <= disk_free[0]},
         reasons=reasons,
@@ -804,7 +822,7 @@ def estimate_run(recipe, out: Path, overwrite: bool = False) -> Estimate:
     text_tokens, note = eval_tokens(recipe.eval.eval_text, resolved.path)
     shape = run_shape(recipe, facts, text_tokens, needs_calibration(recipe), note)
     probe = run_probe(facts.config, recipe, device, DTYPES[recipe.model.dtype], shape.calib_tokens or 2048,
-                      shape.window)
+                      shape.window, shape.seq_len)
     del torch
     return build_estimate(recipe, facts, shape, probe, device, base_rss, available_host_bytes(),
                           available_device_bytes(device), free_disk_bytes(out), pipeline_traits())
@@ -838,9 +856,11 @@ def print_estimate(est: Estimate, console=None) -> None:
     mark = {True: "[green]fits[/green]", False: "[red]does not fit[/red]", None: ""}
     table.add_row("output safetensors", _gib(s["output_bytes"]),
                   f"{s['quantized_linears']} quantized Linears, {s['kept_linears']} kept; x{s['ratio']:.3f} of the source")
-    table.add_row("peak host memory", _gib(m["peak_host_bytes"]),
+    reclaim = (f"; {_gib(m['reclaimable_at_peak_bytes'])} of it clean mapped weights the kernel can drop"
+               if m["reclaimable_at_peak_bytes"] else "")
+    table.add_row("peak host memory (RSS)", _gib(m["peak_host_bytes"]),
                   f"{_gib(m['available_host_bytes'])} {m['available_host_source']} {mark[est.fits['host']]}; "
-                  f"during {m['peak_host_phase']}")
+                  f"during {m['peak_host_phase']}{reclaim}")
     for part, nbytes in sorted(m["peak_host_breakdown"].items(), key=lambda kv: -kv[1]):
         table.add_row(f"  {part}", _gib(nbytes), "")
     if m["peak_device_bytes"] is not None:

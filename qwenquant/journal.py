@@ -10,7 +10,8 @@ Two jobs, one mechanism:
   checkpoint is identical to an uninterrupted run's because every layer sees exactly the inputs it would have seen.
 
 Layout (`<tmp out>/_journal/`): `journal.json` (fingerprint of the run, layers done, stage seconds),
-`layer-00003.pt` (records + params + specs + report of layer 3), `inputs.pt` (inputs of the next layer),
+`layer-00003.pt` (records + params + specs + report of layer 3), `inputs.pt` (inputs of the next layer, and
+its inputs in the unquantized model when compensation fits to those),
 `source_eval.pt` (the source model's evaluation, measured once). Files are written to a temporary name and renamed,
 and `journal.json` last, so a run killed at any instant leaves a consistent journal.
 """
@@ -158,7 +159,7 @@ class Journal:
     def layer_path(self, i: int) -> Path:
         return self.folder / f"layer-{i:05d}.pt"
 
-    def save_layer(self, i: int, prefix: str, layer: nn.Module, state, next_inputs) -> None:
+    def save_layer(self, i: int, prefix: str, layer: nn.Module, state, next_inputs, float_inputs=None) -> None:
         """Persist layer i (records, other parameters, activation specs, report) and the next layer's inputs,
         then drop the layer's records from memory."""
         records = self.records.take_layer(prefix)
@@ -176,21 +177,24 @@ class Journal:
         _save_atomic({"records": records, "params": params, "activations": specs, "searched": searched,
                       "report": state.layer_reports[-1] if state.layer_reports else None}, path)
         if next_inputs is not None:
-            _save_atomic({"hidden": next_inputs.hidden, "kwargs": next_inputs.kwargs}, self.folder / "inputs.pt")
+            _save_atomic({"hidden": next_inputs.hidden, "kwargs": next_inputs.kwargs,
+                          "float_hidden": float_inputs.hidden if float_inputs is not None else None},
+                         self.folder / "inputs.pt")
         self._write_meta(i + 1, state.stage_seconds)
         self.records.mark_on_disk(list(records), path)
         if os.environ.get("QWENQUANT_FAULT_KILL_AFTER_LAYER") == str(i):  # fault injection for the resume tests
             os.kill(os.getpid(), signal.SIGKILL)
 
-    def restore(self, layers: nn.ModuleList, layers_path: str, state, n_done: int):
+    def restore(self, layers: nn.ModuleList, layers_path: str, state, n_done: int, layer_store=None):
         """Put layers 0..n_done-1 back as the interrupted run left them; return the inputs of layer n_done
-        (as (hidden, kwargs) lists) or None when the run captured none."""
+        as (hidden, kwargs, float-path hidden or None) lists, or None when the run captured none.
+        With a `layer_store` (--offload-dir) each layer is materialized, restored and written back in turn."""
         from qwenquant.pipeline import ActivationSpec
 
         for i in range(n_done):
             prefix = f"{layers_path}.{i}."
             saved = torch.load(self.layer_path(i), weights_only=False)
-            layer = layers[i]
+            layer = layers[i] if layer_store is None else layer_store.materialize(i)
             own = dict(layer.named_parameters()) | dict(layer.named_buffers())
             for k, v in saved["params"].items():
                 own[k].data = v.to(own[k].dtype)
@@ -203,11 +207,13 @@ class Journal:
                 state.searched.setdefault(kind, {}).update(choices)
             if saved["report"] is not None:
                 state.layer_reports.append(saved["report"])
+            if layer_store is not None:
+                layer_store.release(i, dirty=True)
         meta = self.read_meta() or {}
         for stage, seconds in meta.get("stage_seconds", {}).items():
             state.stage_seconds[stage] = seconds
         inputs = self.folder / "inputs.pt"
         if n_done and inputs.is_file():
             saved = torch.load(inputs, weights_only=False)
-            return saved["hidden"], saved["kwargs"]
+            return saved["hidden"], saved["kwargs"], saved.get("float_hidden")
         return None

@@ -290,17 +290,20 @@ def run_sequential(
     batch_size: int = 8,
     on_layer_done: Callable[[int, int], None] | None = None,
     journal=None,
+    layer_store=None,
 ) -> QuantState:
     """For each decoder layer: onload, run each (name, stage) in order, propagate quantized outputs, offload.
 
     With a `journal` (qwenquant/journal.py) each finished layer is persisted (its records leave memory) and layers
-    an interrupted run already finished are restored instead of recomputed."""
+    an interrupted run already finished are restored instead of recomputed. With a `layer_store`
+    (qwenquant/model/offload.py, --offload-dir) decoder layers live on disk: each is materialized before it is
+    processed and released (written back) after."""
     layers = decoder_layers(model, adapter)
     start = journal.layers_done() if journal is not None else 0
     t0 = time.perf_counter()
     if start:
-        restored = journal.restore(layers, adapter.layers_path, state, start)
-        cache = ActivationCache(*restored) if restored is not None else None
+        restored = journal.restore(layers, adapter.layers_path, state, start, layer_store=layer_store)
+        cache = ActivationCache(*restored[:2]) if restored is not None else None
     else:  # no calibration ids (RTN alone): nothing is captured or propagated
         cache = capture_layer0_inputs(model, adapter, ids, batch_size, device) if ids is not None else None
         state.add_time("capture", time.perf_counter() - t0)
@@ -308,9 +311,12 @@ def run_sequential(
     # the unquantized model's own activations, propagated beside the quantized path (compensation to float targets)
     float_path = any(getattr(getattr(stage, "keywords", {}).get("cfg"), "target", None) == "float"
                      for _, stage in stages)
-    if float_path and start:
-        raise BadInputError("--resume is not supported with compensation to float targets; run without --resume")
-    float_cache = ActivationCache(list(cache.hidden), cache.kwargs) if float_path and cache is not None else None
+    float_cache = None
+    if float_path and cache is not None:
+        float_hidden = restored[2] if start else list(cache.hidden)
+        if float_hidden is None:
+            raise BadInputError("the interrupted run kept no unquantized-model activations; run without --resume")
+        float_cache = ActivationCache(float_hidden, cache.kwargs)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     for i, layer in enumerate(layers):
@@ -318,6 +324,8 @@ def run_sequential(
             if on_layer_done:
                 on_layer_done(i + 1, len(layers))
             continue
+        if layer_store is not None:
+            layer_store.materialize(i)
         layer.to(device)
         ctx = LayerContext(i, f"{adapter.layers_path}.{i}.", layer, adapter.for_layer(model.config, i), cache, device,
                            model.config, state, float_cache=float_cache)
@@ -344,7 +352,9 @@ def run_sequential(
         layer.to("cpu")
         state.layer_reports.append(report)
         if journal is not None:
-            journal.save_layer(i, ctx.prefix, layer, state, cache)
+            journal.save_layer(i, ctx.prefix, layer, state, cache, float_cache)
+        if layer_store is not None:
+            layer_store.release(i, dirty=True)
         if on_layer_done:
             on_layer_done(i + 1, len(layers))
     if device.type == "cuda":

@@ -117,11 +117,11 @@ def _build_layer(config: dict, dtype: torch.dtype, device: torch.device):
 
 
 @torch.no_grad()
-def _layer_rates(config: dict, dtype: torch.dtype, device: torch.device,
-                 window: int) -> tuple[float, float, float, dict]:
+def _layer_rates(config: dict, dtype: torch.dtype, device: torch.device, window: int,
+                 calls_tokens: int = 4096) -> tuple[float, float, float, dict]:
     """(layer seconds per token without attention, seconds per forward call, attention seconds per token^2,
-    narrowing info). A tiny forward gives the per-call overhead (it matters for small layers: a calibration forward
-    is 8 samples, an evaluation forward one window), a long one the per-token cost."""
+    narrowing info). Two call sizes separate the per-token cost from the per-call overhead (it matters for small
+    layers); `calls_tokens`: the largest call the run makes (an evaluation window or a calibration batch)."""
     import torch.nn.functional as F
 
     cfg, ratio = narrowed_config(config)
@@ -139,13 +139,15 @@ def _layer_rates(config: dict, dtype: torch.dtype, device: torch.device,
         pos = torch.arange(n, device=device).unsqueeze(0)
         layer(x, position_embeddings=rotary(x, pos), position_ids=pos, attention_mask=None, use_cache=False)
 
-    # enough tokens that matmuls run at full speed, few enough for ~0.1-0.2 s a forward on a CPU
-    n2 = int(min(2048, max(256, 4e9 / (2 * _layer_params(cfg)))))
+    # The run's forwards are large (an evaluation window, or 8 calibration samples): measure large calls too, as
+    # large as ~30 GFLOP allows (per-token cost falls steeply with the call size on a CPU), and a quarter of it
+    n2 = int(min(calls_tokens, max(512, 3e10 / (2 * _layer_params(cfg)))))
+    n1 = max(n2 // 4, 8)
     forward(16)  # lazy initialisation (attention backend selection, kernels) is not a rate
-    t8 = _best_time(lambda: forward(8), device)  # 8 tokens: mostly the fixed cost of a call
-    t2 = _best_time(lambda: forward(n2), device) - attn * own_heads * n2**2
-    per_token = max((t2 - t8) / (n2 - 8), 0.2 * t2 / n2)
-    per_call = max(t8 - 8 * per_token, 0.0)
+    t1 = _best_time(lambda: forward(n1), device) - attn * own_heads * n1**2
+    t2 = _best_time(lambda: forward(n2), device, max_calls=3) - attn * own_heads * n2**2
+    per_token = max((t2 - t1) / (n2 - n1), 0.2 * t2 / n2)
+    per_call = max(t1 - n1 * per_token, 0.0)
     del layer
     return per_token * ratio, per_call, attn, ({"probe_hidden": hidden, "flop_ratio": ratio} if ratio > 1 else {})
 
@@ -269,7 +271,8 @@ def _act_quant_rate(recipe, k: int, dtype: torch.dtype, device: torch.device) ->
     return _best_time(lambda: fake_quantize_activation(x, mode, scale, stage.block_size), device) / x.numel()
 
 
-def run_probe(config: dict, recipe, device: torch.device, dtype: torch.dtype, calib_tokens: int, window: int) -> Probe:
+def run_probe(config: dict, recipe, device: torch.device, dtype: torch.dtype, calib_tokens: int, window: int,
+              seq_len: int = 0) -> Probe:
     """Measure this machine's rates for the model's shapes (a few seconds; scaled-down layers for big models)."""
     from qwenquant.model.qwen3 import linear_shapes
 
@@ -285,8 +288,10 @@ def run_probe(config: dict, recipe, device: torch.device, dtype: torch.dtype, ca
     shapes = linear_shapes(config)
     n, k = max(shapes.values(), key=lambda s: s[0] * s[1])  # the largest Linear (gate/up: [intermediate, hidden])
     vocab, hidden = int(config["vocab_size"]), int(config["hidden_size"])
-    layer_tok, layer_call, attn, scaled = timed("layer", lambda: _layer_rates(config, dtype, device, window))
-    gflops_model = timed("lm_head", lambda: _matmul_gflops(min(vocab, 16384), hidden, dtype, device))
+    largest_call = max(window, min(calib_tokens, 8 * seq_len)) if seq_len else window
+    layer_tok, layer_call, attn, scaled = timed("layer", lambda: _layer_rates(config, dtype, device, window,
+                                                                              largest_call))
+    gflops_model = timed("lm_head", lambda: _matmul_gflops(min(vocab, 16384), hidden, dtype, device, tokens=512))
     fp32 = timed("fp32_matmul", lambda: _matmul_gflops(n, k, torch.float32, device))
     logits_rate, kl_rate = timed("logits", lambda: _logits_rates(vocab, dtype, device))
     rates = timed("quantizer", lambda: _quantizer_rates(recipe, n, k, calib_tokens, dtype, device))

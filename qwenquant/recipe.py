@@ -10,8 +10,9 @@ stages:            # ordered, each a one-key mapping
   - mixed_precision: {keep_sensitive, keep, max_keep, sensitivity_samples}   # optional, first
   - smooth: {alpha, mappings, layer_alpha, alpha_search}
   - fp8: {weights, activations, block_size, clip, clip_search}
-  - gptq: {...} | awq: {...} | rtn: {...}
-  - compensate: {steps, lr, samples, batch_size, rounding, norms, qk_norms}   # optional, after the quantizer
+  - gptq: {bits, group_size, symmetric, actorder, dampening_frac, block_size, clip, clip_search}
+    | awq: {bits, group_size, symmetric, n_grid, clip, norm_mappings} | rtn: {bits, group_size, symmetric, clip, clip_search}
+  - compensate: {steps, lr, samples, batch_size, rounding, norms, qk_norms, target}   # optional, after the quantizer
 export: {format, max_shard_size_mb}
 eval: {perplexity, eval_text, window, max_windows, kl_tokens, verify, verify_max_kl}
 device: auto | cpu | cuda | cuda:N
@@ -109,9 +110,25 @@ class FP8Stage:
     block_size: int = 128
     clip: dict[str, float] = field(default_factory=dict)  # Linear (full name) -> weight clipping ratio; else 1.0
     clip_search: bool = False  # choose each Linear's clipping ratio by its output error (scale search)
+    # per-Linear weight granularity overriding `weights` (full name -> channel | block), or chosen per vLLM fused
+    # group by output error (`granularity_search`, with channel weights and dynamic activations; compressed-tensors
+    # stores both in one checkpoint as two config groups)
+    granularity: dict[str, str] = field(default_factory=dict)
+    granularity_search: bool = False
+
+    def weights_for(self, name: str) -> str:
+        """The weight granularity of one Linear (full name)."""
+        return self.granularity.get(name, self.weights)
 
     def __post_init__(self) -> None:
         _choice("fp8.weights", self.weights, ("tensor", "channel", "block"))
+        for name, g in self.granularity.items():
+            _choice(f"fp8.granularity.{name}", g, ("channel", "block"))
+        if (self.granularity_search or self.granularity) and (self.weights != "channel" or self.activations != "dynamic"):
+            raise ValueError("fp8.granularity: per-Linear channel/block choice needs weights: channel and "
+                             "activations: dynamic (block weights pair with dynamic group activations)")
+        if self.granularity_search and self.granularity:
+            raise ValueError("fp8.granularity: set either granularity_search or per-Linear granularity, not both")
         _choice("fp8.activations", self.activations, ("dynamic", "static", "none"))
         _positive("fp8.block_size", self.block_size)
         if self.weights == "block" and self.activations == "static":
@@ -230,7 +247,7 @@ class CompensateStage:
     # what the quantized layer is fitted to: "float" = the unquantized model's own layer output (the float path's
     # inputs, so the fit also absorbs error accumulated in earlier layers); "layer" = the unquantized layer applied
     # to the quantized path's inputs (this layer's own quantization error only)
-    target: str = "layer"
+    target: str = "float"
 
     def __post_init__(self) -> None:
         if self.target not in COMPENSATE_TARGETS:

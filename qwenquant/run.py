@@ -105,10 +105,16 @@ class _Timer:
 
 
 @torch.no_grad()
-def _evaluate(model, windows, kl_windows, device, reporter: Reporter, label: str, act_specs=None):
-    """Perplexity over `windows` and log-probs over `kl_windows` (with activation quantization if given)."""
+def _evaluate(model, windows, kl_windows, device, reporter: Reporter, label: str, act_specs=None, store=None):
+    """Perplexity over `windows` and log-probs over `kl_windows` (with activation quantization if given); with a
+    `store` (--offload-dir) one decoder layer at a time over all windows, with the same results."""
     ctx = activation_quantization(model, act_specs) if act_specs else nullcontext()
     with ctx:
+        if store is not None:
+            from qwenquant.eval.layerwise import evaluate_layerwise
+
+            with reporter.step(f"layer-streamed forward ({label})", len(store.layers)) as advance:
+                return evaluate_layerwise(model, store, windows, kl_windows, device, on_layer=advance)
         ppl = None
         if windows is not None:
             with reporter.step(f"perplexity ({label})", windows.shape[0]) as advance:
@@ -117,13 +123,46 @@ def _evaluate(model, windows, kl_windows, device, reporter: Reporter, label: str
     return ppl, logp
 
 
+def check_offload(recipe: Recipe) -> None:
+    """Refuse, before any work, what --offload-dir cannot do: anything that needs the whole model in memory."""
+    if recipe.eval.tasks:
+        raise BadInputError("--tasks needs the whole model in memory (lm-eval); with --offload-dir drop --tasks "
+                            "(and --min-task-recovery), or run without --offload-dir")
+    if recipe.stage("mixed_precision") is not None:
+        raise BadInputError("mixed precision (--keep-sensitive) ranks and re-quantizes the whole model in memory; "
+                            "with --offload-dir drop it, or run without --offload-dir")
+
+
+def _place(model, device, store) -> None:
+    """model.to(device); with --offload-dir (a `store`) the decoder layers are on disk and move one at a time."""
+    if store is None:
+        model.to(device)
+
+
 def run_recipe(recipe: Recipe, out: Path, overwrite: bool = False, reporter: Reporter | None = None, command: str = "",
-               resume: bool = False) -> dict:
+               resume: bool = False, offload_dir: Path | None = None) -> dict:
     """Quantize per the recipe, write `out` atomically, verify it, and return the report dict.
 
     Raises VerificationError (after writing the folder and its report) when the reloaded checkpoint disagrees
-    with the source beyond the stated threshold.
+    with the source beyond the stated threshold. `offload_dir` (--offload-dir): decoder layers not in use stay on
+    disk in a work folder under it (qwenquant/model/offload.py), removed at the end; a resource setting like the
+    device, not part of the recipe.
     """
+    if offload_dir is None:
+        return _run_recipe(recipe, out, overwrite, reporter, command, resume)
+    from qwenquant.model.offload import check_offload_dir, offload_session
+
+    check_output_dir(Path(out), overwrite)
+    check_offload(recipe)
+    local = Path(recipe.model.id).expanduser()
+    check_offload_dir(Path(offload_dir), Path(out), local if local.is_dir() else None)
+    with offload_session(Path(offload_dir), Path(out)) as folder:
+        return _run_recipe(recipe, out, overwrite, reporter, command, resume, offload_folder=folder)
+
+
+def _run_recipe(recipe: Recipe, out: Path, overwrite: bool = False, reporter: Reporter | None = None, command: str = "",
+                resume: bool = False, offload_folder: Path | None = None) -> dict:
+    """`run_recipe`; with `offload_folder` the model is loaded with its decoder layers on disk there."""
     reporter = reporter or Reporter(quiet=True)
     timer = _Timer()
     started = time.time()
@@ -137,7 +176,13 @@ def run_recipe(recipe: Recipe, out: Path, overwrite: bool = False, reporter: Rep
         check_layout(recipe, resolved.config)
         check_mixed_precision(recipe, resolved.adapter, resolved.config)
         reporter.log(f"model {recipe.model.id} -> {resolved.path} ({resolved.config['architectures'][0]})")
-        model, tokenizer = load_model(resolved, recipe.model.dtype)
+        store = None  # with --offload-dir: the LayerStore that materializes one decoder layer at a time
+        if offload_folder is None:
+            model, tokenizer = load_model(resolved, recipe.model.dtype)
+        else:
+            from qwenquant.model.offload import load_offloaded
+
+            model, tokenizer, store = load_offloaded(resolved, recipe.model.dtype, offload_folder)
     calib = None
     if needs_calibration(recipe):
         with timer("calibration_data"):
@@ -167,12 +212,12 @@ def run_recipe(recipe: Recipe, out: Path, overwrite: bool = False, reporter: Rep
         if saved is not None:
             src_ppl, src_logp, src_tasks = saved["ppl"], saved["logp"], saved["tasks"]
         else:
-            model.to(device)
+            _place(model, device, store)
             with timer("eval_source"):
                 src_ppl, src_logp = _evaluate(model, ppl_windows if ev.perplexity else None, kl_windows, device,
-                                              reporter, "source")
+                                              reporter, "source", store=store)
                 src_tasks = _evaluate_tasks(model, tokenizer, ev, device, reporter, "source")
-            model.to("cpu")
+            _place(model, "cpu", store)
             if journal is not None:
                 journal.save_source_eval({"ppl": src_ppl, "logp": src_logp, "tasks": src_tasks})
 
@@ -185,14 +230,15 @@ def run_recipe(recipe: Recipe, out: Path, overwrite: bool = False, reporter: Rep
             with timer("quantize"):
                 with reporter.step(f"quantize ({' -> '.join(n for n, _ in stages)})", n_layers) as advance:
                     run_sequential(model, resolved.adapter, calib, stages, device, state,
-                                   on_layer_done=lambda i, n: advance(), journal=journal)
+                                   on_layer_done=lambda i, n: advance(), journal=journal, layer_store=store)
 
-            model.to(device)
+            _place(model, device, store)
             with timer("eval_quantized"):
                 q_ppl, q_logp = _evaluate(
-                    model, ppl_windows if ev.perplexity else None, kl_windows, device, reporter, "quantized", state.activations
+                    model, ppl_windows if ev.perplexity else None, kl_windows, device, reporter, "quantized", state.activations,
+                    store=store,
                 )
-            model.to("cpu")
+            _place(model, "cpu", store)
             return state, q_ppl, q_logp
 
         mixed_report = None
@@ -205,16 +251,23 @@ def run_recipe(recipe: Recipe, out: Path, overwrite: bool = False, reporter: Rep
         recipe = resolve_searched(recipe, state)  # scale search choices go into recipe.yaml and the report
         with timer("eval_tasks_quantized"), activation_quantization(model, state.activations):
             q_tasks = _evaluate_tasks(model, tokenizer, ev, device, reporter, "quantized")
-        model.to("cpu")
+        _place(model, "cpu", store)
 
         verification = None
         with timer("export"):
             try:
-                written = write_checkpoint(tmp, model, tokenizer, recipe, state, resolved.adapter.always_ignore)
+                written = write_checkpoint(tmp, model, tokenizer, recipe, state, resolved.adapter.always_ignore,
+                                           layer_store=store)
             except ValueError as err:  # a layout the format cannot store, found per tensor (e.g. GPTQ v1 zero point 0)
                 raise BadInputError(f"export to {recipe.export.format} failed: {err}") from err
             (tmp / "recipe.yaml").write_text(recipe.to_yaml())
-        if ev.verify:
+        if ev.verify and store is not None:  # no full-model reload: every stored tensor vs the live layers
+            with timer("verify"):
+                from qwenquant.eval.verify import verify_offloaded
+
+                verification = verify_offloaded(tmp, store, list(state.records), recipe.export.format, src_logp,
+                                                q_logp, ev.verify_max_kl)
+        elif ev.verify:
             with timer("verify"):
                 q = recipe.stage(recipe.quantizer)
                 reader = reader_for(recipe.export.format, recipe.quantizer, getattr(q, "symmetric", True),
@@ -248,6 +301,8 @@ def run_recipe(recipe: Recipe, out: Path, overwrite: bool = False, reporter: Rep
         if mixed_report is not None:
             report["mixed_precision"] = mixed_report
         report["model"]["files_sha256"] = {f.name: file_sha256(f) for f in resolved.weight_files}
+        if store is not None:  # decoder layers were kept on disk (a resource setting, not part of the recipe)
+            report["memory"]["offload_dir"] = str(offload_folder.parent)
         if done:
             report["resumed_after_layers"] = done
         shutil.rmtree(tmp / JOURNAL_DIR, ignore_errors=True)  # scratch of this run, not part of the checkpoint

@@ -33,8 +33,52 @@ def _inputs(ctx: LayerContext, names: list[str]) -> dict[str, torch.Tensor]:
     return _sample_inputs(ctx, names, MAX_SEARCH_TOKENS)
 
 
+GRANULARITY_KEY = "fp8.granularity"
+
+
+@torch.no_grad()
+def layer_granularity(ctx: LayerContext, cfg: FP8Stage, names: list[str]) -> tuple[dict[str, str], dict[str, dict]]:
+    """FP8 weight granularity per Linear (names relative to the layer) and, when searching, the search record.
+
+    The search compares, per vLLM fused group (one scheme per fused module), channel weights with per-token
+    activations against 128x128-block weights with per-group activations by the relative output error of the
+    group's Linears on calibration inputs (weights and activations quantized as the engine will); channel wins
+    ties. Linears whose input width the block size does not divide stay channel."""
+    if not cfg.granularity_search:
+        return {n: cfg.weights_for(ctx.full_name(n)) for n in names}, {}
+    dtype = next(ctx.layer.parameters()).dtype
+    units = [[n for n in g if n in names] for g in ctx.adapter.fused_groups]
+    units = [u for u in units if u]
+    grouped = {n for u in units for n in u}
+    units += [[n] for n in names if n not in grouped]
+    input_of = {n: g[0] for g in ctx.adapter.sequential_groups for n in g}
+    xs = _inputs(ctx, sorted({input_of[n] for n in names}))
+    choice, details = {}, {}
+    for u in units:
+        errors = {}
+        for g, mode in (("channel", "token"), ("block", "group")):
+            if g == "block" and any(ctx.linear(n).weight.shape[1] % cfg.block_size for n in u):
+                continue
+            num = den = 0.0
+            for n in u:
+                w = ctx.linear(n).weight.data.float()
+                x = xs[input_of[n]].to(ctx.device)
+                wq = fp8q.quantize_fp8(w, g, cfg.block_size, scale_dtype=dtype).dequantize()
+                xq = fp8q.fake_quantize_activation(x, mode, None, cfg.block_size)
+                ref = x @ w.T
+                num += float((xq @ wq.T - ref).pow(2).sum())
+                den += float(ref.pow(2).sum())
+            errors[g] = num / max(den, 1e-30)
+        best = min(errors, key=lambda g: (errors[g], g != "channel"))
+        for n in u:
+            choice[n] = best
+            details[n] = {"granularity": best, "errors": errors}
+    ctx.state.searched.setdefault(GRANULARITY_KEY, {}).update({ctx.full_name(n): g for n, g in choice.items()})
+    return choice, details
+
+
 def layer_clips(ctx: LayerContext, cfg: FP8Stage | RTNStage | GPTQStage,
-                names: list[str]) -> tuple[dict[str, float], dict[str, dict]]:
+                names: list[str], granularity: dict[str, str] | None = None) -> tuple[dict[str, float], dict[str, dict]]:
     """Clip ratio per Linear (names relative to the layer) and, when searching, the search record per Linear.
 
     Without `cfg.clip_search` the ratios come from `cfg.clip` (full names; 1.0 when absent). FP8 per-tensor weights
@@ -52,19 +96,24 @@ def layer_clips(ctx: LayerContext, cfg: FP8Stage | RTNStage | GPTQStage,
     xs = _inputs(ctx, sorted({input_of[n] for n in names}))
     dtype = next(ctx.layer.parameters()).dtype
 
-    def quantize(w: torch.Tensor, ratio: float) -> torch.Tensor:
-        if fp8:
-            return fp8q.quantize_fp8(w, cfg.weights, cfg.block_size, clip_ratio=ratio, scale_dtype=dtype).dequantize()
-        return intq.quantize_rtn(w, cfg.bits, cfg.group_size, cfg.symmetric, ratio, dtype).dequantize()
+    def quantizer(unit) -> callable:
+        g = (granularity or {}).get(unit[0], getattr(cfg, "weights", None))  # a fused unit shares one granularity
+
+        def quantize(w: torch.Tensor, ratio: float) -> torch.Tensor:
+            if fp8:
+                return fp8q.quantize_fp8(w, g, cfg.block_size, clip_ratio=ratio, scale_dtype=dtype).dequantize()
+            return intq.quantize_rtn(w, cfg.bits, cfg.group_size, cfg.symmetric, ratio, dtype).dequantize()
+
+        return quantize
 
     weights = {tuple(u): torch.cat([ctx.linear(n).weight.data.float() for n in u]) for u in units}
     x_of = {u: xs[input_of[u[0]]].to(ctx.device) for u in weights}
-    baseline = {u: ss.search_clip(w, x_of[u], (1.0,), quantize).best_error for u, w in weights.items()}
+    baseline = {u: ss.search_clip(w, x_of[u], (1.0,), quantizer(u)).best_error for u, w in weights.items()}
     reference = statistics.median(baseline.values())
     clips, details = {}, {}
     for u, w in weights.items():
         grid = ss.choose_grid(baseline[u], reference, ss.CLIP_GRID_COARSE, ss.CLIP_GRID_FINE)
-        res = ss.search_clip(w, x_of[u], grid, quantize)
+        res = ss.search_clip(w, x_of[u], grid, quantizer(u))
         for n in u:
             clips[n] = res.best
             details[n] = {"clip": res.best, "error_at_1": baseline[u], "error": res.best_error,
@@ -132,6 +181,9 @@ def resolve_searched(recipe: Recipe, state: QuantState) -> Recipe:
         clip = state.searched.get(CLIP_KEYS.get(type(s), ""))
         if getattr(s, "clip_search", False) and clip is not None:
             s = dataclasses.replace(s, clip_search=False, clip=dict(clip))
+        granularity = state.searched.get(GRANULARITY_KEY)
+        if isinstance(s, FP8Stage) and s.granularity_search and granularity is not None:
+            s = dataclasses.replace(s, granularity_search=False, granularity=dict(granularity))
         elif isinstance(s, SmoothStage) and s.alpha_search and alpha is not None:
             s = dataclasses.replace(s, alpha_search=False, layer_alpha=dict(alpha))
         stages.append(s)

@@ -18,7 +18,7 @@ from qwenquant.quant import intq
 from qwenquant.recipe import AWQStage, FP8Stage, GPTQStage, RTNStage, SmoothStage
 from qwenquant.recipe import MixedPrecisionStage
 from qwenquant.compensation import compensate_layer
-from qwenquant.search import layer_alpha, layer_clips
+from qwenquant.search import layer_alpha, layer_clips, layer_granularity
 
 MAX_AWQ_TOKENS = 8192  # calibration tokens kept per input for AWQ's searches (bounds memory)
 
@@ -102,7 +102,8 @@ def fp8_layer(ctx: LayerContext, cfg: FP8Stage) -> dict:
             shared = max((input_absmax[n] for n in members), default=None)
             input_absmax.update({n: shared for n in members})
     shared_scale: dict[str, torch.Tensor] = {}
-    clips, clip_search = layer_clips(ctx, cfg, names)  # weight clipping ratio per Linear (1.0: absmax)
+    gran, gran_search = layer_granularity(ctx, cfg, names)  # channel | block | tensor per Linear
+    clips, clip_search = layer_clips(ctx, cfg, names, gran)  # weight clipping ratio per Linear (1.0: absmax)
     if cfg.weights == "tensor":
         # vLLM fuses q/k/v and gate/up and would requantize shards to their max scale: share it up front.
         for group in ctx.adapter.fused_groups:
@@ -114,9 +115,11 @@ def fp8_layer(ctx: LayerContext, cfg: FP8Stage) -> dict:
     for name in names:
         lin = ctx.linear(name)
         w = lin.weight.data
-        qw = fp8q.quantize_fp8(w, cfg.weights, cfg.block_size, clip_ratio=clips[name], scale_dtype=dtype,
+        qw = fp8q.quantize_fp8(w, gran[name], cfg.block_size, clip_ratio=clips[name], scale_dtype=dtype,
                                scale=shared_scale.get(name))
         report[name] = {"weight_rel_error": fp8q.weight_error(w, qw)}
+        if name in gran_search:
+            report[name]["granularity_search"] = gran_search[name]
         if clips[name] != 1.0 or name in clip_search:
             report[name]["clip"] = clips[name]
             report[name] |= {"clip_search": clip_search[name]} if name in clip_search else {}
@@ -124,7 +127,7 @@ def fp8_layer(ctx: LayerContext, cfg: FP8Stage) -> dict:
         full = ctx.full_name(name)
         ctx.state.records[full] = _to_cpu(qw)
         if cfg.activations == "dynamic":
-            mode = "group" if cfg.weights == "block" else "token"
+            mode = "group" if gran[name] == "block" else "token"
             ctx.state.activations[full] = ActivationSpec(mode, group_size=cfg.block_size)
         elif cfg.activations == "static":
             scale = fp8q.static_input_scale(input_absmax[name], dtype)
@@ -170,28 +173,47 @@ def gptq_layer(ctx: LayerContext, cfg: GPTQStage) -> dict:
     report: dict = {}
     done: set[str] = set()
     clips, search = layer_clips(ctx, cfg, quantized_names(ctx, ctx.adapter.linears))  # before any Linear changes
-    for group in ctx.adapter.sequential_groups:
+    for wave in observation_waves(ctx.adapter):
         for submodule, linears in ctx.adapter.output_determined_by:  # final already: reuse its outputs
             if done.issuperset(linears):
                 ctx.freeze_outputs(submodule)
-        done.update(group)
-        group = quantized_names(ctx, group)
-        if not group:
+        done.update(n for group in wave for n in group)
+        groups = [g for g in (quantized_names(ctx, group) for group in wave) if g]
+        if not groups:
             continue
-        hessian: dict = {"H": None, "n": 0}
+        hessians: dict[str, dict] = {g[0]: {"H": None, "n": 0} for g in groups}
 
-        def observe(_name: str, x: torch.Tensor) -> None:
-            hessian["H"], hessian["n"] = gptqq.accumulate_hessian(hessian["H"], x, hessian["n"])
+        def observe(name: str, x: torch.Tensor) -> None:
+            h = hessians[name]
+            h["H"], h["n"] = gptqq.accumulate_hessian(h["H"], x, h["n"])
 
-        with ctx.observe_inputs([group[0]], observe):  # members of a group share one input
+        with ctx.observe_inputs([g[0] for g in groups], observe):  # members of a group share one input
             ctx.forward()
-        weights = [ctx.linear(name).weight.data for name in group]
-        results = gptqq.quantize_weights_shared(weights, hessian["H"], gcfg, scale_dtype=weights[0].dtype,
-                                                clip_ratios=[clips[n] for n in group])
-        for name, res in zip(group, results):
-            _store_int(ctx, name, res.record, report, {"gptq_loss": res.loss} | _clip_report(clips[name], search.get(name)))
-            ctx.pre_rounding[name] = res.pre_rounding  # a later compensate stage tunes the rounding from here
+        for group in groups:
+            weights = [ctx.linear(name).weight.data for name in group]
+            results = gptqq.quantize_weights_shared(weights, hessians[group[0]]["H"], gcfg, scale_dtype=weights[0].dtype,
+                                                    clip_ratios=[clips[n] for n in group])
+            for name, res in zip(group, results):
+                _store_int(ctx, name, res.record, report,
+                           {"gptq_loss": res.loss} | _clip_report(clips[name], search.get(name)))
+                ctx.pre_rounding[name] = res.pre_rounding  # a later compensate stage tunes the rounding from here
     return report
+
+
+def observation_waves(adapter) -> list[list[tuple[str, ...]]]:
+    """The sequential groups in order, consecutive groups the adapter marks as independent merged into one wave
+    (observed in one forward)."""
+    together = {first: i for i, firsts in enumerate(adapter.observed_together) for first in firsts}
+    waves: list[list[tuple[str, ...]]] = []
+    last = None
+    for group in adapter.sequential_groups:
+        key = together.get(group[0])
+        if key is not None and key == last:
+            waves[-1].append(group)
+        else:
+            waves.append([group])
+        last = key
+    return waves
 
 
 def _sample_inputs(ctx: LayerContext, names: list[str], max_tokens: int) -> dict[str, torch.Tensor]:

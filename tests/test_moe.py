@@ -141,6 +141,12 @@ def test_adapter_layers_shapes_and_groups(tiny_moe) -> None:
     assert shapes["mlp.experts.*.down_proj"] == (128, 64) and shapes["mlp.gate_proj"] == (256, 128)
     groups = all_groups(QWEN3_MOE, 3, config)
     assert tuple(f"model.layers.2.{n}" for n in experts) in groups and ("model.layers.1.mlp.down_proj",) in groups
+    from qwenquant.stages import observation_waves  # GPTQ: one forward observes every expert's down_proj
+
+    waves = observation_waves(sparse)
+    assert [len(w) for w in waves] == [1, 1, 1, EXPERTS]
+    assert [g[0] for g in waves[-1]] == [f"mlp.experts.{e}.down_proj" for e in range(EXPERTS)]
+    assert [len(w) for w in observation_waves(dense)] == [1, 1, 1, 1]
 
 
 def test_smoothing_keeps_the_function(tiny_moe) -> None:

@@ -18,6 +18,7 @@ from qwenquant.export.writer import partial_dir
 
 CASES = {
     "gptq": ["gptq", "--group-size", "64"],
+    "gptq-compensate-float": ["gptq", "--group-size", "64", "--compensate", "--compensate-steps", "4"],
     "fp8-static-smooth-search": ["fp8", "--activations", "static", "--smooth", "--scale-search"],
 }
 

@@ -182,3 +182,43 @@ def test_int_recipe_validates_clip_fields() -> None:
         GPTQStage(clip={"a": 0.9}, clip_search=True)
     with pytest.raises(ValueError, match="rtn.clip"):
         RTNStage(clip={"model.layers.0.mlp.down_proj": 1.5})
+
+
+def test_fp8_granularity_search_mixes_channel_and_block_in_one_checkpoint(cli, tiny_args, tiny_qwen3, tmp_path) -> None:
+    """Default fp8 (channel, dynamic, compressed-tensors) + --scale-search: each fused group gets channel or block
+    by output error; the checkpoint lists each Linear in exactly one config group, reloads bit-exact, replays."""
+    out = tmp_path / "searched"
+    res = cli(["fp8", *tiny_args, "--out", out, "--quiet", "--scale-search"])
+    assert res.code == 0, res.err[-3000:]
+    saved = yaml.safe_load((out / "recipe.yaml").read_text())
+    fp8 = next(st["fp8"] for st in saved["stages"] if "fp8" in st)
+    assert fp8["granularity_search"] is False and len(fp8["granularity"]) == 14
+    assert set(fp8["granularity"].values()) <= {"channel", "block"}
+    for i in range(2):  # one scheme per vLLM fused module
+        assert len({fp8["granularity"][f"model.layers.{i}.self_attn.{p}_proj"] for p in "qkv"}) == 1
+        assert len({fp8["granularity"][f"model.layers.{i}.mlp.{p}_proj"] for p in ("gate", "up")}) == 1
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    targets = [t for g in qc["config_groups"].values() for t in g["targets"]]
+    assert sorted(targets) == sorted(fp8["granularity"])  # every Linear in exactly one group
+    for g in qc["config_groups"].values():
+        assert all(fp8["granularity"][t] == g["weights"]["strategy"] for t in g["targets"])
+        assert g["input_activations"]["strategy"] == ("group" if g["weights"]["strategy"] == "block" else "token")
+    report = json.loads((out / "qwenquant_report.json").read_text())
+    assert report["verification"]["passed"] and report["verification"]["loader"] == "transformers.AutoModelForCausalLM"
+    for rep in report["layers"]:
+        for n, v in rep["fp8"].items():
+            errs = v["granularity_search"]["errors"]
+            assert v["granularity_search"]["granularity"] == min(errs, key=lambda g: (errs[g], g != "channel"))
+    again = tmp_path / "replayed"
+    assert cli(["run", out / "recipe.yaml", "--model", tiny_qwen3, "--out", again, "--quiet"]).code == 0
+    first, second = _tensors(out), _tensors(again)
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_granularity_fields_validate() -> None:
+    with pytest.raises(ValueError, match="needs weights: channel and activations: dynamic"):
+        FP8Stage(activations="static", granularity_search=True)
+    with pytest.raises(ValueError, match="fp8.granularity.x"):
+        FP8Stage(granularity={"x": "tensor"})
+    assert FP8Stage(granularity={"a": "block"}).weights_for("a") == "block"
+    assert FP8Stage(granularity={"a": "block"}).weights_for("b") == "channel"

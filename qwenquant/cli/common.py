@@ -32,6 +32,7 @@ NoPpl = Annotated[bool, typer.Option("--no-ppl", help="Skip perplexity (KL and v
 NoVerify = Annotated[bool, typer.Option("--no-verify", help="Do not reload and compare the written checkpoint.")]
 VerifyMaxKL = Annotated[float, typer.Option(help="Fail if the reloaded checkpoint's mean next-token KL vs the source exceeds this (nats).")]
 Overwrite = Annotated[bool, typer.Option(help="Replace an existing output folder.")]
+OffloadDir = Annotated[Optional[Path], typer.Option("--offload-dir", metavar="DIR", help="Keep decoder layers not in use on disk under DIR (created if missing; the run's files are removed at the end), so models larger than host RAM can be quantized. Evaluation and verification then run one layer at a time; not with --tasks or --keep-sensitive.")]
 Resume = Annotated[bool, typer.Option("--resume", help="Continue an interrupted run of the same command from its last finished decoder layer (kept in the hidden .OUT.partial folder).")]
 DryRun = Annotated[bool, typer.Option("--dry-run", help="Load nothing, write nothing: estimate peak host/device memory, output size and time per stage from config.json, the safetensors headers and a few-second speed probe, and check them against the free memory and disk (exit 5 when they do not fit).")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")]
@@ -108,7 +109,7 @@ def silence_libraries() -> None:
 
 
 def execute(ctx: typer.Context, recipe, out: Path | None, suffix: str, overwrite: bool, quiet: bool, json_out: bool,
-            print_recipe: bool, resume: bool = False, dry_run: bool = False) -> None:
+            print_recipe: bool, resume: bool = False, dry_run: bool = False, offload_dir: Path | None = None) -> None:
     """Run a recipe and print the result (or just the recipe, or with `dry_run` its resource estimate)."""
     from qwenquant.progress import Reporter
     from qwenquant.report import summary
@@ -119,12 +120,18 @@ def execute(ctx: typer.Context, recipe, out: Path | None, suffix: str, overwrite
         return
     out = out or Path(default_output_name(recipe.model.id, suffix))
     if dry_run:
+        if offload_dir is not None:
+            from qwenquant.errors import BadInputError
+
+            raise BadInputError("--dry-run does not model --offload-dir yet; run --dry-run without it (its host "
+                                "memory estimate is then the in-memory upper bound)")
         return estimate_only(recipe, out, overwrite, json_out)
     reporter = Reporter(quiet=quiet or json_out)
     silence_libraries()  # our own progress display replaces theirs
     argv = (ctx.obj or {}).get("argv", sys.argv[1:])
     command = "qwenquant " + " ".join(shlex.quote(a) for a in argv)
-    report = run_recipe(recipe, out, overwrite=overwrite, reporter=reporter, command=command, resume=resume)
+    report = run_recipe(recipe, out, overwrite=overwrite, reporter=reporter, command=command, resume=resume,
+                        offload_dir=offload_dir)
     if json_out:
         print(json.dumps(summary(report) | {"out": str(out)}))
     elif not quiet:

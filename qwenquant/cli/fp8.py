@@ -60,13 +60,14 @@ def fp8_command(
     min_task_recovery: c.MinTaskRecovery = None,
     keep_sensitive: c.KeepSensitive = None,
     max_keep: c.MaxKeep = c.DEFAULT_MAX_KEEP,
-    scale_search: Annotated[bool, typer.Option("--scale-search", help="Choose each Linear's weight clipping ratio (and, with --smooth, each layer's alpha) by its output error on calibration inputs; the choices are saved in recipe.yaml.")] = False,
+    scale_search: Annotated[bool, typer.Option("--scale-search", help="Choose each Linear's weight clipping ratio (with --smooth, each layer's alpha; with channel weights, dynamic activations and compressed-tensors, each fused group's channel or 128x128-block granularity) by its output error on calibration inputs; the choices are saved in recipe.yaml.")] = False,
     compensate: c.Compensate = False,
     compensate_steps: c.CompensateSteps = c._CP.steps,
     compensate_lr: c.CompensateLr = c._CP.lr,
     compensate_target: c.CompensateTarget = c._CP.target,
     overwrite: c.Overwrite = False,
     resume: c.Resume = False,
+    offload_dir: c.OffloadDir = None,
     dry_run: c.DryRun = False,
     quiet: c.Quiet = False,
     json_out: c.Json = False,
@@ -77,8 +78,11 @@ def fp8_command(
     def build() -> Recipe:
         stages = c.mixed_precision_stages(keep_sensitive, max_keep)
         stages += [SmoothStage(alpha=smooth_alpha, alpha_search=scale_search)] if smooth else []
+        # the granularity is searched too where one checkpoint can hold both (channel/block, dynamic, compressed-tensors)
+        granularity = (scale_search and weights.value == "channel" and activations.value == "dynamic"
+                       and format.value == "compressed-tensors")
         stages.append(FP8Stage(weights=weights.value, activations=activations.value, block_size=block_size,
-                               clip_search=scale_search))
+                               clip_search=scale_search, granularity_search=granularity))
         stages += c.compensate_stages(compensate, compensate_steps, compensate_lr, compensate_target)
         return Recipe(
             stages=stages,
@@ -90,4 +94,4 @@ def fp8_command(
         )
 
     recipe = validate(build)
-    c.execute(ctx, recipe, out, "FP8", overwrite, quiet, json_out, print_recipe, resume, dry_run)
+    c.execute(ctx, recipe, out, "FP8", overwrite, quiet, json_out, print_recipe, resume, dry_run, offload_dir)

@@ -69,6 +69,7 @@ def gptq_command(
     compensate_target: c.CompensateTarget = c._CP.target,
     overwrite: c.Overwrite = False,
     resume: c.Resume = False,
+    offload_dir: c.OffloadDir = None,
     dry_run: c.DryRun = False,
     quiet: c.Quiet = False,
     json_out: c.Json = False,
@@ -82,7 +83,7 @@ def gptq_command(
                                clip_search=scale_search)
     mixed = lambda: c.mixed_precision_stages(keep_sensitive, max_keep)  # noqa: E731
     after = lambda: c.compensate_stages(compensate, compensate_steps, compensate_lr, compensate_target)  # noqa: E731
-    c.execute(ctx, _recipe(stage, format, device, base, mixed, after), out, f"W{bits}A16-GPTQ", overwrite, quiet, json_out, print_recipe, resume, dry_run)
+    c.execute(ctx, _recipe(stage, format, device, base, mixed, after), out, f"W{bits}A16-GPTQ", overwrite, quiet, json_out, print_recipe, resume, dry_run, offload_dir)
 
 
 @app.command("awq")
@@ -120,6 +121,7 @@ def awq_command(
     compensate_target: c.CompensateTarget = c._CP.target,
     overwrite: c.Overwrite = False,
     resume: c.Resume = False,
+    offload_dir: c.OffloadDir = None,
     dry_run: c.DryRun = False,
     quiet: c.Quiet = False,
     json_out: c.Json = False,
@@ -132,7 +134,7 @@ def awq_command(
     stage = lambda: AWQStage(bits=bits, group_size=group_size, symmetric=sym, clip=clip, norm_mappings=norm_mappings)  # noqa: E731
     mixed = lambda: c.mixed_precision_stages(keep_sensitive, max_keep)  # noqa: E731
     after = lambda: c.compensate_stages(compensate, compensate_steps, compensate_lr, compensate_target)  # noqa: E731
-    c.execute(ctx, _recipe(stage, format, device, base, mixed, after), out, f"W{bits}A16-AWQ", overwrite, quiet, json_out, print_recipe, resume, dry_run)
+    c.execute(ctx, _recipe(stage, format, device, base, mixed, after), out, f"W{bits}A16-AWQ", overwrite, quiet, json_out, print_recipe, resume, dry_run, offload_dir)
 
 
 @app.command("rtn")
@@ -165,6 +167,7 @@ def rtn_command(
     compensate_target: c.CompensateTarget = c._CP.target,
     overwrite: c.Overwrite = False,
     resume: c.Resume = False,
+    offload_dir: c.OffloadDir = None,
     dry_run: c.DryRun = False,
     quiet: c.Quiet = False,
     json_out: c.Json = False,
@@ -178,4 +181,4 @@ def rtn_command(
     stage = lambda: RTNStage(bits=bits, group_size=group_size, symmetric=sym, clip_search=scale_search)  # noqa: E731
     mixed = lambda: c.mixed_precision_stages(keep_sensitive, max_keep)  # noqa: E731
     after = lambda: c.compensate_stages(compensate, compensate_steps, compensate_lr, compensate_target)  # noqa: E731
-    c.execute(ctx, _recipe(stage, format, device, base, mixed, after), out, f"W{bits}A16-RTN", overwrite, quiet, json_out, print_recipe, resume, dry_run)
+    c.execute(ctx, _recipe(stage, format, device, base, mixed, after), out, f"W{bits}A16-RTN", overwrite, quiet, json_out, print_recipe, resume, dry_run, offload_dir)

@@ -22,6 +22,7 @@ def run_command(
     device: Annotated[Optional[str], typer.Option(help="Overrides the recipe's device.")] = None,
     overwrite: c.Overwrite = False,
     resume: c.Resume = False,
+    offload_dir: c.OffloadDir = None,
     dry_run: c.DryRun = False,
     quiet: c.Quiet = False,
     json_out: c.Json = False,
@@ -36,4 +37,4 @@ def run_command(
         recipe.device = device
     if not recipe.model.id:
         raise BadInputError(f"recipe {recipe_file}: no model; pass --model or set model.id in the recipe")
-    c.execute(ctx, recipe, out, recipe_file.stem.upper(), overwrite, quiet, json_out, print_recipe, resume, dry_run)
+    c.execute(ctx, recipe, out, recipe_file.stem.upper(), overwrite, quiet, json_out, print_recipe, resume, dry_run, offload_dir)

@@ -78,11 +78,12 @@ def linear_tensors(recipe: Recipe, name: str, state: QuantState) -> dict[str, to
 
         spec = state.activations.get(name)
         input_scale = spec.input_scale if spec is not None and spec.mode == "tensor" else None
-        return fp8_linear_tensors(qw, fp8_scheme(recipe.stage("fp8")), input_scale)
+        stage = recipe.stage("fp8")
+        return fp8_linear_tensors(qw, fp8_scheme(stage, weights=stage.weights_for(name)), input_scale)
     return _int_format_module(fmt).linear_tensors(qw)
 
 
-def quantization_config(recipe: Recipe, ignore: list[str]) -> tuple[dict, dict | None]:
+def quantization_config(recipe: Recipe, ignore: list[str], linears: list[str] | None = None) -> tuple[dict, dict | None]:
     """(config.json quantization_config, quantize_config.json content or None)."""
     fmt = recipe.export.format
     if recipe.quantizer == "fp8":
@@ -93,7 +94,7 @@ def quantization_config(recipe: Recipe, ignore: list[str]) -> tuple[dict, dict |
             return hf_fp8.quantization_config(fp8.block_size, ignore), None
         from qwenquant.export.compressed_tensors import fp8_quantization_config
 
-        return fp8_quantization_config(fp8, ignore), None
+        return fp8_quantization_config(fp8, ignore, linears), None
     stage = recipe.stage(recipe.quantizer)
     actorder = getattr(stage, "actorder", "none")
     actorder = None if actorder == "none" else actorder
@@ -103,14 +104,19 @@ def quantization_config(recipe: Recipe, ignore: list[str]) -> tuple[dict, dict |
     return config, (config if fmt == "gptq" else None)
 
 
-def write_checkpoint(folder: Path, model: nn.Module, tokenizer, recipe: Recipe, state: QuantState, always_ignore) -> dict:
-    """Write weights (sharded), config.json with quantization_config, generation config and tokenizer."""
+def write_checkpoint(folder: Path, model: nn.Module, tokenizer, recipe: Recipe, state: QuantState, always_ignore,
+                     layer_store=None) -> dict:
+    """Write weights (sharded), config.json with quantization_config, generation config and tokenizer.
+
+    With a `layer_store` (--offload-dir) the decoder layers are on disk: they are streamed, one materialized at a
+    time, in `model.state_dict()` order (the same tensors and shards as without it)."""
     from qwenquant.export.writer import ShardWriter
 
     folder = Path(folder)
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
     writer = ShardWriter(folder, recipe.export.max_shard_size_mb * 1024 * 1024)
-    for key, tensor in model.state_dict().items():
+    items = model.state_dict().items() if layer_store is None else layer_store.state_dict_items()
+    for key, tensor in items:
         if tied and key == "lm_head.weight":
             continue  # one shared table: engines re-tie from the config
         module = key.rsplit(".", 1)[0]
@@ -124,7 +130,7 @@ def write_checkpoint(folder: Path, model: nn.Module, tokenizer, recipe: Recipe, 
     ignore = ignore_list(model, state, always_ignore)
     if recipe.export.format in ("gptq", "awq"):  # engines match their skip lists against fused module names
         ignore = ignore + engine_fused_ignores(model, ignore)
-    qconfig, quantize_config = quantization_config(recipe, ignore)
+    qconfig, quantize_config = quantization_config(recipe, ignore, list(state.records))
     model.config.save_pretrained(folder)
     config = json.loads((folder / "config.json").read_text())
     config["quantization_config"] = qconfig

@@ -14,14 +14,16 @@ from qwenquant.quant.records import QuantizedWeight
 from qwenquant.recipe import FP8Stage
 
 
-def fp8_scheme(cfg: FP8Stage, targets: list[str] | None = None) -> QuantizationScheme:
-    """The compressed-tensors scheme for an FP8 stage (weights and activations)."""
-    weight_kw: dict = {"strategy": cfg.weights}
-    if cfg.weights == "block":
+def fp8_scheme(cfg: FP8Stage, targets: list[str] | None = None, weights: str | None = None) -> QuantizationScheme:
+    """The compressed-tensors scheme for an FP8 stage (weights and activations); `weights` overrides the stage's
+    granularity (a Linear with its own, see FP8Stage.granularity)."""
+    strategy = weights or cfg.weights
+    weight_kw: dict = {"strategy": strategy}
+    if strategy == "block":
         weight_kw["block_structure"] = [cfg.block_size, cfg.block_size]
     weights = QuantizationArgs(num_bits=8, type="float", symmetric=True, dynamic=False, **weight_kw)
     acts = None
-    if cfg.activations == "dynamic" and cfg.weights == "block":
+    if cfg.activations == "dynamic" and strategy == "block":
         acts = QuantizationArgs(num_bits=8, type="float", symmetric=True, dynamic=True, strategy="group", group_size=cfg.block_size)
     elif cfg.activations == "dynamic":
         acts = QuantizationArgs(num_bits=8, type="float", symmetric=True, dynamic=True, strategy="token")
@@ -40,9 +42,17 @@ def fp8_linear_tensors(qw: QuantizedWeight, scheme: QuantizationScheme, input_sc
     return out
 
 
-def fp8_quantization_config(cfg: FP8Stage, ignore: list[str]) -> dict:
+def fp8_quantization_config(cfg: FP8Stage, ignore: list[str], linears: list[str] | None = None) -> dict:
+    """One config group targeting every Linear, or, when Linears have their own granularity, one group per
+    granularity listing its Linears by name (`linears`: every quantized Linear), so no module matches two groups."""
+    groups = {"group_0": fp8_scheme(cfg)}
+    if cfg.granularity:
+        by_kind: dict[str, list[str]] = {}
+        for name in linears or list(cfg.granularity):
+            by_kind.setdefault(cfg.weights_for(name), []).append(name)
+        groups = {f"group_{i}": fp8_scheme(cfg, sorted(names), kind) for i, (kind, names) in enumerate(sorted(by_kind.items()))}
     config = QuantizationConfig(
-        config_groups={"group_0": fp8_scheme(cfg)},
+        config_groups=groups,
         format="float-quantized",
         quantization_status="compressed",
         ignore=ignore,

@@ -30,30 +30,32 @@ def checkpoint_format(qconfig: dict | None) -> str:
     return name
 
 
-def _ct_group(qconfig: dict) -> dict:
-    """The first compressed-tensors config group with weight args (qwenquant writes one scheme per checkpoint)."""
+def _ct_group(qconfig: dict, name: str | None = None) -> dict:
+    """The compressed-tensors config group with weight args that lists Linear `name` by name (qwenquant writes
+    one group per granularity when Linears differ), else the first one."""
     groups = [g for g in (qconfig.get("config_groups") or {}).values() if isinstance(g, dict) and g.get("weights")]
-    return groups[0] if groups else {}
+    named = [g for g in groups if name is not None and name in (g.get("targets") or [])]
+    return (named or groups or [{}])[0]
 
 
-def activation_scheme(qconfig: dict | None) -> str | None:
+def activation_scheme(qconfig: dict | None, name: str | None = None) -> str | None:
     """How the checkpoint quantizes Linear inputs: 'token' / 'tensor' / 'group' (FP8), or None (weight-only)."""
     fmt = checkpoint_format(qconfig)
     if fmt == "hf-fp8":
         return "group"  # dynamic 1x128 groups, the block scheme's activations
     if fmt != "compressed-tensors":
         return None
-    acts = _ct_group(qconfig).get("input_activations")
+    acts = _ct_group(qconfig, name).get("input_activations")
     if not acts:
         return None
     return acts.get("strategy") or ("token" if acts.get("dynamic") else "tensor")
 
 
-def _block_size(qconfig: dict, fmt: str) -> int | None:
+def _block_size(qconfig: dict, fmt: str, name: str | None = None) -> int | None:
     """Block size of a block-scaled FP8 checkpoint, None for channel/tensor scales."""
     if fmt == "hf-fp8":
         return int((qconfig.get("weight_block_size") or [128])[0])
-    weights = _ct_group(qconfig).get("weights", {})
+    weights = _ct_group(qconfig, name).get("weights", {})
     if weights.get("strategy") != "block":
         return None
     return int((weights.get("block_structure") or [128])[0])
@@ -87,7 +89,8 @@ def _int_record(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: 
                            g_idx=None if g_idx is None else g_idx.to(torch.int32))
 
 
-def record_from_tensors(local: dict[str, torch.Tensor], qconfig: dict | None) -> QuantizedWeight | None:
+def record_from_tensors(local: dict[str, torch.Tensor], qconfig: dict | None,
+                        name: str | None = None) -> QuantizedWeight | None:
     """The record of one Linear from its local tensors (`weight`, `weight_scale`, `qweight`, ...); None when the
     Linear is stored unquantized (a plain floating-point `weight`)."""
     fmt = checkpoint_format(qconfig)
@@ -118,7 +121,7 @@ def record_from_tensors(local: dict[str, torch.Tensor], qconfig: dict | None) ->
         scale = local.get("weight_scale_inv") if fmt == "hf-fp8" else local.get("weight_scale")
         if scale is None:
             raise ValueError("float8 weight without its weight_scale / weight_scale_inv")
-        return _fp8_record(weight, scale, _block_size(qconfig, fmt))
+        return _fp8_record(weight, scale, _block_size(qconfig, fmt, name))
     return None
 
 

@@ -170,12 +170,13 @@ def load_inference_model(folder: Path, device: torch.device, reference: bool = F
             continue
         local = by_module[name]
         try:
-            qw = record_from_tensors(local, qconfig)
+            qw = record_from_tensors(local, qconfig, name)
         except (ValueError, KeyError) as err:
             raise BadInputError(f"{folder}: cannot read the quantized tensors of {name} ({err})") from err
         if qw is None:
             continue
-        model.set_submodule(name, build_linear(qw, device, activations, local.get("input_scale"), reference))
+        acts = activation_scheme(qconfig, name)  # per Linear: a checkpoint may mix channel and block groups
+        model.set_submodule(name, build_linear(qw, device, acts, local.get("input_scale"), reference))
         consumed.update(f"{name}.{k}" for k in local)
         replaced.add(name)
     kv_scales = kv_cache_scales(tensors)

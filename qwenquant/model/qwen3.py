@@ -71,12 +71,20 @@ class ArchAdapter:
     # submodule -> the Linears that alone determine its output given its input (its output can be reused once
     # they are final, e.g. attention after q/k/v/o in true-sequential GPTQ)
     output_determined_by: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    # consecutive sequential groups (named by their first Linear) whose inputs do not depend on one another, so one
+    # forward observes them all (MoE: every expert's down_proj)
+    observed_together: tuple[tuple[str, ...], ...] = ()
     # Linears an engine runs as ONE module, beyond fused_groups: one scheme and one ignore status, while each fused
     # group inside keeps its own scales (vLLM's FusedMoE holds every expert of a layer)
     scheme_groups: tuple[tuple[str, ...], ...] = ()
     unquantized: tuple[str, ...] = ()  # modules engines load as Linears that always stay in the source dtype
     input_scale_groups: tuple[tuple[str, ...], ...] = ()  # static FP8: the engine uses the max input scale of each
     moe: MoESpec | None = None  # sparse layers (see `for_layer`)
+    # model-level modules (full names) that the layer-streamed evaluation of --offload-dir runs itself: after the
+    # last decoder layer, final_norm then lm_head; rotary's buffers are computed at init, rebuilt off the meta device
+    final_norm: str = "model.norm"
+    lm_head: str = "lm_head"
+    rotary: str = "model.rotary_emb"
 
     def fused_group_of(self, linear: str) -> tuple[str, ...]:
         """The Linears sharing `linear`'s scheme and ignore status in an engine (a singleton when unfused)."""
@@ -171,6 +179,7 @@ def _sparse_layer(base: ArchAdapter, num_experts: int) -> ArchAdapter:
         + tuple(SmoothMapping(ue, (de,), "linear") for _, ue, de in experts),
         unquantized=(moe.router,),
         input_scale_groups=(gate_up, tuple(de for _, _, de in experts)),
+        observed_together=(tuple(de for _, _, de in experts),),
     )
 
 

@@ -1,0 +1,100 @@
+"""Evaluation without a full-model forward (`--offload-dir`): the decoder layers run one at a time over all windows.
+
+`capture_layer0_inputs` (the pipeline's) gives layer 0's inputs and keyword arguments for every window (batch 1, as
+`perplexity()` runs them); each decoder layer is then materialized, run over every window, and released unchanged;
+the final norm and lm_head turn the last hidden states into logits. `perplexity()` and `next_token_logprobs()`
+themselves then run on a stand-in model that returns those logits, so the conventions (slicing, float32
+cross-entropy, fp16 storage of log-probs) are theirs by construction, and the numbers equal the full model's
+(tests/test_offload.py). Activation quantization hooks registered on the model's Linears by name apply as usual: the
+module objects persist across materialize/release.
+
+Memory: the hidden states of every evaluated window ([windows, window, hidden] in the model dtype) stay on CPU while
+the layers stream, plus one layer and the resident tensors.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Callable
+
+import torch
+from torch import nn
+
+from qwenquant.eval.perplexity import PerplexityResult, next_token_logprobs, perplexity
+from qwenquant.pipeline import _to, capture_layer0_inputs
+
+
+@torch.no_grad()
+def final_hidden_states(model: nn.Module, store, windows: torch.Tensor, device: torch.device,
+                        on_layer: Callable[[], None] | None = None) -> list[torch.Tensor]:
+    """[1, window, hidden] on CPU per window: the last decoder layer's output, computed one layer at a time."""
+    adapter = store.adapter
+    cache = capture_layer0_inputs(model, adapter, windows, 1, device)
+    hidden = cache.hidden
+    for i in range(len(store.layers)):
+        layer = store.materialize(i)
+        try:
+            layer.to(device)
+            for j, (h, kw) in enumerate(zip(hidden, cache.kwargs)):
+                out = layer(h.to(device), **_to(kw, device))
+                hidden[j] = (out[0] if isinstance(out, tuple) else out).detach().to("cpu")
+        finally:
+            store.release(i, dirty=False)
+        if on_layer:
+            on_layer()
+    return hidden
+
+
+class HeadModel:
+    """Stands in for the model in `perplexity()` / `next_token_logprobs()`: for a window it has the final hidden
+    states of, returns `.logits` = lm_head(final_norm(hidden)), as the full model's forward computes them."""
+
+    def __init__(self, model: nn.Module, adapter, windows: torch.Tensor, hidden: list[torch.Tensor],
+                 device: torch.device):
+        self.norm = model.get_submodule(adapter.final_norm)
+        self.lm_head = model.get_submodule(adapter.lm_head)
+        self.device = device
+        self.hidden = {self._key(row): h for row, h in zip(windows, hidden)}
+
+    @staticmethod
+    def _key(row: torch.Tensor) -> bytes:
+        return row.detach().to("cpu", torch.long).contiguous().numpy().tobytes()
+
+    def __call__(self, input_ids: torch.Tensor, use_cache: bool = False) -> SimpleNamespace:
+        del use_cache
+        if input_ids.shape[0] != 1:
+            raise ValueError("HeadModel evaluates one window at a time")
+        h = self.hidden[self._key(input_ids[0])].to(self.device)
+        return SimpleNamespace(logits=self.lm_head(self.norm(h)))
+
+
+def _union(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:
+    """Windows covering both sets: the longer one when the shorter is its prefix (run.py's case), else both."""
+    if a is None:
+        return b
+    long, short = (a, b) if a.shape[0] >= b.shape[0] else (b, a)
+    if torch.equal(long[: short.shape[0]], short):
+        return long
+    return torch.cat([a, b])
+
+
+@torch.no_grad()
+def evaluate_layerwise(model: nn.Module, store, ppl_windows: torch.Tensor | None, kl_windows: torch.Tensor,
+                       device: torch.device, on_layer: Callable[[], None] | None = None,
+                       on_step: Callable[[], None] | None = None) -> tuple[PerplexityResult | None, torch.Tensor]:
+    """(perplexity over `ppl_windows` or None, log-probs over `kl_windows`): what `perplexity()` and
+    `next_token_logprobs()` return for the full model, with one layer pass over the union of the windows."""
+    adapter = store.adapter
+    windows = _union(ppl_windows, kl_windows)
+    hidden = final_hidden_states(model, store, windows, device, on_layer)
+    head = HeadModel(model, adapter, windows, hidden, device)
+    resident = [head.norm, head.lm_head]
+    try:
+        for m in resident:
+            m.to(device)
+        ppl = perplexity(head, ppl_windows, device, on_step=on_step) if ppl_windows is not None else None
+        logp = next_token_logprobs(head, kl_windows, device)
+    finally:
+        for m in resident:
+            m.to("cpu")
+    return ppl, logp
