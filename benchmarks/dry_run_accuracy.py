@@ -268,6 +268,9 @@ def main() -> int:
         return 0
     partial = RESULTS_DIR / f"{a.name}.partial.json"
     rows = load_partial(partial) if (a.resume or a.rebuild) and partial.is_file() else []
+    final = RESULTS_DIR / f"{a.name}.json"
+    if a.rebuild and not rows and final.is_file():  # a finished run keeps its rows in the final JSON
+        rows = json.loads(final.read_text())["rows"]
     meta = {"cases": [c[0] for c in cases], "work": a.work}
     if not a.rebuild:
         work = Path(a.work)

@@ -37,6 +37,10 @@ class Trace:
     sampled_peak_rss_bytes: int  # max of the /proc samples (may miss a short spike)
     phase_peaks: dict[str, int] = field(default_factory=dict)  # phase -> max sampled RSS during it
     phase_seconds: dict[str, float] = field(default_factory=dict)
+    # anonymous memory (RSS minus file-backed and shared pages, e.g. memory-mapped safetensors): what the kernel
+    # cannot simply drop under pressure
+    sampled_peak_anon_bytes: int = 0
+    phase_anon_peaks: dict[str, int] = field(default_factory=dict)
     stdout: str = ""
     stderr_tail: str = ""
 
@@ -46,10 +50,12 @@ class Trace:
         return d
 
 
-def _rss(pid: int, page: int) -> int | None:
+def _rss(pid: int, page: int) -> tuple[int, int] | None:
+    """(resident bytes, anonymous resident bytes = resident - shared/file-backed) of a process."""
     try:
         with open(f"/proc/{pid}/statm") as f:
-            return int(f.read().split()[1]) * page
+            fields = f.read().split()
+        return int(fields[1]) * page, (int(fields[1]) - int(fields[2])) * page
     except (OSError, ValueError, IndexError):
         return None
 
@@ -67,14 +73,14 @@ def trace_cli(args: list[str], timeout_s: float = 3600, interval: float = 0.02, 
     start = time.time()
     proc = subprocess.Popen(argv, stdout=out_f, stderr=err_f, cwd=REPO, env=child_env)
     page = os.sysconf("SC_PAGE_SIZE")
-    samples: list[tuple[float, int]] = []
+    samples: list[tuple[float, int, int]] = []
     stop = threading.Event()
 
     def sample() -> None:
         while not stop.is_set():
             r = _rss(proc.pid, page)
             if r is not None:
-                samples.append((time.time(), r))
+                samples.append((time.time(), *r))
             stop.wait(interval)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -105,17 +111,20 @@ def trace_cli(args: list[str], timeout_s: float = 3600, interval: float = 0.02, 
     for p in (marker, marker.with_suffix(".out"), marker.with_suffix(".err")):
         p.unlink(missing_ok=True)
     phase_peaks: dict[str, int] = {}
+    phase_anon: dict[str, int] = {}
     phase_seconds: dict[str, float] = {}
     for name, t0, t1 in phases:
-        vals = [r for t, r in samples if t0 <= t <= t1]
-        if vals:
-            phase_peaks[name] = max(phase_peaks.get(name, 0), max(vals))
+        inside = [(r, a) for t, r, a in samples if t0 <= t <= t1]
+        if inside:
+            phase_peaks[name] = max(phase_peaks.get(name, 0), max(r for r, _ in inside))
+            phase_anon[name] = max(phase_anon.get(name, 0), max(a for _, a in inside))
         phase_seconds[name] = phase_seconds.get(name, 0.0) + (t1 - t0)
     return Trace(
         argv=[str(a) for a in args], returncode=proc.returncode, wall_s=wall,
         peak_rss_bytes=(rusage.ru_maxrss * 1024) if rusage else 0,
-        sampled_peak_rss_bytes=max((r for _, r in samples), default=0),
+        sampled_peak_rss_bytes=max((r for _, r, _ in samples), default=0),
         phase_peaks=phase_peaks, phase_seconds=phase_seconds, stdout=stdout,
+        sampled_peak_anon_bytes=max((a for _, _, a in samples), default=0), phase_anon_peaks=phase_anon,
         stderr_tail=("timed out; " if timed_out else "") + stderr[-3000:],
     )
 

@@ -4,6 +4,7 @@
     python benchmarks/offload_memory.py --plan             # what would run
     python benchmarks/offload_memory.py                    # 0.6B-shaped random Qwen3, FP8, both modes (~5-15 min)
     python benchmarks/offload_memory.py --models 0.6b,1.7b # two sizes: the slope of the peak vs the weights
+    python benchmarks/offload_memory.py --models 0.6b,0.6b:layers=56,1.7b --max-shard-mb 512   # results/offload_memory.md
     python benchmarks/offload_memory.py --scheme gptq --verify
 
 For each model (benchmarks/random_models.py: config from ../shared/docs/formats.md, random bf16 weights, built once
@@ -17,6 +18,13 @@ statistics take 5 float32 [kl_tokens, vocab] tensors in the `report` phase (0.78
 both modes; the phases before it show what --offload-dir changes. The two modes' checkpoints are compared byte for
 byte (sha256 of every written safetensors file): --offload-dir must not change the output.
 
+Models are built in a child process: a child started with vfork/exec inherits its parent's peak RSS as the floor of
+its own ru_maxrss, so building a model in this process would show up as every later run's "peak" (the JSON records
+this process's own peak, `bench_process_peak_gib`, which bounds that floor).
+
+The exporter holds one pending shard in memory (up to `export.max_shard_size_mb`, 4096 by default, set with
+--max-shard-mb): for a model whose output fits one shard that is the whole output, in both modes.
+
 Columns: weights = all parameters in bf16 (tied embeddings once); resident = what --offload-dir keeps in memory
 (embeddings, final norm); layer = one decoder layer in bf16.
 """
@@ -29,6 +37,7 @@ import json
 import os
 import re
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -40,7 +49,7 @@ sys.path.insert(0, str(REPO))
 
 from harness import RESULTS_DIR, _log, environment_meta, markdown_table, print_table  # noqa: E402
 from memtrace import trace_cli  # noqa: E402
-from random_models import build_random_qwen3, config_for  # noqa: E402
+from random_models import config_for, spec_dirname  # noqa: E402
 
 SCHEMES = {
     "fp8": [{"fp8": {"weights": "channel", "activations": "dynamic"}}],
@@ -83,11 +92,27 @@ def sizes(spec: str) -> dict:
 
 
 def recipe_for(args) -> dict:
-    return {
+    recipe = {
         "calibration": {"num_samples": args.num_samples, "seq_len": args.seq_len},
         "stages": SCHEMES[args.scheme],
         "eval": {"perplexity": False, "window": args.eval_window, "kl_tokens": args.kl_tokens, "verify": args.verify},
     }
+    if args.max_shard_mb:
+        recipe["export"] = {"max_shard_size_mb": args.max_shard_mb}
+    return recipe
+
+
+def build_model(spec: str, root: str) -> Path:
+    """benchmarks/random_models.py in a child process (see the module doc: keeps this process's peak RSS small)."""
+    subprocess.run([sys.executable, str(BENCH / "random_models.py"), spec, "--root", root], check=True,
+                   cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)), stdout=subprocess.DEVNULL)
+    return Path(root) / spec_dirname(spec)
+
+
+def bench_process_peak() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB
 
 
 def output_hashes(folder: Path) -> dict[str, str]:
@@ -150,14 +175,17 @@ def summary_md(rows: list[dict]) -> str:
             f"{b.get('quantize_gib', float('nan')):.2f} GiB. Checkpoints "
             + ("byte-identical" if a["hashes"] == b["hashes"] else "DIFFER") + f"; mean KL {a['mean_kl']:.3e} vs "
             f"{b['mean_kl']:.3e}.")
-    off = [r for r in rows if r["mode"] == "offload" and "error" not in r]
-    if len(off) >= 2:
-        x, y = off[0], off[-1]
-        dw = y["weights_gib"] - x["weights_gib"]
-        if dw:
-            lines.append(f"- slope of the offloaded peak before the report phase: "
-                         f"{(y['pre_report_peak_gib'] - x['pre_report_peak_gib']) / dw:.2f} GiB per GiB of weights "
-                         f"({x['model']} -> {y['model']}; 1.0 would mean the whole model is held)")
+    for mode in MODES:
+        done = [r for r in rows if r["mode"] == mode and "error" not in r]
+        for x, y in zip(done, done[1:]):
+            dw = y["weights_gib"] - x["weights_gib"]
+            if not dw:
+                continue
+            slope = {k: (y[k] - x[k]) / dw for k in ("pre_report_peak_gib", "quantize_gib") if x.get(k) and y.get(k)}
+            lines.append(f"- {mode}, {x['model']} -> {y['model']} (+{dw:.2f} GiB of weights): the peak before the "
+                         f"report phase grows {slope.get('pre_report_peak_gib', float('nan')):.2f} GiB per GiB of "
+                         f"weights, the quantize phase's {slope.get('quantize_gib', float('nan')):.2f} "
+                         "(1.0: the whole model is held; 0: independent of the model size)")
     failed = [r for r in rows if "error" in r]
     if failed:
         lines.append("- failed: " + "; ".join(f"{r['model']} {r['mode']}: {r['error'][:300]}" for r in failed))
@@ -200,6 +228,7 @@ def main() -> int:
     ap.add_argument("--eval-window", type=int, default=256)
     ap.add_argument("--kl-tokens", type=int, default=256)
     ap.add_argument("--verify", action="store_true", help="also verify (in memory: a transformers reload)")
+    ap.add_argument("--max-shard-mb", type=int, default=None, help="export.max_shard_size_mb (default: the recipe's)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads in the child (default: torch's)")
     ap.add_argument("--models-root", default="/tmp/qq-models", help="built models are cached here")
     ap.add_argument("--work", default="/tmp/qq-offload-memory")
@@ -224,14 +253,20 @@ def main() -> int:
     recipe_path.write_text(recipe_from_dict(recipe).to_yaml())
     rows = []
     for spec in specs:
-        path = build_random_qwen3(spec, args.models_root)
+        path = build_model(spec, args.models_root)
         for mode in MODES:
             _log(f"{spec} {mode}")
             row = run_one(spec, mode, path, args, recipe_path)
             rows.append(row)
             _log(f"  {spec} {mode}: " + (row.get("error") or f"peak {row['peak_gib']:.2f} GiB "
                                                             f"({row['wall_s']:.0f}s)"))
-    write(args.name, rows, {"models": specs, "scheme": args.scheme, "recipe": recipe})
+    by = {(r["model"], r["mode"]): r for r in rows if "error" not in r}
+    for r in rows:
+        pair = [by.get((r["model"], m)) for m in MODES]
+        if all(pair):
+            r["same_output"] = "yes" if pair[0]["hashes"] == pair[1]["hashes"] else "NO"
+    write(args.name, rows, {"models": specs, "scheme": args.scheme, "recipe": recipe,
+                            "bench_process_peak_gib": bench_process_peak()})
     return 0 if all("error" not in r for r in rows) else 1
 
 

@@ -44,7 +44,8 @@ STARTUP_S = 5.0  # interpreter start and imports of a `qwenquant` run
 LOAD_S = 4.0  # resolve + transformers from_pretrained + tokenizer: fixed cost ...
 LOAD_BPS = 0.2e9  # ... and per byte of weights (qwen3-mini 4-8 s, a 1.2 GB 0.6B 12 s on the 2-core box)
 DISK_READ_BPS = 1.0e9  # safetensors read back in verification
-DISK_WRITE_BPS = 0.5e9  # safetensors / journal writes
+DISK_WRITE_BPS = 0.5e9  # safetensors writes
+JOURNAL_BPS = 0.08e9  # the run journal's torch.save of each layer (records, inputs): 0.6B runs on the 2-core box
 HASH_BPS = 0.8e9  # sha256 of the source files for the report
 TOKENIZE_S_PER_TOKEN = 4e-6  # calibration text tokenization
 CALIB_BATCH = 8  # run_sequential's calibration batch (samples per layer forward)
@@ -222,6 +223,8 @@ def eval_tokens(eval_text: str, tokenizer_dir: str | Path) -> tuple[int, str]:
         n = len(tok(sample, add_special_tokens=False)["input_ids"])
     except Exception:  # no usable tokenizer: the typical English ratio
         return int(chars / 4.3), "tokenizer not loadable: evaluation tokens assumed at 4.3 characters per token"
+    if len(sample) == chars:  # the whole text: exact
+        return n, note
     return int(n * chars / max(len(sample), 1)), note
 
 
@@ -514,6 +517,8 @@ def _moe_active_fraction(facts: ModelFacts) -> float:
 
 def time_estimate(recipe, facts: ModelFacts, shape: RunShape, out: OutputSize, probe, traits: Traits) -> dict:
     """Seconds per stage, keyed like the report's timings_s (stages under "stages"), plus startup/report/total."""
+    from qwenquant.recipe import stage_name
+
     L, V, W = facts.num_layers, facts.vocab, shape.window
     probe_layer = max(facts.layer_linear_params(0), 1)
     # the probe measured a dense layer built from the config; scale to this model's average layer
@@ -537,7 +542,6 @@ def time_estimate(recipe, facts: ModelFacts, shape: RunShape, out: OutputSize, p
     windows = shape.ppl_windows + shape.kl_windows
     T, S = shape.calib_tokens, shape.seq_len
     fp32 = probe.fp32_gflops * 1e9
-    q = recipe.stage(recipe.quantizer)
     n_weights = sum(l.n * l.k for l in facts.linears)
     n_linears = len(facts.linears)
     quant = n_weights * probe.quant_s_per_weight + n_linears * probe.quant_s_per_linear  # one pass of the quantizer
@@ -546,8 +550,6 @@ def time_estimate(recipe, facts: ModelFacts, shape: RunShape, out: OutputSize, p
     if calibrated:
         stages["capture"] = 0.02 + T * facts.hidden * 2e-9
     for s in recipe.stages:
-        from qwenquant.recipe import stage_name
-
         name = stage_name(s)
         if name == "mixed_precision":
             stages[name] = 0.0
@@ -579,6 +581,9 @@ def time_estimate(recipe, facts: ModelFacts, shape: RunShape, out: OutputSize, p
                         ("gate_up", ("mlp.gate_proj", "mlp.up_proj")), ("down", ("mlp.down_proj",))]
             if not s.norm_mappings:
                 mappings = mappings[1:]
+            cfg = facts.config
+            if cfg.get("num_attention_heads") == cfg.get("num_key_value_heads"):  # v -> o only without GQA
+                mappings.append(("o", ("self_attn.o_proj",)))
             search = 0.0
             by_local = {(l.layer, l.local): l for l in facts.linears}
             for i in range(L):
@@ -599,7 +604,7 @@ def time_estimate(recipe, facts: ModelFacts, shape: RunShape, out: OutputSize, p
     if traits.journal and recipe.stage("mixed_precision") is None:
         dt = MODEL_DTYPE_BYTES[recipe.model.dtype]
         journal_bytes = sum(record_bytes(recipe, l.n, l.k, dt) for l in facts.linears) + L * T * facts.hidden * dt
-        stages["journal"] = journal_bytes / DISK_WRITE_BPS
+        stages["journal"] = journal_bytes / JOURNAL_BPS
     timings: dict = {
         "startup": STARTUP_S,
         "load": LOAD_S + facts.source_bytes / LOAD_BPS + facts.params * probe.isfinite_s_per_weight,
@@ -614,9 +619,7 @@ def time_estimate(recipe, facts: ModelFacts, shape: RunShape, out: OutputSize, p
                              + shape.kl_windows * model_fwd(act_q) + 2 * shape.kl_tokens * V * probe.kl_s_per_element
                              + n_weights * 4e-9)
     timings["report"] = shape.kl_tokens * V * probe.kl_s_per_element + facts.source_bytes / HASH_BPS + 0.3
-    if recipe.stage("mixed_precision") is not None:
-        timings["quantize"] += 0.0  # sensitivity ranking and `auto` candidates are not modelled (see notes)
-    timings["stages"] = stages
+    timings["stages"] = stages  # (mixed precision's sensitivity ranking and `auto` candidates are not modelled)
     timings["total"] = sum(v for k, v in timings.items() if isinstance(v, float))
     return timings
 
@@ -797,8 +800,6 @@ def estimate_run(recipe, out: Path, overwrite: bool = False) -> Estimate:
 
     Reads config.json, the safetensors headers and the tokenizer/evaluation text; writes nothing; downloads
     nothing (a hub id must be in the local cache)."""
-    import torch
-
     from qwenquant.export.writer import check_output_dir
     from qwenquant.mixed_precision import check_mixed_precision
     from qwenquant.model.loader import DTYPES, resolve_model
@@ -820,10 +821,12 @@ def estimate_run(recipe, out: Path, overwrite: bool = False) -> Estimate:
 
     base_rss = current_rss_bytes() + PROCESS_BASE_EXTRA
     text_tokens, note = eval_tokens(recipe.eval.eval_text, resolved.path)
+    window = min(recipe.eval.window, facts.max_positions)
+    if text_tokens < window and not note:  # counted exactly (a short text): the run would stop here
+        raise BadInputError(f"evaluation text has {text_tokens} tokens, fewer than one window of {window}")
     shape = run_shape(recipe, facts, text_tokens, needs_calibration(recipe), note)
     probe = run_probe(facts.config, recipe, device, DTYPES[recipe.model.dtype], shape.calib_tokens or 2048,
                       shape.window, shape.seq_len)
-    del torch
     return build_estimate(recipe, facts, shape, probe, device, base_rss, available_host_bytes(),
                           available_device_bytes(device), free_disk_bytes(out), pipeline_traits())
 

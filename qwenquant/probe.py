@@ -213,17 +213,19 @@ def _quantizer_rates(recipe, n: int, k: int, tokens: int, dtype: torch.dtype, de
         cfg = gptqq.GPTQConfig(bits=q.bits, group_size=q.group_size if q.group_size != -1 else -1,
                                symmetric=q.symmetric, actorder=None if q.actorder == "none" else q.actorder,
                                dampening_frac=q.dampening_frac, block_size=q.block_size)
-        kp = 256 if q.group_size in (-1, 32, 64, 128) else q.group_size
+        # the column loop's cost grows with the rows (strided column reads and writes of [N, K] arrays): time
+        # 128 columns at 256 and 2048 rows; a group needs >= 128 columns
+        kp = 128
         x = torch.randn(1024, kp, device=device)
         H = 2 * x.T @ x / x.shape[0]
         times = []
-        for rows in (64, 512):
+        for rows in (256, 2048):
             wp = torch.randn(rows, kp, device=device) * 0.02
             times.append(_best_time(lambda wp=wp: gptqq.quantize_weight(wp, H, cfg, scale_dtype=dtype), device,
-                                    budget_s=0.3, max_calls=3))
-        per_row = max((times[1] - times[0]) / (kp * (512 - 64)), 0.0)
+                                    budget_s=0.5, max_calls=3))
+        per_row = max((times[1] - times[0]) / (kp * (2048 - 256)), 0.0)
         out["gptq_s_per_column_row"] = per_row
-        out["gptq_s_per_column"] = max(times[0] / kp - per_row * 64, 0.0)
+        out["gptq_s_per_column"] = max(times[0] / kp - per_row * 256, 0.0)
     if recipe.quantizer == "awq":
         xs = torch.randn(min(512, max(tokens, 1)), k, device=device)
         ws = w[:64].float()  # search_clip works in batches of 64 output rows: one batch is representative

@@ -166,6 +166,15 @@ def test_hub_id_not_cached_downloads_nothing(cli, tiny_args, tmp_path, quick_pro
     assert not home.exists() or not any((home / "hub").rglob("*.safetensors"))
 
 
+def test_eval_text_shorter_than_a_window_is_refused(cli, tiny_args, tmp_path, quick_probe) -> None:
+    short = tmp_path / "short.txt"
+    short.write_text("Only a few words here.\n")
+    args = list(tiny_args)
+    args[args.index("--eval-text") + 1] = str(short)
+    res = _dry(cli, "fp8", args, tmp_path / "out")
+    assert res.code == 2 and "fewer than one window" in res.error_lines[0]
+
+
 def test_existing_out_is_refused_as_in_a_real_run(cli, tiny_args, tmp_path, quick_probe) -> None:
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "x").write_text("x")
