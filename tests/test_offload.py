@@ -18,7 +18,9 @@ from safetensors.torch import load_file
 
 from qwenquant.model.offload import LayerStore, _is_meta
 
-CASES = {"fp8": ["fp8"], "gptq": ["gptq", "--group-size", "64"]}
+# fp8 --scale-search also searches channel/block granularity per fused group: on the tiny model it writes two
+# config groups, which the offload verification must read back per Linear
+CASES = {"fp8": ["fp8"], "gptq": ["gptq", "--group-size", "64"], "fp8-search": ["fp8", "--scale-search"]}
 FILES = ("config.json", "generation_config.json", "recipe.yaml")
 
 

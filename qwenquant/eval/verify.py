@@ -139,16 +139,33 @@ def verify_checkpoint(folder: Path, model, names: list[str], reader: str, fmt: s
     }
 
 
+def _config_for_linear(config: dict, name: str) -> dict:
+    """`config` with only the config group that targets Linear `name` (by its full name, a `re:` pattern, or the
+    class name `Linear`): FP8 granularity search writes channel and block groups into one checkpoint."""
+    import re
+
+    groups = {k: g for k, g in config.get("config_groups", {}).items() if isinstance(g, dict)}
+    if len(groups) < 2:
+        return config
+
+    def targets(g: dict) -> bool:
+        return any(t == name or (t.startswith("re:") and re.fullmatch(t[3:], name)) for t in g.get("targets", []))
+
+    key = next((k for k, g in groups.items() if targets(g)),
+               next((k for k, g in groups.items() if "Linear" in g.get("targets", [])), None))
+    return config if key is None else {**config, "config_groups": {key: groups[key]}}
+
+
 def _offload_reader(fmt: str, config: dict):
-    """(module name, read(tensors) -> float32 [N, K]) of our spec reader for a written checkpoint's Linears."""
+    """(module name, read(tensors, linear name) -> float32 [N, K]) of our spec reader for a written checkpoint."""
     if fmt == "hf-fp8":
         from qwenquant.export import hf_fp8
 
         block = int(config["weight_block_size"][0])
-        return hf_fp8.__name__, lambda tensors: hf_fp8.read_linear(tensors, block)
-    name = "compressed_tensors" if config.get("format") == "float-quantized" else FORMAT_READERS[fmt]
-    module = __import__(f"qwenquant.export.{name}", fromlist=["read_linear"])
-    return module.__name__, lambda tensors: module.read_linear(tensors, config)
+        return hf_fp8.__name__, lambda tensors, name: hf_fp8.read_linear(tensors, block)
+    reader = "compressed_tensors" if config.get("format") == "float-quantized" else FORMAT_READERS[fmt]
+    module = __import__(f"qwenquant.export.{reader}", fromlist=["read_linear"])
+    return module.__name__, lambda tensors, name: module.read_linear(tensors, _config_for_linear(config, name))
 
 
 @torch.no_grad()
@@ -188,7 +205,7 @@ def verify_offloaded(folder: Path, store, names: list[str], fmt: str, src_logp, 
         for n in layer_names:
             local = {k[len(n) + 1:]: v for k, v in stored.items() if owner[k] == n}
             ours = live[n + ".weight"].detach().cpu()
-            theirs = read(local).to(ours.dtype) if local else None
+            theirs = read(local, n).to(ours.dtype) if local else None
             if theirs is None or ours.shape != theirs.shape or not torch.equal(ours, theirs):
                 mismatched.append(n)
         for k in keys:

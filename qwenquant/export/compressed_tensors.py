@@ -82,7 +82,9 @@ def read_linear(tensors: dict[str, torch.Tensor], config: dict) -> torch.Tensor:
     scale = tensors["weight_scale"].float()
     n, k = w.shape
     weights = [g["weights"] for g in config.get("config_groups", {}).values() if isinstance(g, dict) and g.get("weights")]
-    if weights and weights[0].get("strategy") == "block":
-        bn, bk = weights[0]["block_structure"]
+    blocks = [w_args for w_args in weights if w_args.get("strategy") == "block"]
+    # a checkpoint may hold channel and block groups (granularity search): the scale's shape tells which this is
+    if blocks and scale.dim() == 2 and tuple(scale.shape) != (n, 1):
+        bn, bk = blocks[0]["block_structure"]
         scale = scale.repeat_interleave(bn, dim=0)[:n].repeat_interleave(bk, dim=1)[:, :k]
     return w * scale
