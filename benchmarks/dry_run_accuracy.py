@@ -6,6 +6,7 @@
     python benchmarks/dry_run_accuracy.py --only mini         # regex on case names
     python benchmarks/dry_run_accuracy.py --resume            # skip cases already in results/<name>.partial.json
     python benchmarks/dry_run_accuracy.py --rebuild           # rewrite the tables from the partial file
+    python benchmarks/dry_run_accuracy.py --redo "0.6b gptq"  # run matching cases again, keep the others
 
 Each case runs `python -m qwenquant <command> ... --dry-run --json` (a child process, as a user would) and right
 after it the same command for real under `benchmarks/memtrace.py`, which measures the child's peak RSS (ru_maxrss)
@@ -122,7 +123,8 @@ def run_case(name: str, model: str, argv: list, work: Path, timeout_s: float, ke
     out = work / "out" / re.sub(r"\W+", "-", name).strip("-")
     shutil.rmtree(out, ignore_errors=True)
     args = case_argv(argv, model, out, work)
-    row: dict = {"case": name, "model": model, "argv": args}
+    row: dict = {"case": name, "model": model, "argv": args,
+                 "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     row["load_dry"] = os.getloadavg()[0]
     est, dry_s, dry_err = _dry_run(args, timeout_s)
     row["dry_run_s"] = dry_s
@@ -256,22 +258,26 @@ def main() -> int:
     ap.add_argument("--only", default=None, help="regex on case names")
     ap.add_argument("--resume", action="store_true", help="skip cases already in the partial file")
     ap.add_argument("--rebuild", action="store_true", help="rewrite the tables from the partial file")
+    ap.add_argument("--redo", default=None, help="regex: run these cases again, keep the other finished ones")
     ap.add_argument("--work", default="/tmp/qq-dry-run-accuracy", help="models, outputs and recipes go here")
     ap.add_argument("--name", default="dry_run_accuracy")
     ap.add_argument("--timeout", type=float, default=3600, help="seconds per run")
     ap.add_argument("--keep", action="store_true", help="keep the output folders")
     a = ap.parse_args()
-    cases = [c for c in CASES if a.only is None or re.search(a.only, c[0])]
+    cases = [c for c in CASES if (a.only is None or re.search(a.only, c[0])) and (a.redo is None or re.search(a.redo, c[0]))]
     if a.plan:
         for name, model, argv in cases:
             print(f"{name}: {model} {argv}")
         return 0
     partial = RESULTS_DIR / f"{a.name}.partial.json"
-    rows = load_partial(partial) if (a.resume or a.rebuild) and partial.is_file() else []
+    rows = load_partial(partial) if (a.resume or a.rebuild or a.redo) and partial.is_file() else []
     final = RESULTS_DIR / f"{a.name}.json"
-    if a.rebuild and not rows and final.is_file():  # a finished run keeps its rows in the final JSON
+    if (a.resume or a.rebuild or a.redo) and not rows and final.is_file():  # a finished run: rows in the final JSON
         rows = json.loads(final.read_text())["rows"]
-    meta = {"cases": [c[0] for c in cases], "work": a.work}
+    if a.redo:
+        rows = [r for r in rows if not re.search(a.redo, r["case"])]
+    meta = {"cases": [c[0] for c in CASES], "work": a.work,
+            "note": "each row has its own date_utc: --redo / --resume rows come from separate invocations"}
     if not a.rebuild:
         work = Path(a.work)
         done = {r["case"] for r in rows if "error" not in r}
@@ -285,6 +291,8 @@ def main() -> int:
             save_partial(partial, rows)
             _log(f"  {name}: " + (row.get("error") or f"size {row['size_err_pct']:+.3f}%, peak {row['peak_err_pct']:+.1f}%, "
                                                       f"time x{row['time_ratio']:.2f}"))
+    order = {c[0]: i for i, c in enumerate(CASES)}
+    rows.sort(key=lambda r: order.get(r["case"], len(order)))
     write(a.name, rows, meta)
     if not a.rebuild and all("error" not in r for r in rows) and {r["case"] for r in rows} >= {c[0] for c in CASES}:
         partial.unlink(missing_ok=True)  # complete: the final files are the record
