@@ -62,6 +62,24 @@ def _record_from_dict(d: dict) -> QuantizedWeight:
     return QuantizedWeight(**d)
 
 
+def read_journal(out_tmp: Path) -> dict | None:
+    """`journal.json` of a run's temporary output folder, or None when it holds no journal."""
+    path = Path(out_tmp) / JOURNAL_DIR / "journal.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def layers_done_in(out_tmp: Path, fingerprint: str) -> int:
+    """Decoder layers an earlier (interrupted) run of the same recipe on the same weights finished in `out_tmp`;
+    a journal of another recipe or model is refused (and left as it is)."""
+    meta = read_journal(out_tmp)
+    if meta is None:
+        return 0
+    if meta.get("fingerprint") != fingerprint or meta.get("version") != JOURNAL_VERSION:
+        raise BadInputError(f"{out_tmp} holds an interrupted run of a different recipe or model; "
+                            "run without --resume to start over")
+    return int(meta["layers_done"])
+
+
 class JournalRecords(MutableMapping):
     """`QuantState.records` backed by the journal: records of finished layers live in their layer file and are
     loaded on access (one layer file cached), records of the layer in progress live in memory."""
@@ -86,6 +104,9 @@ class JournalRecords(MutableMapping):
         if name not in self._order:
             self._order.append(name)
         self._memory[name] = record
+
+    def __contains__(self, name: object) -> bool:  # without loading a layer file (Mapping's would)
+        return name in self._memory or name in self._on_disk
 
     def __delitem__(self, name: str) -> None:
         self._memory.pop(name, None)
@@ -126,18 +147,11 @@ class Journal:
         return self.folder / "journal.json"
 
     def read_meta(self) -> dict | None:
-        path = self._meta_path()
-        return json.loads(path.read_text()) if path.is_file() else None
+        return read_journal(self.folder.parent)
 
     def layers_done(self) -> int:
         """Decoder layers finished by an earlier (interrupted) run of the same recipe on the same weights."""
-        meta = self.read_meta()
-        if meta is None:
-            return 0
-        if meta.get("fingerprint") != self.fingerprint or meta.get("version") != JOURNAL_VERSION:
-            raise BadInputError(f"{self.folder.parent} holds an interrupted run of a different recipe or model; "
-                                "run without --resume to start over")
-        return int(meta["layers_done"])
+        return layers_done_in(self.folder.parent, self.fingerprint)
 
     def _write_meta(self, layers_done: int, stage_seconds: dict) -> None:
         tmp = self._meta_path().with_name("journal.json.tmp")

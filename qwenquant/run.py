@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 import sys
@@ -18,8 +17,8 @@ from qwenquant.errors import BadInputError, QualityGateError, VerificationError
 from qwenquant.eval.verify import reader_for, verify_checkpoint
 from qwenquant.eval.perplexity import eval_windows, kl_stats, load_eval_text, next_token_logprobs, perplexity
 from qwenquant.export.checkpoint import write_checkpoint
-from qwenquant.export.writer import atomic_output_dir, check_output_dir
-from qwenquant.journal import JOURNAL_DIR, Journal, run_fingerprint
+from qwenquant.export.writer import atomic_output_dir, check_output_dir, partial_dir
+from qwenquant.journal import JOURNAL_DIR, Journal, layers_done_in, read_journal, run_fingerprint
 from qwenquant.export.model_card import render_model_card, source_license
 from qwenquant.model.loader import file_sha256, load_model, resolve_model
 from qwenquant.mixed_precision import check_mixed_precision, run_mixed_precision
@@ -201,10 +200,14 @@ def _run_recipe(recipe: Recipe, out: Path, overwrite: bool = False, reporter: Re
     if resume and mixed:
         raise BadInputError("--resume is not supported for mixed-precision (--keep-sensitive) runs; run without --resume")
 
+    fingerprint = run_fingerprint(recipe.to_yaml(), resolved.weight_files)
+    if resume and not mixed:  # refuse a mismatched resume before the output folder code could touch its progress
+        layers_done_in(partial_dir(out), fingerprint)
+
     with atomic_output_dir(out, overwrite, resume=resume, keep_on_interrupt=_has_progress) as tmp:
         # the journal keeps finished layers on disk (bounded memory, --resume); mixed precision may quantize the
         # model several times, so it keeps its records in memory
-        journal = None if mixed else Journal(tmp, run_fingerprint(recipe.to_yaml(), resolved.weight_files))
+        journal = None if mixed else Journal(tmp, fingerprint)
         done = journal.layers_done() if journal is not None else 0
         if resume:
             reporter.log(f"resuming after {done} finished decoder layers" if done else "nothing to resume; starting")
@@ -320,8 +323,8 @@ def _run_recipe(recipe: Recipe, out: Path, overwrite: bool = False, reporter: Re
 
 def _has_progress(tmp: Path) -> bool:
     """Whether an interrupted run's temporary folder holds finished layers worth resuming."""
-    meta = tmp / JOURNAL_DIR / "journal.json"
-    return meta.is_file() and json.loads(meta.read_text()).get("layers_done", 0) > 0
+    meta = read_journal(tmp)
+    return meta is not None and meta.get("layers_done", 0) > 0
 
 
 def _evaluate_tasks(model, tokenizer, ev, device, reporter: Reporter, label: str) -> dict | None:

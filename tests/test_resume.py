@@ -77,6 +77,8 @@ def test_resume_refuses_a_different_recipe_and_a_fresh_run_replaces_stale_progre
     other = cli(["gptq", *tiny_args, "--out", out, "--quiet", "--resume", "--bits", "8"])
     assert other.code == 2 and len(other.error_lines) == 1
     assert "different recipe" in other.error_lines[0] and "without --resume" in other.error_lines[0]
+    meta = json.loads((partial_dir(out) / "_journal" / "journal.json").read_text())
+    assert meta["layers_done"] == 1 and not out.exists()  # the refused resume left the progress as it was
     fresh = cli(["gptq", *tiny_args, "--out", out, "--quiet", "--bits", "8"])  # no --resume: starts over
     assert fresh.code == 0, fresh.err
     assert "resumed_after_layers" not in json.loads((out / "qwenquant_report.json").read_text())
