@@ -1,0 +1,135 @@
+"""Nothing changes for users: a matrix of quantize commands on the trained fixture (qwen3-mini) writes checkpoints
+whose tensor files and quantization configs hash to the values pinned in `pinned_outputs.json`.
+
+The pins were taken before the middle-layer redesign (issue 11) and must hold unchanged after it; a change to the
+numbers a command writes is a change for users and needs its own reason (re-pin with QWENQUANT_REPIN=1, which
+writes the measured hashes and then fails, so a re-pin is never silent).
+
+Resume and offload runs must also hash exactly like the uninterrupted in-memory run they stand for.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import run_cli, small_args
+
+PINS = Path(__file__).with_name("pinned_outputs.json")
+
+# case -> (command and flags, the case whose checkpoint it must equal, or None)
+CASES: dict[str, tuple[list[str], str | None]] = {
+    "fp8-channel-dynamic": (["fp8"], None),
+    "fp8-tensor-static-smooth": (["fp8", "--weights", "tensor", "--activations", "static", "--smooth"], None),
+    "fp8-block": (["fp8", "--weights", "block"], None),
+    "fp8-weight-only": (["fp8", "--activations", "none"], None),
+    "fp8-hf-fp8": (["fp8", "--weights", "block", "--format", "hf-fp8"], None),
+    "fp8-scale-search": (["fp8", "--scale-search"], None),
+    "fp8-static-smooth-search": (["fp8", "--activations", "static", "--smooth", "--scale-search"], None),
+    "fp8-compensate": (["fp8", "--compensate", "--compensate-steps", "3"], None),
+    "gptq": (["gptq"], None),
+    "gptq-g64-asym-gptq-format": (["gptq", "--group-size", "64", "--asym", "--format", "gptq"], None),
+    "gptq-actorder-group": (["gptq", "--act-order", "group", "--format", "gptq"], None),
+    "gptq-w3": (["gptq", "--bits", "3"], None),
+    "gptq-scale-search": (["gptq", "--scale-search"], None),
+    "gptq-compensate": (["gptq", "--compensate", "--compensate-steps", "3"], None),
+    "gptq-compensate-layer": (["gptq", "--compensate", "--compensate-steps", "3", "--compensate-target", "layer"], None),
+    "awq": (["awq"], None),
+    "awq-awq-format": (["awq", "--format", "awq"], None),
+    "rtn": (["rtn"], None),
+    "rtn-w8-channel": (["rtn", "--bits", "8", "--group-size", "-1"], None),
+    "rtn-scale-search": (["rtn", "--scale-search"], None),
+    "fp8-keep-sensitive": (["fp8", "--keep-sensitive", "2"], None),
+    "gptq-keep-sensitive": (["gptq", "--keep-sensitive", "1"], None),
+    "gptq-offload": (["gptq", "--offload-dir", "{tmp}/offload"], "gptq"),
+    "fp8-static-smooth-offload": (["fp8", "--weights", "tensor", "--activations", "static", "--smooth",
+                                   "--offload-dir", "{tmp}/offload"], "fp8-tensor-static-smooth"),
+    "gptq-compensate-resumed": (["gptq", "--compensate", "--compensate-steps", "3", "@resume"], "gptq-compensate"),
+    "awq-via-recipe-file": (["awq", "@recipe"], "awq"),
+}
+
+
+def checkpoint_hashes(folder: Path) -> dict[str, str]:
+    """sha256 of every tensor file, and of the canonical JSON of the quantization configs."""
+    out = {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(folder.glob("*.safetensors"))}
+    config = json.loads((folder / "config.json").read_text())
+    out["quantization_config"] = _json_hash(config["quantization_config"])
+    if (folder / "quantize_config.json").exists():
+        out["quantize_config.json"] = _json_hash(json.loads((folder / "quantize_config.json").read_text()))
+    return out
+
+
+def _json_hash(data) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+def _args(case: str, model: Path, calib: Path, text: Path, tmp: Path) -> tuple[list[str], set[str]]:
+    """The command line of a case, and its markers: @resume (kill and resume), @recipe (print the resolved recipe,
+    then run that file with `qwenquant run`)."""
+    flags, _ = CASES[case]
+    markers = {f for f in flags if f.startswith("@")}
+    flags = [f.format(tmp=tmp) for f in flags if f not in markers]
+    command, rest = flags[0], flags[1:]
+    small = small_args(model, calib, text)
+    if command == "rtn":  # rtn took no calibration flags before issue 11 (its --scale-search used the defaults)
+        small = [a for a in small if a not in ("--calib", str(calib), "--num-samples", "4", "--seq-len", "64")]
+    return [command, *small, *rest, "--out", str(tmp / "out"), "--quiet"], markers
+
+
+def _run_resumed(args: list[str]) -> None:
+    """Kill a run (SIGKILL) after its first decoder layer, then finish it with --resume in a second process."""
+    env = dict(os.environ, QWENQUANT_TEST_THREADS="1", OMP_NUM_THREADS="1")
+    killed = subprocess.run([sys.executable, "-m", "qwenquant", *args], capture_output=True, text=True, timeout=900,
+                            env=env | {"QWENQUANT_FAULT_KILL_AFTER_LAYER": "0"})
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    resumed = subprocess.run([sys.executable, "-m", "qwenquant", *args, "--resume"], capture_output=True, text=True,
+                             timeout=900, env=env)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+
+
+@pytest.fixture(scope="module")
+def measured(mini_model, calib_txt, eval_text, tmp_path_factory):
+    cache: dict[str, dict[str, str]] = {}
+
+    def measure(case: str) -> dict[str, str]:
+        if case not in cache:
+            tmp = tmp_path_factory.mktemp(case)
+            args, markers = _args(case, mini_model, calib_txt, eval_text, tmp)
+            if "@resume" in markers:
+                _run_resumed(args)
+            elif "@recipe" in markers:
+                printed = run_cli([*args, "--print-recipe"])
+                assert printed.code == 0, printed.err[-3000:]
+                (tmp / "recipe.yaml").write_text(printed.out)
+                res = run_cli(["run", tmp / "recipe.yaml", "--out", tmp / "out", "--quiet"])
+                assert res.code == 0, res.err[-3000:]
+            else:
+                res = run_cli(args)
+                assert res.code == 0, res.err[-3000:]
+            cache[case] = checkpoint_hashes(tmp / "out")
+        return cache[case]
+
+    return measure
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(CASES))
+def test_output_is_pinned(case, measured) -> None:
+    got = measured(case)
+    if os.environ.get("QWENQUANT_REPIN"):
+        pins = json.loads(PINS.read_text()) if PINS.exists() else {}
+        pins[case] = got
+        PINS.write_text(json.dumps(dict(sorted(pins.items())), indent=1) + "\n")
+        pytest.fail(f"re-pinned {case} in {PINS.name}; run again without QWENQUANT_REPIN")
+    pins = json.loads(PINS.read_text())
+    assert case in pins, f"{case} has no pin in {PINS.name} (QWENQUANT_REPIN=1 writes one)"
+    assert got == pins[case]
+    same_as = CASES[case][1]
+    if same_as is not None:
+        assert got == pins[same_as], f"{case} must write exactly what {same_as} writes"
