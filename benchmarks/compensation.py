@@ -39,7 +39,11 @@ from harness import (  # noqa: E402
     save_partial,
     write_results,
 )
-from qwenquant.recipe import CompensateStage, FP8Stage, GPTQStage, RTNStage, SmoothStage  # noqa: E402
+from qwenquant.stages.compensate import CompensateStage  # noqa: E402
+from qwenquant.stages.fp8 import FP8Stage  # noqa: E402
+from qwenquant.stages.gptq import GPTQStage  # noqa: E402
+from qwenquant.stages.rtn import RTNStage  # noqa: E402
+from qwenquant.stages.smooth import SmoothStage  # noqa: E402
 
 # The harness evaluates a deep copy and drops the pipeline state; keep each row's state to read its layer reports.
 _last_state: dict = {}

@@ -16,7 +16,7 @@ stage in the JSON. Models: the trained qwen3-mini (../shared) and shape-true ran
 `benchmarks/random_models.py` (real shapes incl. the 151936-token vocabulary; random weights: accuracy numbers from
 them mean nothing, memory and time do). The 0.6B cases use quick settings (8 x 256 calibration tokens, one
 perplexity window); the ones that verify use a recipe with eval.kl_tokens 2048 so that the run's KL statistics
-(5 x tokens x vocab x 4 B, see qwenquant/estimate.py) fit this 24 GiB machine beside other work.
+(5 x tokens x vocab x 4 B, see qwenquant/estimate/memory.py) fit this 24 GiB machine beside other work.
 
 The machine is shared: the load average before each dry run and each real run is recorded; times measured under a
 different load than the probe saw differ by that much (the probe takes the fastest of a few calls).

@@ -35,7 +35,8 @@ from harness import (  # noqa: E402
     save_partial,
     write_results,
 )
-from qwenquant.recipe import FP8Stage, SmoothStage  # noqa: E402
+from qwenquant.stages.fp8 import FP8Stage  # noqa: E402
+from qwenquant.stages.smooth import SmoothStage  # noqa: E402
 
 WEIGHTS = ("channel", "tensor", "block")
 ACTIVATIONS = ("dynamic", "static", "none")

@@ -18,11 +18,11 @@ What is measured (the same for every row, so rows are comparable):
   the first ``kl_windows`` windows of the same text (default 8 x 2048 = 16,384 positions), with
   ``qwenquant.eval.perplexity.kl_stats``. The source log-probs are computed once and kept on CPU in float32
   (8 x 2048 x 8192 x 4 B = 512 MiB); a variant's KL is computed window by window during its pass. ``mean_kl`` is
-  on float32 log-probs; ``mean_kl_fp16`` rounds both sides to fp16 first, as ``qwenquant.run`` does (its
+  on float32 log-probs; ``mean_kl_fp16`` rounds both sides to fp16 first, as ``qwenquant.runner.run`` does (its
   ``next_token_logprobs`` stores fp16), which adds a small positive bias (the per-token clamp at 0 keeps the
   positive half of the rounding noise): +9e-5 nats on FP8 weight-only, +4e-5 on FP8 dynamic, on qwen3-mini.
 * A variant is the source deep-copied, quantized with ``qwenquant.pipeline.run_sequential`` and
-  ``qwenquant.stages.build_stages`` exactly as ``qwenquant.run.run_recipe`` does it (same calibration builder, same
+  the recipe's stage configs exactly as ``qwenquant.runner.run.run_recipe`` does it (same calibration builder, same
   sequential propagation), then evaluated with ``activation_quantization(model, state.activations)`` active, i.e.
   with FP8 input quantization simulated as the engine does it (dynamic per token / per group, or static per tensor).
   Nothing is written to disk; the weights the model computes with are the dequantized stored weights.
@@ -70,17 +70,14 @@ from qwenquant.eval.perplexity import (  # noqa: E402
     perplexity,
 )
 from qwenquant.model.loader import load_model, resolve_model  # noqa: E402
-from qwenquant.pipeline import QuantState, activation_quantization, peak_host_bytes, run_sequential  # noqa: E402
-from qwenquant.recipe import (  # noqa: E402
-    CalibrationConfig,
-    ExportConfig,
-    FP8Stage,
-    ModelConfig,
-    Recipe,
-    RTNStage,
-    stage_name,
-)
-from qwenquant.stages import build_stages  # noqa: E402
+from qwenquant.state import QuantState  # noqa: E402
+from qwenquant.activations import activation_quantization  # noqa: E402
+from qwenquant.pipeline import peak_host_bytes, run_sequential  # noqa: E402
+from qwenquant.recipe import CalibrationConfig, ExportConfig, ModelConfig, Recipe  # noqa: E402
+from qwenquant.stages.fp8 import FP8Stage  # noqa: E402
+from qwenquant.stages.registry import stage_name  # noqa: E402
+from qwenquant.stages.rtn import RTNStage  # noqa: E402
+
 
 DEFAULT_MODEL = "/work/shared/models/qwen3-mini"
 RESULTS_DIR = REPO / "benchmarks" / "results"
@@ -204,7 +201,7 @@ def forward_metrics(model, ppl_windows: torch.Tensor, n_ppl: int, kl_windows: to
     the float32 log-probs [kl_windows, window, vocab] when `src_logp` is None (the source pass), else a dict with
     the KL of this model from `src_logp`, computed window by window as it goes (nothing [T, vocab] is kept):
     `exact` = `kl_stats` on float32 log-probs, `fp16` = `kl_stats` on fp16-rounded log-probs, which is what
-    `qwenquant.run` reports (`next_token_logprobs` stores fp16; the per-token clamp at 0 then turns rounding noise
+    `qwenquant.runner.run` reports (`next_token_logprobs` stores fp16; the per-token clamp at 0 then turns rounding noise
     into a small positive bias, ~1e-4 nats on this model).
 
     The perplexities are those of `qwenquant.eval.perplexity.perplexity()` (same slicing, float32 cross-entropy
@@ -402,7 +399,7 @@ class Harness:
         state = QuantState()
         with RSSSampler() as rss:
             t = time.perf_counter()
-            run_sequential(model, self.resolved.adapter, calib, build_stages(recipe), self.device, state)
+            run_sequential(model, self.resolved.adapter, calib, recipe.stages, self.device, state)
             quant_s = time.perf_counter() - t
             t = time.perf_counter()
             metrics = self._metrics(*self._evaluate(model, state.activations, full_ppl))
@@ -775,7 +772,7 @@ def load_partial(path: Path) -> list[dict]:
 def self_check(model: str = DEFAULT_MODEL) -> int:
     """Checks the harness against the library on a few windows (a couple of minutes on CPU):
     1. `forward_metrics` == `perplexity()` + `next_token_logprobs()` bit for bit;
-    2. `evaluate_variant` (in memory) == `evaluate_external` of the same recipe written by `qwenquant.run.run_recipe`
+    2. `evaluate_variant` (in memory) == `evaluate_external` of the same recipe written by `qwenquant.runner.run.run_recipe`
        and reloaded with transformers (compressed-tensors), within bf16 tolerance.
     """
     import tempfile
@@ -795,9 +792,9 @@ def self_check(model: str = DEFAULT_MODEL) -> int:
     for acts in ("dynamic", "static"):
         stages = [FP8Stage("channel", acts)]
         mem = h.evaluate_variant(f"in-memory channel/{acts}", stages, seed=0)
-        # the fp16 KL column is what qwenquant.run reports: recompute it with the library functions
+        # the fp16 KL column is what qwenquant.runner.run reports: recompute it with the library functions
         q, st = copy.deepcopy(h.source), QuantState()
-        run_sequential(q, h.resolved.adapter, h.calibration(0), build_stages(h.recipe_for(stages, 0)), h.device, st)
+        run_sequential(q, h.resolved.adapter, h.calibration(0), h.recipe_for(stages, 0).stages, h.device, st)
         with activation_quantization(q, st.activations):
             lib = kl_stats(ref_logp, next_token_logprobs(q, h.kl_windows, h.device))
         same = math.isclose(lib["mean_kl"], mem["mean_kl_fp16"], rel_tol=1e-6)
@@ -806,10 +803,11 @@ def self_check(model: str = DEFAULT_MODEL) -> int:
         ok &= same
         recipe = h.recipe_for(stages, 0)
         recipe.eval = EvalConfig(max_windows=1, kl_tokens=2048, verify=False)
-        from qwenquant.run import run_recipe
+        from qwenquant.runner.options import RunOptions
+        from qwenquant.runner.run import run_recipe
 
         with tempfile.TemporaryDirectory() as tmp:
-            run_recipe(recipe, Path(tmp) / "ckpt")
+            run_recipe(recipe, RunOptions(Path(tmp) / "ckpt"))
             ext = h.evaluate_external(f"reloaded channel/{acts}", Path(tmp) / "ckpt")
         close = abs(mem["mean_kl"] - ext["mean_kl"]) <= 0.05 * mem["mean_kl"] + 1e-5
         print(f"channel/{acts}: in-memory KL {mem['mean_kl']:.6f} ppl {mem['ppl']:.4f} | reloaded KL "

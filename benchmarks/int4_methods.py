@@ -56,7 +56,9 @@ from harness import (  # noqa: E402
     write_results,
 )
 from qwenquant.calibration import samples_hash  # noqa: E402
-from qwenquant.recipe import AWQStage, GPTQStage, RTNStage  # noqa: E402
+from qwenquant.stages.awq import AWQStage  # noqa: E402
+from qwenquant.stages.gptq import GPTQStage  # noqa: E402
+from qwenquant.stages.rtn import RTNStage  # noqa: E402
 
 LLMC_PY = BENCH / ".venv-llmcompressor" / "bin" / "python"
 LLMC_SCRIPT = BENCH / "llmcompressor_baseline.py"
@@ -514,9 +516,8 @@ def timing(args) -> int:
 
     from qwenquant.calibration import load_calibration
     from qwenquant.model.loader import load_model, resolve_model
-    from qwenquant.pipeline import QuantState
+    from qwenquant.state import QuantState
     from qwenquant.recipe import CalibrationConfig, ExportConfig, ModelConfig, Recipe
-    from qwenquant.stages import build_stages
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -545,7 +546,7 @@ def timing(args) -> int:
                     model = copy.deepcopy(source)
                     before, cpu, t = _current_rss(), time.process_time(), time.perf_counter()
                     with H.RSSSampler() as rss:
-                        H.run_sequential(model, resolved.adapter, calib, build_stages(recipe), torch.device("cpu"),
+                        H.run_sequential(model, resolved.adapter, calib, recipe.stages, torch.device("cpu"),
                                          QuantState())
                     r = {"wall_s": time.perf_counter() - t, "cpu_s": time.process_time() - cpu,
                          "rss_delta_bytes": rss.peak - before}

@@ -5,10 +5,10 @@
     t.peak_rss_bytes, t.phase_peaks, t.wall_s, t.returncode, t.stdout
 
 The parent samples the child's resident set size from /proc every `interval` seconds and takes the exact peak from
-`os.wait4` (the child's own ru_maxrss). Phases: the child (this file run as a script) wraps qwenquant.run's stage
+`os.wait4` (the child's own ru_maxrss). Phases: the child (this file run as a script) wraps qwenquant.runner.run's stage
 timer so that each timed phase (load, eval_source, quantize, eval_quantized, export, verify) and the rest of the run
 (`report`: report, KL statistics and hashes after verification) write a marker line; the parent attributes its
-samples to the phase running at that time. If qwenquant.run changes and the wrapping fails, the child runs the CLI
+samples to the phase running at that time. If qwenquant.runner.run changes and the wrapping fails, the child runs the CLI
 unwrapped and only whole-run numbers are reported (phase_peaks empty), never a wrong attribution.
 """
 
@@ -150,7 +150,7 @@ def _read_markers(path: Path) -> list[tuple[str, float, float]]:
 
 
 def _child(args: list[str]) -> int:
-    """Run the CLI with phase markers around qwenquant.run's timed phases (best effort)."""
+    """Run the CLI with phase markers around qwenquant.runner.run's timed phases (best effort)."""
     path = os.environ.get("QWENQUANT_MEMTRACE")
     if os.environ.get("QWENQUANT_MEMTRACE_THREADS"):
         import torch
@@ -171,29 +171,22 @@ def _child(args: list[str]) -> int:
             log.write(f"{kind} {name} {time.time():.4f}\n")
 
     try:
-        import qwenquant.run as run
+        from contextlib import contextmanager
 
-        timer_call = run._Timer.__call__
+        from qwenquant.runner import run
 
+        timed = run.Run.timed
+
+        @contextmanager
         def traced(self, name):
-            ctx = timer_call(self, name)
-            enter, exit_ = type(ctx).__enter__, type(ctx).__exit__
+            mark("start", name)
+            with timed(self, name):
+                yield
+            mark("end", name)
+            if name in ("export", "verify"):
+                mark("start", "report")  # until the next phase or the end of the run
 
-            class Wrapped:
-                def __enter__(self_inner):
-                    mark("start", name)
-                    return enter(ctx)
-
-                def __exit__(self_inner, *exc):
-                    r = exit_(ctx, *exc)
-                    mark("end", name)
-                    if name in ("export", "verify"):
-                        mark("start", "report")  # until the next phase or the end of the run
-                    return r
-
-            return Wrapped()
-
-        run._Timer.__call__ = traced
+        run.Run.timed = traced
         original = run.write_report
 
         def write_report(*a, **k):

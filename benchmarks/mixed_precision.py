@@ -28,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from harness import _log, add_harness_args, harness_from_args, load_partial, save_partial, write_results  # noqa: E402
 from qwenquant.quant.sensitivity import spearman  # noqa: E402
-from qwenquant.recipe import MixedPrecisionStage, RTNStage  # noqa: E402
+from qwenquant.stages.mixed_precision import MixedPrecisionStage  # noqa: E402
+from qwenquant.stages.rtn import RTNStage  # noqa: E402
 from qwenquant.sensitivity import UnitScheme, rank_groups  # noqa: E402
 
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from qwenquant.bench.output import find_bench, summary as bench_summary
 from qwenquant.errors import BadInputError
+from qwenquant.reporting import read_json, write_atomic, write_json
 
 COMPARE_SCHEMA_VERSION = 1
 
@@ -14,10 +16,7 @@ def load_report(folder: Path) -> dict:
     path = Path(folder) / "qwenquant_report.json"
     if not path.is_file():
         raise BadInputError(f"{folder}: no qwenquant_report.json; pass qwenquant output folders")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise BadInputError(f"{path}: not valid JSON ({err.msg})") from err
+    return read_json(path)
 
 
 def row_for(name: str, report: dict) -> dict:
@@ -51,10 +50,8 @@ def _fmt(v, spec: str) -> str:
 
 def bench_columns(folder: Path) -> dict:
     """{"bench": summary} when `folder` (or its bench/ subfolder) holds a qwenquant_bench.json, else {}."""
-    from qwenquant.bench.output import find_bench, summary
-
     data = find_bench(folder)
-    return {} if data is None else {"bench": summary(data)}
+    return {} if data is None else {"bench": bench_summary(data)}
 
 
 def _bench_values(b: dict | None) -> tuple[str, str, str]:
@@ -126,11 +123,11 @@ def write_comparison(rows: list[dict], out: Path, meta: dict) -> dict:
     plots = _plots(rows, out)
     data = {"schema_version": COMPARE_SCHEMA_VERSION, "meta": meta, "rows": rows, "plots": plots,
             "same_evaluation": len(evals) == 1}
-    (out / "compare.json").write_text(json.dumps(data, indent=2) + "\n")
+    write_json(out / "compare.json", data)
     note = "" if len(evals) == 1 else "\n**Warning: these runs were not evaluated with the same settings.**\n"
     ev = rows[0]["eval"] if rows else {}
     md = [f"# qwenquant comparison", "", f"Perplexity on {ev.get('text')}, windows of {ev.get('window')} tokens "
           f"({ev.get('windows')} windows); mean KL is per token vs the source model.", note, render_table(rows), "",
           *_bench_notes(rows, meta), *[f"![{p}]({p})" for p in plots], ""]
-    (out / "COMPARE.md").write_text("\n".join(md))
+    write_atomic(out / "COMPARE.md", "\n".join(md))
     return data

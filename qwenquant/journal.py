@@ -32,6 +32,7 @@ from torch import nn
 
 from qwenquant.errors import BadInputError
 from qwenquant.quant.records import QuantizedWeight
+from qwenquant.state import ActivationSpec
 
 JOURNAL_DIR = "_journal"
 JOURNAL_VERSION = 1
@@ -203,8 +204,6 @@ class Journal:
         """Put layers 0..n_done-1 back as the interrupted run left them; return the inputs of layer n_done
         as (hidden, kwargs, float-path hidden or None) lists, or None when the run captured none.
         With a `layer_store` (--offload-dir) each layer is materialized, restored and written back in turn."""
-        from qwenquant.pipeline import ActivationSpec
-
         for i in range(n_done):
             prefix = f"{layers_path}.{i}."
             saved = torch.load(self.layer_path(i), weights_only=False)

@@ -17,12 +17,15 @@ export: {format, max_shard_size_mb}
 eval: {perplexity, eval_text, window, max_windows, kl_tokens, verify, verify_max_kl}
 device: auto | cpu | cuda | cuda:N
 ```
-Each config validates itself in `__post_init__` (ValueError naming the key and the allowed values).
+Each config validates itself in `__post_init__` (ValueError naming the key and the allowed values). Stage configs
+live with their stages (`qwenquant/stages/`, listed in `qwenquant.stages.registry.STAGES`); export formats are the
+entries of `qwenquant.export.registry.FORMATS`, which also say which settings and shapes they can store.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,30 +33,12 @@ from typing import Any
 import yaml
 
 from qwenquant.errors import BadInputError
+from qwenquant.export.registry import FORMATS
+from qwenquant.stages.registry import QUANTIZERS, STAGES, spec_of, stage_name
+from qwenquant.validation import choice, positive
 
 RECIPE_VERSION = 1
-
-
-def _choice(name: str, value: Any, allowed: tuple) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name}: {value!r} is not allowed; use one of {', '.join(map(str, allowed))}")
-
-
-def _positive(name: str, value: Any) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name}: must be a positive integer, got {value!r}")
-
-
-def _ratio_map(name: str, value: Any, key_type: type, low: float, exclusive_low: bool = False) -> None:
-    """A mapping key -> number in [low, 1] ((low, 1] if exclusive_low), as written by the scale search."""
-    if not isinstance(value, dict):
-        raise ValueError(f"{name}: must be a mapping, got {type(value).__name__}")
-    for k, v in value.items():
-        if not isinstance(k, key_type) or isinstance(k, bool):
-            raise ValueError(f"{name}: key {k!r} must be a {key_type.__name__}")
-        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and (low < v if exclusive_low else low <= v) and v <= 1
-        if not ok:
-            raise ValueError(f"{name}.{k}: must be a number in {'(' if exclusive_low else '['}{low:g}, 1], got {v!r}")
+EXPORT_FORMATS = tuple(FORMATS)
 
 
 @dataclass
@@ -63,7 +48,7 @@ class ModelConfig:
     dtype: str = "bfloat16"
 
     def __post_init__(self) -> None:
-        _choice("model.dtype", self.dtype, ("bfloat16", "float16", "float32"))
+        choice("model.dtype", self.dtype, ("bfloat16", "float16", "float32"))
 
 
 @dataclass
@@ -74,205 +59,10 @@ class CalibrationConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _positive("calibration.num_samples", self.num_samples)
-        _positive("calibration.seq_len", self.seq_len)
+        positive("calibration.num_samples", self.num_samples)
+        positive("calibration.seq_len", self.seq_len)
         if self.seq_len < 8:
             raise ValueError(f"calibration.seq_len: must be >= 8, got {self.seq_len}")
-
-
-@dataclass
-class SmoothStage:
-    """SmoothQuant-style activation scaling folded into preceding norms/linears."""
-
-    alpha: float = 0.5
-    mappings: str = "all"  # all | norms (only input/post-attention layernorms)
-    layer_alpha: dict[int, float] = field(default_factory=dict)  # decoder layer -> alpha (overrides alpha)
-    alpha_search: bool = False  # choose each layer's alpha by its FP8-quantized output error (scale search)
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.alpha, (int, float)) or not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(f"smooth.alpha: must be a number in [0, 1], got {self.alpha!r}")
-        _choice("smooth.mappings", self.mappings, ("all", "norms"))
-        _ratio_map("smooth.layer_alpha", self.layer_alpha, int, 0.0)
-        if self.alpha_search and self.layer_alpha:
-            raise ValueError("smooth.layer_alpha: set either alpha_search or per-layer alphas, not both")
-
-    def alpha_for(self, layer: int) -> float:
-        return float(self.layer_alpha.get(layer, self.alpha))
-
-
-@dataclass
-class FP8Stage:
-    """E4M3 weights (+ optional FP8 activations)."""
-
-    weights: str = "channel"  # tensor | channel | block
-    activations: str = "dynamic"  # dynamic | static | none
-    block_size: int = 128
-    clip: dict[str, float] = field(default_factory=dict)  # Linear (full name) -> weight clipping ratio; else 1.0
-    clip_search: bool = False  # choose each Linear's clipping ratio by its output error (scale search)
-    # per-Linear weight granularity overriding `weights` (full name -> channel | block), or chosen per vLLM fused
-    # group by output error (`granularity_search`, with channel weights and dynamic activations; compressed-tensors
-    # stores both in one checkpoint as two config groups)
-    granularity: dict[str, str] = field(default_factory=dict)
-    granularity_search: bool = False
-
-    def weights_for(self, name: str) -> str:
-        """The weight granularity of one Linear (full name)."""
-        return self.granularity.get(name, self.weights)
-
-    def __post_init__(self) -> None:
-        _choice("fp8.weights", self.weights, ("tensor", "channel", "block"))
-        for name, g in self.granularity.items():
-            _choice(f"fp8.granularity.{name}", g, ("channel", "block"))
-        if (self.granularity_search or self.granularity) and (self.weights != "channel" or self.activations != "dynamic"):
-            raise ValueError("fp8.granularity: per-Linear channel/block choice needs weights: channel and "
-                             "activations: dynamic (block weights pair with dynamic group activations)")
-        if self.granularity_search and self.granularity:
-            raise ValueError("fp8.granularity: set either granularity_search or per-Linear granularity, not both")
-        _choice("fp8.activations", self.activations, ("dynamic", "static", "none"))
-        _positive("fp8.block_size", self.block_size)
-        if self.weights == "block" and self.activations == "static":
-            raise ValueError("fp8: block weights pair with dynamic group activations; use activations: dynamic")
-        _ratio_map("fp8.clip", self.clip, str, 0.0, exclusive_low=True)
-        if self.clip_search and self.clip:
-            raise ValueError("fp8.clip: set either clip_search or per-Linear clip ratios, not both")
-
-
-@dataclass
-class IntStage:
-    """Shared fields of the INT weight-only quantizers (RTN, GPTQ, AWQ)."""
-
-    bits: int = 4
-    group_size: int = 128  # -1 = per output channel
-    symmetric: bool = True
-
-    def __post_init__(self) -> None:
-        _choice(f"{self.name}.bits", self.bits, (2, 3, 4, 8))
-        _choice(f"{self.name}.group_size", self.group_size, (-1, 32, 64, 128))
-        if not isinstance(self.symmetric, bool):
-            raise ValueError(f"{self.name}.symmetric: must be true or false")
-
-    name = "int"
-
-
-@dataclass
-class ClippedIntStage(IntStage):
-    """INT quantizers whose weight range can be clipped per Linear: fixed ratios (`clip`, full Linear name -> ratio;
-    absent = 1.0) or chosen by each Linear's output error on calibration inputs (`clip_search`, scale search)."""
-
-    clip: dict = field(default_factory=dict)
-    clip_search: bool = False
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        _ratio_map(f"{self.name}.clip", self.clip, str, 0.0, exclusive_low=True)
-        if self.clip_search and self.clip:
-            raise ValueError(f"{self.name}.clip: set either clip_search or per-Linear clip ratios, not both")
-
-
-@dataclass
-class RTNStage(ClippedIntStage):
-    name = "rtn"
-
-
-@dataclass
-class GPTQStage(ClippedIntStage):
-    actorder: str = "static"  # static | group | none
-    dampening_frac: float = 0.01
-    block_size: int = 128
-    name = "gptq"
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        _choice("gptq.actorder", self.actorder, ("static", "group", "none"))
-        if not 0.0 <= self.dampening_frac < 1.0:
-            raise ValueError(f"gptq.dampening_frac: must be in [0, 1), got {self.dampening_frac}")
-
-
-@dataclass
-class AWQStage(IntStage):
-    symmetric: bool = False
-    n_grid: int = 20
-    clip: bool = True
-    norm_mappings: bool = True  # input_layernorm -> q/k/v (measured on Qwen3, see benchmarks)
-    name = "awq"
-
-
-@dataclass
-class MixedPrecisionStage:
-    """Keep whole vLLM fused groups (q/k/v, o, gate/up, down of a layer) in the source dtype.
-
-    `keep_sensitive`: N (the N most sensitive groups, measured with qwenquant.sensitivity on the first
-    `sensitivity_samples` calibration windows), "auto" (the fewest, at most `max_keep`, meeting
-    eval.max_ppl_increase_pct), or null. `keep`: the resolved full Linear names; when set nothing is measured.
-    """
-
-    keep_sensitive: int | str | None = None
-    keep: list[str] | None = None
-    max_keep: int = 8
-    sensitivity_samples: int = 8
-
-    def __post_init__(self) -> None:
-        ks = self.keep_sensitive
-        if ks is not None and ks != "auto" and (not isinstance(ks, int) or isinstance(ks, bool) or ks < 0):
-            raise ValueError(f"mixed_precision.keep_sensitive: {ks!r} is not allowed; use a count >= 0, auto or null")
-        if self.keep is not None:
-            if not isinstance(self.keep, list) or not all(isinstance(n, str) and n for n in self.keep):
-                raise ValueError("mixed_precision.keep: must be a list of module names")
-            if len(set(self.keep)) != len(self.keep):
-                raise ValueError("mixed_precision.keep: lists a module twice")
-        if ks is None and self.keep is None:
-            raise ValueError("mixed_precision: set keep_sensitive (N or auto) or keep (module names)")
-        _positive("mixed_precision.max_keep", self.max_keep)
-        _positive("mixed_precision.sensitivity_samples", self.sensitivity_samples)
-
-
-COMPENSATE_TARGETS = ("layer", "float")
-
-
-@dataclass
-class CompensateStage:
-    """Error-compensation fine-tuning after the quantizer (qwenquant/compensation.py): per decoder layer, tune the
-    weight scales, INT rounding offsets (`rounding`) and norm weights (`norms`; `qk_norms` adds q_norm/k_norm)
-    with `steps` signed-gradient steps of size `lr` (decaying linearly) so the quantized layer's output matches the
-    unquantized one on the first `samples` calibration samples, `batch_size` samples per step."""
-
-    steps: int = 40  # defaults sized for about a minute on qwen3-mini (6 layers) on 2 CPU cores
-    lr: float = 0.005  # rounding offsets, in grid steps; scales and norms move RELATIVE_LR_RATIO of it (relative)
-    samples: int = 16
-    batch_size: int = 1
-    rounding: bool = True
-    norms: bool = True
-    qk_norms: bool = False
-    # what the quantized layer is fitted to: "float" = the unquantized model's own layer output (the float path's
-    # inputs, so the fit also absorbs error accumulated in earlier layers); "layer" = the unquantized layer applied
-    # to the quantized path's inputs (this layer's own quantization error only)
-    target: str = "float"
-
-    def __post_init__(self) -> None:
-        if self.target not in COMPENSATE_TARGETS:
-            raise ValueError(f"compensate.target: must be one of {', '.join(COMPENSATE_TARGETS)}, got {self.target!r}")
-        _positive("compensate.steps", self.steps)
-        _positive("compensate.samples", self.samples)
-        _positive("compensate.batch_size", self.batch_size)
-        if not isinstance(self.lr, (int, float)) or isinstance(self.lr, bool) or not 0.0 < self.lr <= 1.0:
-            raise ValueError(f"compensate.lr: must be a number in (0, 1], got {self.lr!r}")
-        for key in ("rounding", "norms", "qk_norms"):
-            if not isinstance(getattr(self, key), bool):
-                raise ValueError(f"compensate.{key}: must be true or false")
-
-
-STAGE_TYPES: dict[str, type] = {
-    "smooth": SmoothStage,
-    "fp8": FP8Stage,
-    "rtn": RTNStage,
-    "gptq": GPTQStage,
-    "awq": AWQStage,
-    "mixed_precision": MixedPrecisionStage,
-    "compensate": CompensateStage,
-}
-QUANTIZER_STAGES = ("fp8", "rtn", "gptq", "awq")
-EXPORT_FORMATS = ("compressed-tensors", "hf-fp8", "gptq", "awq")
 
 
 @dataclass
@@ -281,8 +71,8 @@ class ExportConfig:
     max_shard_size_mb: int = 4096
 
     def __post_init__(self) -> None:
-        _choice("export.format", self.format, EXPORT_FORMATS)
-        _positive("export.max_shard_size_mb", self.max_shard_size_mb)
+        choice("export.format", self.format, EXPORT_FORMATS)
+        positive("export.max_shard_size_mb", self.max_shard_size_mb)
 
 
 @dataclass
@@ -302,14 +92,14 @@ class EvalConfig:
     min_task_recovery_pct: float | None = None  # quality gate: every task keeps >= this % of the source accuracy
 
     def __post_init__(self) -> None:
-        _positive("eval.window", self.window)
-        _positive("eval.kl_tokens", self.kl_tokens)
+        positive("eval.window", self.window)
+        positive("eval.kl_tokens", self.kl_tokens)
         if self.max_windows is not None:
-            _positive("eval.max_windows", self.max_windows)
+            positive("eval.max_windows", self.max_windows)
         if self.min_task_recovery_pct is not None and not self.tasks:
             raise ValueError("eval.min_task_recovery_pct: needs eval.tasks (--tasks)")
         if self.task_limit is not None:
-            _positive("eval.task_limit", self.task_limit)
+            positive("eval.task_limit", self.task_limit)
         if not isinstance(self.tasks, list) or not all(isinstance(t, str) and t for t in self.tasks):
             raise ValueError("eval.tasks: must be a list of task names")
         if self.max_ppl_increase_pct is not None and not self.perplexity:
@@ -333,58 +123,49 @@ class Recipe:
             raise ValueError(f"version: recipe version {self.version} is not supported; this qwenquant reads {RECIPE_VERSION}")
         if not (self.device in ("auto", "cpu", "cuda") or str(self.device).startswith("cuda:")):
             raise ValueError(f"device: {self.device!r} is not allowed; use auto, cpu, cuda or cuda:N")
-        names = [stage_name(s) for s in self.stages]
-        quantizers = [n for n in names if n in QUANTIZER_STAGES]
+        specs = [spec_of(s) for s in self.stages]
+        names = [spec.name for spec in specs]
+        quantizers = [n for n in names if n in QUANTIZERS]
         if len(quantizers) != 1:
-            raise ValueError(f"stages: need exactly one quantizer stage ({', '.join(QUANTIZER_STAGES)}), got {quantizers or 'none'}")
-        if "smooth" in names and names.index("smooth") > names.index(quantizers[0]):
-            raise ValueError("stages: smooth must come before the quantizer")
-        if "compensate" in names and (names.index("compensate") < names.index(quantizers[0]) or names.count("compensate") > 1):
-            raise ValueError("stages: compensate must come after the quantizer, once")
-        smooth = self.stage("smooth")
-        if smooth is not None and smooth.alpha_search and quantizers[0] != "fp8":
-            raise ValueError("stages: smooth.alpha_search measures FP8 quantization error; it needs the fp8 quantizer")
-        if "mixed_precision" in names:
-            if names.index("mixed_precision") != 0 or names.count("mixed_precision") > 1:
-                raise ValueError("stages: mixed_precision must be the first stage, once")
-            if self.stage("mixed_precision").keep_sensitive == "auto" and self.eval.max_ppl_increase_pct is None:
-                raise ValueError("stages: mixed_precision keep_sensitive auto needs eval.max_ppl_increase_pct "
-                                 "(--max-ppl-increase)")
-        q = quantizers[0]
-        fmt = self.export.format
-        if q == "fp8" and fmt not in ("compressed-tensors", "hf-fp8"):
-            raise ValueError(f"export.format: {fmt} stores INT weights; FP8 exports to compressed-tensors or hf-fp8")
-        if q != "fp8" and fmt == "hf-fp8":
-            raise ValueError("export.format: hf-fp8 stores FP8 weights; INT runs export to compressed-tensors, gptq or awq")
-        if q in ("rtn", "gptq", "awq"):
-            self._check_int_format(self.stage(q), fmt)
-        if fmt == "hf-fp8":
-            fp8 = self.stage("fp8")
-            if fp8.weights != "block" or fp8.activations != "dynamic":
-                raise ValueError("export.format: hf-fp8 (Qwen's layout) needs fp8.weights: block and fp8.activations: dynamic")
-
-    @staticmethod
-    def _check_int_format(stage, fmt: str) -> None:
-        """Refuse layouts a format cannot store (see docs/formats.md)."""
-        actorder = getattr(stage, "actorder", "none")
-        if fmt == "compressed-tensors" and actorder == "group":
-            raise ValueError("export.format: compressed-tensors (>= 0.13) cannot store act-order 'group' (g_idx); "
-                             "use actorder static or format gptq")
-        if fmt == "awq":
-            if actorder == "group":
-                raise ValueError("export.format: awq cannot store act-order 'group'; use actorder static/none or format gptq")
-            if stage.bits != 4:
-                raise ValueError(f"export.format: awq stores 4-bit weights only, got bits {stage.bits}; "
-                                 "use bits 4 or format compressed-tensors")
-        if fmt == "gptq" and stage.bits not in (2, 4, 8):
-            raise ValueError(f"export.format: gptq packs 2, 4 or 8 bits, got bits {stage.bits}; use compressed-tensors")
+            raise ValueError(f"stages: need exactly one quantizer stage ({', '.join(QUANTIZERS)}), got {quantizers or 'none'}")
+        q = names.index(quantizers[0])
+        for i, spec in enumerate(specs):
+            if spec.role == "transform" and i > q:
+                raise ValueError(f"stages: {spec.name} must come before the quantizer")
+            if spec.role == "refine" and (i < q or names.count(spec.name) > 1):
+                raise ValueError(f"stages: {spec.name} must come after the quantizer, once")
+            if spec.role == "plan" and (i != 0 or names.count(spec.name) > 1):
+                raise ValueError(f"stages: {spec.name} must be the first stage, once")
+            spec.check(self.stages[i], quantizers[0])
+        mixed = self.stage("mixed_precision")
+        if mixed is not None and mixed.keep_sensitive == "auto" and self.eval.max_ppl_increase_pct is None:
+            raise ValueError("stages: mixed_precision keep_sensitive auto needs eval.max_ppl_increase_pct "
+                             "(--max-ppl-increase)")
+        fmt = FORMATS[self.export.format]
+        kind = STAGES[quantizers[0]].record_kind
+        if kind not in fmt.stores:
+            stored = "INT" if fmt.stores == ("int",) else "FP8"
+            other = ("FP8 exports to compressed-tensors or hf-fp8" if kind == "fp8"
+                     else "INT runs export to compressed-tensors, gptq or awq")
+            raise ValueError(f"export.format: {fmt.name} stores {stored} weights; {other}")
+        fmt.check_stage(kind, self.stage(quantizers[0]))
 
     def stage(self, name: str):
         return next((s for s in self.stages if stage_name(s) == name), None)
 
     @property
     def quantizer(self) -> str:
-        return next(stage_name(s) for s in self.stages if stage_name(s) in QUANTIZER_STAGES)
+        """The name of the recipe's quantizer stage."""
+        return next(stage_name(s) for s in self.stages if stage_name(s) in QUANTIZERS)
+
+    @property
+    def quantizer_config(self):
+        return self.stage(self.quantizer)
+
+    @property
+    def record_kind(self) -> str:
+        """The kind of QuantizedWeight the quantizer makes (fp8 | int)."""
+        return STAGES[self.quantizer].record_kind
 
     def to_dict(self) -> dict:
         return {
@@ -399,13 +180,6 @@ class Recipe:
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
-
-
-def stage_name(stage) -> str:
-    for name, cls in STAGE_TYPES.items():
-        if type(stage) is cls:
-            return name
-    raise TypeError(f"not a stage: {stage!r}")
 
 
 def _build(cls: type, data: Any, where: str):
@@ -433,10 +207,10 @@ def recipe_from_dict(data: dict) -> Recipe:
         if not isinstance(entry, dict) or len(entry) != 1:
             raise ValueError(f"stages[{i}]: each stage is a one-key mapping like '- fp8: {{...}}'")
         (name, body), = entry.items()
-        if name not in STAGE_TYPES:
-            raise ValueError(f"stages[{i}].{name}: unknown stage; allowed: {', '.join(STAGE_TYPES)}")
+        if name not in STAGES:
+            raise ValueError(f"stages[{i}].{name}: unknown stage; allowed: {', '.join(STAGES)}")
         try:
-            stages.append(_build(STAGE_TYPES[name], body, f"stages[{i}].{name}"))
+            stages.append(_build(STAGES[name].config, body, f"stages[{i}].{name}"))
         except ValueError as err:  # a stage names its own keys "fp8.weights": add where it sits
             msg = str(err)
             raise ValueError(msg if msg.startswith("stages[") else f"stages[{i}].{msg}") from err
@@ -453,8 +227,6 @@ def recipe_from_dict(data: dict) -> Recipe:
 
 def _line_of(node: yaml.Node, path: str) -> int | None:
     """1-based line of a dotted key path like `stages[1].fp8.weights` in a composed YAML tree."""
-    import re
-
     parts = [p for p in re.split(r"\.|\[(\d+)\]", path) if p]
     line = node.start_mark.line + 1
     for part in parts:

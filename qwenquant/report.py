@@ -10,32 +10,11 @@ gates [{gate, limit, measured, passed, description}], model.files_sha256 {file: 
 
 from __future__ import annotations
 
-import json
-import platform
-import sys
-import time
 from pathlib import Path
 
+from qwenquant.reporting import environment_versions, report_header, write_atomic, write_json
+
 REPORT_SCHEMA_VERSION = 1
-
-
-def _versions() -> dict:
-    import torch
-    import transformers
-
-    try:
-        import compressed_tensors
-
-        ct = compressed_tensors.__version__
-    except Exception:  # optional at report time
-        ct = None
-    return {
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "compressed_tensors": ct,
-        "python": sys.version.split()[0],
-        "platform": platform.platform(),
-    }
 
 
 def build_report(*, recipe, resolved, command, version, calib_hash, calib_tokens, eval_desc, src_ppl, q_ppl, kl, state,
@@ -46,11 +25,7 @@ def build_report(*, recipe, resolved, command, version, calib_hash, calib_tokens
         evaluation["quantized"] = q_ppl.to_dict()
         evaluation["delta_ppl_pct"] = 100.0 * (q_ppl.perplexity / src_ppl.perplexity - 1.0)
     evaluation["kl_vs_source"] = kl
-    return {
-        "schema_version": REPORT_SCHEMA_VERSION,
-        "qwenquant_version": version,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
-        "command": command,
+    return report_header(REPORT_SCHEMA_VERSION, command=command, started=started, version=version) | {
         "model": {
             "reference": resolved.reference,
             "repo_id": resolved.repo_id,
@@ -67,7 +42,7 @@ def build_report(*, recipe, resolved, command, version, calib_hash, calib_tokens
         "memory": {"peak_host_bytes": peak_host, "peak_device_bytes": state.peak_device_bytes, "device": str(device)},
         "timings_s": timings,
         "layers": state.layer_reports,
-        "environment": _versions(),
+        "environment": environment_versions(),
     }
 
 
@@ -210,7 +185,7 @@ def _layer_table(layers: list[dict]) -> list[str]:
 
 
 def _compensation_section(r: dict) -> list[str]:
-    """Per-layer output error before/after error compensation (layers[i]["compensate"], qwenquant/compensation.py)."""
+    """Per-layer output error before/after error compensation (layers[i]["compensate"], qwenquant/stages/compensate.py)."""
     rows = [(rep["layer"], rep["compensate"]) for rep in r["layers"] if isinstance(rep.get("compensate"), dict)]
     if not rows:
         return []
@@ -269,8 +244,8 @@ def _moe_routing_section(layers: list[dict]) -> list[str]:
 
 
 def write_report(folder: Path, report: dict) -> None:
-    (Path(folder) / "qwenquant_report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (Path(folder) / "REPORT.md").write_text(render_markdown(report))
+    write_json(Path(folder) / "qwenquant_report.json", report)
+    write_atomic(Path(folder) / "REPORT.md", render_markdown(report))
 
 
 def summary(report: dict) -> dict:

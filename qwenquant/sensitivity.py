@@ -20,7 +20,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from qwenquant.model.qwen3 import ArchAdapter
-from qwenquant.pipeline import ActivationSpec, activation_quantization
+from qwenquant.activations import activation_quantization
+from qwenquant.stages.fp8 import FP8Stage
+from qwenquant.state import ActivationSpec
 from qwenquant.quant import fp8 as fp8q
 from qwenquant.quant import intq
 from qwenquant.quant.sensitivity import output_error_terms, rank_by_sensitivity, relative_error, spearman
@@ -91,8 +93,6 @@ def scheme_from_name(name: str, group_size: int = 128) -> UnitScheme:
 def scheme_for_stage(stage) -> UnitScheme:
     """The RTN-style scheme that stands in for a recipe quantizer stage: GPTQ/AWQ are ranked with RTN of the same
     grid, FP8 static activations with dynamic per-token ones (no calibrated scales exist before the run)."""
-    from qwenquant.recipe import FP8Stage
-
     if isinstance(stage, FP8Stage):
         acts = {"dynamic": "group" if stage.weights == "block" else "token", "static": "token", "none": "none"}
         return UnitScheme("fp8", stage.weights, stage.block_size, acts[stage.activations])

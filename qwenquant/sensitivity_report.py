@@ -11,14 +11,13 @@ source_nll_per_seed, timings_s, files.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
 import time
 from pathlib import Path
 
 from qwenquant.errors import BadInputError
 from qwenquant.quant.sensitivity import rank_by_sensitivity, spearman
+from qwenquant.reporting import json_text, report_header, staged_files
 from qwenquant.sensitivity import LEVELS, SensitivityResult
 
 SCHEMA_VERSION = 1
@@ -62,11 +61,7 @@ def build_sensitivity_report(results: dict[int, SensitivityResult], *, model: di
             corr["seeds_proxy"][key] = spearman([u["proxy_per_seed"][str(seeds[0])] for u in rows],
                                                 [u["proxy_per_seed"][str(s)] for u in rows])
         correlation[level] = corr
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "qwenquant_version": version,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
-        "command": command,
+    return report_header(SCHEMA_VERSION, command=command, started=started, version=version) | {
         "model": model,
         "scheme": {"label": first.scheme.label} | dataclasses.asdict(first.scheme),
         "calibration": calibration | {"seeds": seeds, "tokens_per_seed": first.tokens},
@@ -166,24 +161,20 @@ def write_sensitivity_report(folder: Path, report: dict) -> list[Path]:
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise BadInputError(f"--out {folder}: is a file; choose a folder path")
-    staged = {key: folder / f".partial-{os.getpid()}-{name}" for key, name in FILES.items()}
+    paths = [folder / FILES[key] for key in ("json", "markdown", "plot")]
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        staged["json"].write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-        staged["markdown"].write_text(render_markdown(report), encoding="utf-8")
-        plot_sensitivity(report, staged["plot"])
-        for key, name in FILES.items():
-            os.replace(staged[key], folder / name)
+        with staged_files(*paths) as (json_tmp, md_tmp, plot_tmp):
+            json_tmp.write_text(json_text(report), encoding="utf-8")
+            md_tmp.write_text(render_markdown(report), encoding="utf-8")
+            plot_sensitivity(report, plot_tmp)
     except OSError as err:
         raise BadInputError(f"--out {folder}: cannot write the report ({err.strerror or err})") from err
-    finally:
-        for path in staged.values():
-            path.unlink(missing_ok=True)
-    return [folder / name for name in FILES.values()]
+    return paths
 
 
 def render_mixed_precision(mp: dict) -> list[str]:
-    """REPORT.md lines for a run's `mixed_precision` section (qwenquant.mixed_precision)."""
+    """REPORT.md lines for a run's `mixed_precision` section (qwenquant/runner/mixed.py)."""
     groups = mp.get("kept_groups") or []
     lines = ["", "## Mixed precision", "",
              f"Kept in the source dtype (listed in `ignore`): {', '.join(f'`{g}`' for g in groups) if groups else 'none'} "

@@ -85,7 +85,8 @@ def test_unsupported_group_size(quant, cmd) -> None:
     ("gptq", ("--dampening", "1.5"), ("dampening", "[0, 1)", "1.5")),
     ("gptq", ("--act-order", "foo"), ("--act-order", "foo", "static")),
     ("awq", ("--format", "gguf"), ("--format", "gguf", "compressed-tensors")),
-    ("rtn", ("--calib", "x.txt"), ("--calib",)),  # rtn takes no calibration data
+    # rtn takes calibration flags for its data-dependent options (scale search, compensation, keep-sensitive)
+    ("rtn", ("--scale-search", "--calib", "x.txt"), ("x.txt", "does not exist")),
 ])
 def test_bad_int_flags(quant, cmd, flags, words) -> None:
     assert_fails(quant(cmd, *flags), 2, *words)

@@ -29,8 +29,9 @@ SHAPES = {  # (N, K)
 LAYERS = 2
 LINEARS = [f"model.layers.{i}.{n}" for i in range(LAYERS) for n in SHAPES]
 TRANSFORMERS = "transformers.AutoModelForCausalLM"
-SPEC_READER = {"compressed-tensors": "qwenquant.export.ct_packed.read_linear",
-               "gptq": "qwenquant.export.gptq_v1.read_linear", "awq": "qwenquant.export.awq_gemm.read_linear"}
+SPEC_READER = {"compressed-tensors": "qwenquant spec reader for compressed-tensors (qwenquant.export.compressed_tensors)",
+               "gptq": "qwenquant spec reader for gptq (qwenquant.export.gptq_v1)",
+               "awq": "qwenquant spec reader for awq (qwenquant.export.awq_gemm)"}
 READERS = {"compressed-tensors": ct_packed, "gptq": gptq_v1, "awq": awq_gemm}
 
 

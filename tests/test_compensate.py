@@ -13,13 +13,16 @@ from safetensors import safe_open
 
 from qwenquant.calibration import load_calibration
 from qwenquant.model.loader import load_model, resolve_model
-from qwenquant.pipeline import QuantState, run_sequential
+from qwenquant.state import QuantState
+from qwenquant.pipeline import run_sequential
 from qwenquant.quant import compensate as cq
 from qwenquant.quant import fp8 as fp8q
 from qwenquant.quant import gptq as gptqq
 from qwenquant.quant import intq
-from qwenquant.recipe import CompensateStage, FP8Stage, Recipe, RTNStage, recipe_from_dict, stage_name
-from qwenquant.stages import compensate_layer, fp8_layer, rtn_layer
+from qwenquant.stages.compensate import CompensateStage
+from qwenquant.stages.fp8 import FP8Stage
+from qwenquant.recipe import Recipe, recipe_from_dict
+from qwenquant.stages.rtn import RTNStage
 
 CPU = torch.device("cpu")
 
@@ -41,7 +44,8 @@ def test_straight_through_rounding_forward_rounds_backward_is_identity() -> None
 def test_activation_quantization_can_pass_gradients_straight_through() -> None:
     """The compensate stage simulates the engine's FP8 input quantization and still needs d(loss)/d(input), e.g. for
     the norm weights in front of a Linear."""
-    from qwenquant.pipeline import ActivationSpec, activation_quantization
+    from qwenquant.state import ActivationSpec
+    from qwenquant.activations import activation_quantization
 
     torch.manual_seed(0)
     lin = torch.nn.Linear(16, 4, bias=False)
@@ -162,14 +166,12 @@ def tiny(tiny_qwen3):
     return model, resolved.adapter, load_calibration("builtin:en", tokenizer, 8, 64, 0)
 
 
-def _run(tiny, quantizer, cfg, stage_fn=None):
+def _run(tiny, quantizer, cfg):
     import copy
 
     model, adapter, calib = tiny
     model = copy.deepcopy(model)
-    stages = [(stage_name(quantizer), partial(stage_fn or rtn_layer, cfg=quantizer))]
-    if cfg is not None:
-        stages.append(("compensate", partial(compensate_layer, cfg=cfg)))
+    stages = [quantizer] + ([cfg] if cfg is not None else [])
     state = run_sequential(model, adapter, calib, stages, CPU, QuantState())
     return model, state
 
@@ -195,8 +197,7 @@ def test_compensation_lowers_each_layers_output_error_and_records_match_the_live
 
 
 def test_fp8_per_tensor_scales_stay_shared_within_fused_groups(tiny) -> None:
-    _, state = _run(tiny, FP8Stage(weights="tensor", activations="static"), CompensateStage(steps=10, lr=0.05, samples=2),
-                    stage_fn=fp8_layer)
+    _, state = _run(tiny, FP8Stage(weights="tensor", activations="static"), CompensateStage(steps=10, lr=0.05, samples=2))
     for i in range(2):
         for group in (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")):
             mod = "self_attn" if group[0] == "q_proj" else "mlp"

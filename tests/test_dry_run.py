@@ -1,8 +1,8 @@
-"""`--dry-run` on the quantize commands (qwenquant/estimate.py, qwenquant/probe.py), in process on the tiny random
-Qwen3: it prints an estimate and writes nothing, `--json` has the documented keys, the output size it predicts
-matches the checkpoint a real run writes (fp8 and W4A16 in each INT format), a run that cannot fit exits 5 with one
-line, and a bad model fails as it does without --dry-run. Most tests replace the few-second speed probe with fixed
-rates (sizes and memory do not depend on it); one runs the real probe."""
+"""`--dry-run` on the quantize commands (qwenquant/estimate/), in process on the tiny random Qwen3: it prints an
+estimate and writes nothing, `--json` has the documented keys, the output size it predicts matches the checkpoint a
+real run writes (fp8 and W4A16 in each INT format), a run that cannot fit exits 5 with one line, and a bad model
+fails as it does without --dry-run. Most tests replace the few-second speed probe with fixed rates (sizes and memory
+do not depend on it); one runs the real probe."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import qwenquant.estimate as estimate
-import qwenquant.probe as probe_mod
+import qwenquant.estimate.probe as probe_mod
 
 JSON_KEYS = {"ok", "dry_run", "model", "recipe", "run", "sizes", "memory", "disk", "timings_s", "fits", "reasons",
              "notes", "probe"}
@@ -193,7 +193,8 @@ def test_recipe_file_dry_run(cli, tiny_qwen3, tmp_path, quick_probe) -> None:
 
 def test_kl_statistics_dominate_large_vocabularies() -> None:
     """Pure model: at Qwen3's vocabulary the float32 KL temporaries (5 x tokens x vocab x 4 B) set the peak."""
-    from qwenquant.recipe import FP8Stage, ModelConfig, Recipe
+    from qwenquant.stages.fp8 import FP8Stage
+    from qwenquant.recipe import ModelConfig, Recipe
 
     recipe = Recipe(model=ModelConfig(id="x"), stages=[FP8Stage()])
     n_layers, hidden, inter, vocab = 28, 1024, 3072, 151936

@@ -16,20 +16,15 @@ import yaml
 from safetensors import safe_open
 
 from qwenquant.calibration import load_calibration
-from qwenquant.errors import BadInputError
 from qwenquant.model.loader import load_model, resolve_model
-from qwenquant.pipeline import QuantState, run_sequential
-from qwenquant.recipe import (
-    EvalConfig,
-    FP8Stage,
-    GPTQStage,
-    MixedPrecisionStage,
-    Recipe,
-    RTNStage,
-    load_recipe,
-    recipe_from_dict,
-)
-from qwenquant.stages import build_stages
+from qwenquant.state import QuantState
+from qwenquant.pipeline import run_sequential
+from qwenquant.recipe import EvalConfig, Recipe, load_recipe, recipe_from_dict
+from qwenquant.stages.fp8 import FP8Stage
+from qwenquant.stages.gptq import GPTQStage
+from qwenquant.stages.mixed_precision import MixedPrecisionStage
+from qwenquant.stages.rtn import RTNStage
+
 
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
            "mlp.up_proj", "mlp.down_proj")
@@ -228,7 +223,7 @@ def test_stages_skip_kept_linears(tiny, quantizer) -> None:
     keep = [*GROUPS[1], *GROUPS[6]]  # layer 0 o_proj, layer 1 gate/up
     model = copy.deepcopy(source)
     recipe = Recipe(stages=[MixedPrecisionStage(keep=keep), quantizer])
-    state = run_sequential(model, adapter, calib, build_stages(recipe), torch.device("cpu"), QuantState())
+    state = run_sequential(model, adapter, calib, recipe.stages, torch.device("cpu"), QuantState())
     assert sorted(state.records) == sorted(set(ALL) - set(keep))
     assert not set(state.activations) & set(keep)
     assert state.layer_reports[0]["mixed_precision"] == {"kept": ["self_attn.o_proj"]}
@@ -242,8 +237,9 @@ def test_unresolved_stage_is_refused_by_the_pipeline(tiny) -> None:
 
     source, adapter, calib = tiny
     recipe = Recipe(stages=[MixedPrecisionStage(keep_sensitive=1), RTNStage()])
-    with pytest.raises(BadInputError, match="not resolved"):
-        run_sequential(copy.deepcopy(source), adapter, calib, build_stages(recipe), torch.device("cpu"), QuantState())
+    # calling the loop without the mixed-precision driver is a caller's bug, not bad input: no exit-2 mapping
+    with pytest.raises(ValueError, match="not resolved"):
+        run_sequential(copy.deepcopy(source), adapter, calib, recipe.stages, torch.device("cpu"), QuantState())
 
 
 @pytest.mark.parametrize("cmd, key", [("gptq", "dynamic"), ("awq", "modules_to_not_convert")])

@@ -124,7 +124,7 @@ def test_every_expert_observed_but_output_unchanged(tiny_moe) -> None:
 
 
 def test_adapter_layers_shapes_and_groups(tiny_moe) -> None:
-    from qwenquant.mixed_precision import all_groups
+    from qwenquant.runner.mixed import all_groups
 
     config = json.loads((tiny_moe / "config.json").read_text())
     assert config["architectures"] == ["Qwen3MoeForCausalLM"]
@@ -141,7 +141,7 @@ def test_adapter_layers_shapes_and_groups(tiny_moe) -> None:
     assert shapes["mlp.experts.*.down_proj"] == (128, 64) and shapes["mlp.gate_proj"] == (256, 128)
     groups = all_groups(QWEN3_MOE, 3, config)
     assert tuple(f"model.layers.2.{n}" for n in experts) in groups and ("model.layers.1.mlp.down_proj",) in groups
-    from qwenquant.stages import observation_waves  # GPTQ: one forward observes every expert's down_proj
+    from qwenquant.stages.gptq import observation_waves  # GPTQ: one forward observes every expert's down_proj
 
     waves = observation_waves(sparse)
     assert [len(w) for w in waves] == [1, 1, 1, EXPERTS]
@@ -154,9 +154,10 @@ def test_smoothing_keeps_the_function(tiny_moe) -> None:
     the layer's output and routing are unchanged."""
     from transformers import AutoModelForCausalLM
 
-    from qwenquant.pipeline import ActivationCache, LayerContext, QuantState
-    from qwenquant.recipe import SmoothStage
-    from qwenquant.stages import smooth_layer
+    from qwenquant.activations import ActivationCache
+    from qwenquant.stages.context import LayerContext
+    from qwenquant.state import QuantState
+    from qwenquant.stages.smooth import SmoothStage, smooth_layer
 
     model = AutoModelForCausalLM.from_pretrained(tiny_moe, dtype=torch.float32).eval()
     unfuse_experts(model, QWEN3_MOE)

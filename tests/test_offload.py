@@ -98,7 +98,8 @@ def test_layerwise_evaluation_equals_the_full_model(tiny_qwen3, tmp_path) -> Non
     from qwenquant.eval.perplexity import next_token_logprobs, perplexity
     from qwenquant.model.loader import load_model, resolve_model
     from qwenquant.model.offload import load_offloaded
-    from qwenquant.pipeline import ActivationSpec, activation_quantization
+    from qwenquant.state import ActivationSpec
+    from qwenquant.activations import activation_quantization
 
     resolved = resolve_model(str(tiny_qwen3))
     full, _ = load_model(resolved)

@@ -6,17 +6,19 @@ inputs have outlier channels, and AWQ's `norm_mappings: false` leaves input_laye
 from __future__ import annotations
 
 import copy
-from functools import partial
 
 import pytest
 import torch
 
 from qwenquant.calibration import load_calibration
 from qwenquant.model.loader import load_model, resolve_model
-from qwenquant.pipeline import QuantState, capture_layer0_inputs, run_sequential
+from qwenquant.state import QuantState
+from qwenquant.activations import capture_layer0_inputs
+from qwenquant.pipeline import run_sequential
 from qwenquant.quant import gptq as gptqq
-from qwenquant.recipe import AWQStage, GPTQStage, RTNStage
-from qwenquant.stages import awq_layer, gptq_layer, rtn_layer
+from qwenquant.stages.awq import AWQStage
+from qwenquant.stages.gptq import GPTQStage
+from qwenquant.stages.rtn import RTNStage
 
 CPU = torch.device("cpu")
 OUTLIER_DIMS = [3, 17, 77, 100]  # hidden dims of the embedding table scaled up (activation outliers)
@@ -42,9 +44,9 @@ def with_outliers(model):
     return m
 
 
-def quantize(model, adapter, ids, name: str, stage_fn, cfg) -> QuantState:
+def quantize(model, adapter, ids, cfg) -> QuantState:
     state = QuantState()
-    run_sequential(model, adapter, ids, [(name, partial(stage_fn, cfg=cfg))], CPU, state)
+    run_sequential(model, adapter, ids, [cfg], CPU, state)
     return state
 
 
@@ -99,7 +101,7 @@ def test_gptq_is_true_sequential(tiny, monkeypatch) -> None:
         return real(Ws, H, config, scale_dtype, **kwargs)
 
     monkeypatch.setattr(gptqq, "quantize_weights_shared", spy)
-    state = quantize(model, adapter, calib, "gptq", gptq_layer, GPTQStage(bits=4, group_size=128))
+    state = quantize(model, adapter, calib, GPTQStage(bits=4, group_size=128))
 
     order = [n for g in adapter.sequential_groups for n in g]
     assert len(seen) == 2 * len(order)
@@ -151,8 +153,8 @@ def test_gptq_beats_rtn_with_outlier_channels(tiny) -> None:
     source, adapter, calib, held_out = tiny
     src = with_outliers(source)
     rtn_model, gptq_model = copy.deepcopy(src), copy.deepcopy(src)
-    quantize(rtn_model, adapter, calib, "rtn", rtn_layer, RTNStage(bits=3, group_size=128))
-    quantize(gptq_model, adapter, calib, "gptq", gptq_layer, GPTQStage(bits=3, group_size=128))
+    quantize(rtn_model, adapter, calib, RTNStage(bits=3, group_size=128))
+    quantize(gptq_model, adapter, calib, GPTQStage(bits=3, group_size=128))
     rtn_err = layer0_branch_error(src, rtn_model, adapter, held_out)
     gptq_err = layer0_branch_error(src, gptq_model, adapter, held_out)
     assert 0 < gptq_err < 0.85 * rtn_err, (gptq_err, rtn_err)
@@ -164,8 +166,8 @@ def test_awq_beats_rtn_with_outlier_channels(tiny) -> None:
     source, adapter, calib, held_out = tiny
     src = with_outliers(source)
     rtn_model, awq_model = copy.deepcopy(src), copy.deepcopy(src)
-    quantize(rtn_model, adapter, calib, "rtn", rtn_layer, RTNStage(bits=3, group_size=128, symmetric=False))
-    state = quantize(awq_model, adapter, calib, "awq", awq_layer, AWQStage(bits=3, group_size=128))
+    quantize(rtn_model, adapter, calib, RTNStage(bits=3, group_size=128, symmetric=False))
+    state = quantize(awq_model, adapter, calib, AWQStage(bits=3, group_size=128))
     rtn_err = layer0_branch_error(src, rtn_model, adapter, held_out)
     awq_err = layer0_branch_error(src, awq_model, adapter, held_out)
     assert 0 < awq_err < 0.6 * rtn_err, (awq_err, rtn_err)
@@ -177,7 +179,7 @@ def test_awq_without_norm_mappings_skips_input_layernorm(tiny) -> None:
     source, adapter, calib, _ = tiny
     src = with_outliers(source)
     model = copy.deepcopy(src)
-    state = quantize(model, adapter, calib, "awq", awq_layer, AWQStage(bits=3, group_size=128, norm_mappings=False))
+    state = quantize(model, adapter, calib, AWQStage(bits=3, group_size=128, norm_mappings=False))
     for i in range(2):
         layer, before = model.model.layers[i], src.model.layers[i]
         assert torch.equal(layer.input_layernorm.weight, before.input_layernorm.weight)
@@ -193,13 +195,13 @@ def test_awq_without_norm_mappings_skips_input_layernorm(tiny) -> None:
                            src.model.layers[0].post_attention_layernorm.weight)
     # with the default (norm_mappings: true) the same run does fold into input_layernorm
     default = copy.deepcopy(src)
-    quantize(default, adapter, calib, "awq", awq_layer, AWQStage(bits=3, group_size=128))
+    quantize(default, adapter, calib, AWQStage(bits=3, group_size=128))
     assert not torch.equal(default.model.layers[0].input_layernorm.weight, src.model.layers[0].input_layernorm.weight)
 
 
 def test_observe_inputs_stops_each_forward_after_the_last_observed_linear(tiny) -> None:
     """Observing q_proj needs nothing after it: the MLP must not run, and the inputs seen equal a full forward's."""
-    from qwenquant.pipeline import LayerContext
+    from qwenquant.stages.context import LayerContext
 
     source, adapter, calib, _ = tiny
     model = copy.deepcopy(source)

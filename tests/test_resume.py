@@ -109,9 +109,10 @@ def test_finished_layers_records_leave_memory(tiny_qwen3, calib_txt, tmp_path) -
     from qwenquant.calibration import load_calibration
     from qwenquant.journal import Journal
     from qwenquant.model.loader import load_model, resolve_model
-    from qwenquant.pipeline import QuantState, run_sequential
-    from qwenquant.recipe import GPTQStage, Recipe, ModelConfig
-    from qwenquant.stages import build_stages
+    from qwenquant.state import QuantState
+    from qwenquant.pipeline import run_sequential
+    from qwenquant.stages.gptq import GPTQStage
+    from qwenquant.recipe import Recipe, ModelConfig
 
     resolved = resolve_model(str(tiny_qwen3))
     model, tok = load_model(resolved, "bfloat16")
@@ -128,7 +129,7 @@ def test_finished_layers_records_leave_memory(tiny_qwen3, calib_txt, tmp_path) -
         real(i, *args, **kwargs)
 
     journal.save_layer = spy
-    run_sequential(model, resolved.adapter, calib, build_stages(recipe), torch.device("cpu"), state, journal=journal)
+    run_sequential(model, resolved.adapter, calib, recipe.stages, torch.device("cpu"), state, journal=journal)
     assert seen_in_memory == [7, 7]  # one layer's Linears at a time
     assert len(journal.records._memory) == 0 and len(state.records) == 14
     for name in state.records:  # loaded back from the layer files, equal to the live (fake-quantized) weights

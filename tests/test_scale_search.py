@@ -14,7 +14,10 @@ from qwenquant.quant import fp8 as fp8q
 from qwenquant.quant import intq
 from qwenquant.quant import scale_search as ss
 from qwenquant.quant import smooth as sq
-from qwenquant.recipe import FP8Stage, Recipe, RTNStage, SmoothStage
+from qwenquant.stages.fp8 import FP8Stage
+from qwenquant.recipe import Recipe
+from qwenquant.stages.rtn import RTNStage
+from qwenquant.stages.smooth import SmoothStage
 
 
 def _int4(w: torch.Tensor, ratio: float) -> torch.Tensor:
@@ -176,7 +179,7 @@ def test_int_scale_search_lands_in_recipe_and_replays_identically(cli, tiny_args
 
 
 def test_int_recipe_validates_clip_fields() -> None:
-    from qwenquant.recipe import GPTQStage
+    from qwenquant.stages.gptq import GPTQStage
 
     with pytest.raises(ValueError, match="either clip_search or per-Linear clip"):
         GPTQStage(clip={"a": 0.9}, clip_search=True)

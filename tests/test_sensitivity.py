@@ -23,7 +23,8 @@ from qwenquant.sensitivity import (
     scheme_for_stage,
     scheme_from_name,
 )
-from qwenquant.recipe import FP8Stage, GPTQStage
+from qwenquant.stages.fp8 import FP8Stage
+from qwenquant.stages.gptq import GPTQStage
 
 CPU = torch.device("cpu")
 PER_LAYER = {"linear": 7, "group": 4, "block": 1}
@@ -138,10 +139,12 @@ def test_ranking_is_meaningful_on_qwen3_mini(mini_model) -> None:
     groups in the same direction (Spearman +0.57)."""
     import copy
 
-    from qwenquant.mixed_precision import all_groups
-    from qwenquant.pipeline import QuantState, run_sequential
-    from qwenquant.recipe import MixedPrecisionStage, Recipe, RTNStage
-    from qwenquant.stages import build_stages
+    from qwenquant.runner.mixed import all_groups
+    from qwenquant.state import QuantState
+    from qwenquant.pipeline import run_sequential
+    from qwenquant.stages.mixed_precision import MixedPrecisionStage
+    from qwenquant.recipe import Recipe
+    from qwenquant.stages.rtn import RTNStage
 
     resolved = resolve_model(str(mini_model))
     source, tokenizer = load_model(resolved)
@@ -158,6 +161,6 @@ def test_ranking_is_meaningful_on_qwen3_mini(mini_model) -> None:
     for which in (ranking[0], ranking[-1]):
         model = copy.deepcopy(source)
         recipe = Recipe(stages=[MixedPrecisionStage(keep=list(by_unit[which])), RTNStage(bits=3)])
-        run_sequential(model, adapter, calib, build_stages(recipe), CPU, QuantState())
+        run_sequential(model, adapter, calib, recipe.stages, CPU, QuantState())
         kl[which] = _compare_pass(model, held_out, CPU, src_logp)[0]
     assert kl[ranking[0]] < kl[ranking[-1]], kl

@@ -4,15 +4,16 @@ memory-budget context, the FP8 KV saving and the consumer-GPU projections, all a
 from __future__ import annotations
 
 import platform
-import time
 from dataclasses import asdict
 
 import torch
 
 from qwenquant.bench import bandwidth as bw
 from qwenquant.bench.memory import decode_read_bytes, max_context
+from qwenquant.bench.output import KIND, SCHEMA_VERSION
 from qwenquant.bench.timing import PREFILL_CHUNK, warmup_steps
 from qwenquant.kernels.kv_cache import kv_bytes_per_token
+from qwenquant.reporting import environment_versions, report_header
 
 CPU_NOTE = "CPU numbers are not GPU numbers: they exercise the code paths only and predict nothing about a GPU."
 
@@ -39,10 +40,6 @@ def _kv_saving(config, contexts: list[int], max_positions: int | None) -> dict:
 def build_document(loaded, settings, device: torch.device, points: list[dict], bandwidth: dict,
                    weights: tuple[int, int, str], load_s: float, command: str, started: float) -> dict:
     """Everything `qwenquant_bench.json` holds; `weights` = (exact tensor bytes, measured at load, measured kind)."""
-    from qwenquant import __version__
-    from qwenquant.bench.output import SCHEMA_VERSION
-    from qwenquant.report import _versions
-
     weight_exact, weights_measured, measured_kind = weights
     config = loaded.model.config.get_text_config()
     max_positions = getattr(config, "max_position_embeddings", None)
@@ -65,13 +62,8 @@ def build_document(loaded, settings, device: torch.device, points: list[dict], b
     if device.type == "cuda" and b1 and b1[0].get("fraction_of_bound"):
         efficiency = b1[0]["fraction_of_bound"]
     ctx = min(settings.contexts)
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "kind": "qwenquant_bench",
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
-        "command": command,
-        "qwenquant_version": __version__,
-        "environment": _versions(),
+    return report_header(SCHEMA_VERSION, kind=KIND, command=command, started=started) | {
+        "environment": environment_versions(),
         "device": device_info(device),
         "cpu_note": CPU_NOTE if device.type == "cpu" else None,
         "model": {"path": str(loaded.folder), "architecture": (loaded.model.config.architectures or [None])[0],

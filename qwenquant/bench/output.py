@@ -1,8 +1,8 @@
 """Bench output: `qwenquant_bench.json` (for machines), `BENCH.md` and PNG plots (for people), written atomically.
 
 `qwenquant_bench.json`, schema 1. Top-level keys:
-- schema_version (1), kind ("qwenquant_bench"), created (UTC), command, qwenquant_version,
-  environment {torch, transformers, compressed_tensors, python, platform}
+- schema_version (1), kind ("qwenquant_bench"), qwenquant_version, created (UTC), command (the header of
+  `qwenquant.reporting`), environment {torch, transformers, compressed_tensors, python, platform}
 - device {type: cpu|cuda, name, capability, memory_bytes, cuda | threads}; cpu_note: the sentence "CPU numbers are
   not GPU numbers ..." when measured on CPU, else null
 - model {path, architecture, num_layers, hidden_size, max_position_embeddings, format (bf16 | compressed-tensors |
@@ -30,14 +30,15 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
 from qwenquant.errors import BadInputError
 from qwenquant.export.writer import atomic_output_dir
+from qwenquant.reporting import read_json, write_atomic, write_json
 
 SCHEMA_VERSION = 1
+KIND = "qwenquant_bench"
 JSON_NAME = "qwenquant_bench.json"
 MD_NAME = "BENCH.md"
 PLOTS = ("tokens_per_s_vs_batch.png", "memory_vs_context.png")
@@ -168,8 +169,8 @@ def write_plots(r: dict, folder: Path) -> list[str]:
 def _write_files(r: dict, folder: Path) -> None:
     r["plots"] = write_plots(r, folder)
     public = {k: v for k, v in r.items() if not k.startswith("_")}  # "_generated": tokens, for tests only
-    (folder / JSON_NAME).write_text(json.dumps(public, indent=2, default=str) + "\n", encoding="utf-8")
-    (folder / MD_NAME).write_text(render_markdown(r), encoding="utf-8")
+    write_json(folder / JSON_NAME, public, default=str)
+    write_atomic(folder / MD_NAME, render_markdown(r))
 
 
 def write_bench(result: dict, out: Path) -> Path:
@@ -212,10 +213,7 @@ def find_bench(folder: Path) -> dict | None:
     """The bench document in `folder` or `folder/bench`, or None."""
     for path in (Path(folder) / JSON_NAME, Path(folder) / "bench" / JSON_NAME):
         if path.is_file():
-            try:
-                data = json.loads(path.read_text(encoding="utf-8"))
-            except json.JSONDecodeError as err:
-                raise BadInputError(f"{path}: not valid JSON ({err.msg})") from err
-            if data.get("kind") == "qwenquant_bench":
+            data = read_json(path)
+            if data.get("kind") == KIND:
                 return data
     return None

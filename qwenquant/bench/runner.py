@@ -18,6 +18,7 @@ import torch
 from qwenquant.bench import bandwidth as bw
 from qwenquant.bench.document import build_document
 from qwenquant.bench.memory import MemoryProbe, decode_read_bytes, tensor_bytes
+from qwenquant.bench.output import summary, write_bench
 from qwenquant.bench.timing import PointSettings, measure_point, warmup_steps
 from qwenquant.errors import BadInputError, ResourceError
 from qwenquant.kernels.kv_cache import kv_bytes_per_token
@@ -187,8 +188,6 @@ def run_bench(folder: Path, settings: BenchSettings, device: torch.device, repor
 def quick_bench(folder: Path, out: Path, device: torch.device, command: str = "") -> dict:
     """The one small fixed setting `qwenquant compare --bench` uses (batch 1, context 128 or less, 16 decode
     tokens); writes the bench folder `out` and returns `bench.output.summary` of it."""
-    from qwenquant.bench.output import summary, write_bench
-
     raw = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
     max_positions = (raw.get("text_config") or raw).get("max_position_embeddings") or 2048
     settings = BenchSettings(batch_sizes=[1], contexts=[min(128, max_positions // 2)], decode_tokens=16)

@@ -4,16 +4,20 @@ checkpoint folder, with its quantized Linears on real low-precision kernels (`qw
 from __future__ import annotations
 
 import json
-import shlex
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
+from qwenquant.bench.output import summary, write_bench
 from qwenquant.cli import app
 from qwenquant.cli import common as c
+from qwenquant.device import resolve_device
 from qwenquant.errors import BadInputError
+from qwenquant.eval.checkpoint import check_checkpoint_dir
+from qwenquant.progress import Reporter
+from qwenquant.reporting import command_line
 
 
 def parse_ints(value: str, flag: str) -> list[int]:
@@ -43,10 +47,7 @@ def bench_command(
     json_out: c.Json = False,
 ) -> None:
     """Measure speed and memory of a checkpoint with real FP8 / INT4 kernels; write qwenquant_bench.json, BENCH.md, plots."""
-    from qwenquant.bench.output import summary, write_bench
-    from qwenquant.bench.runner import BenchSettings, run_bench
-    from qwenquant.cli.eval import check_checkpoint_dir, resolve_device
-    from qwenquant.progress import Reporter
+    from qwenquant.bench.runner import BenchSettings, run_bench  # heavy (kernels import transformers): on use only
 
     check_checkpoint_dir(model_dir, "MODEL_DIR")
     settings = BenchSettings(batch_sizes=parse_ints(batch_sizes, "--batch-sizes"), contexts=parse_ints(context, "--context"),
@@ -58,8 +59,7 @@ def bench_command(
     c.silence_libraries()
     if dev.type == "cpu":
         reporter.log("bench on CPU: CPU numbers are not GPU numbers (no GPU here, or --device cpu)")
-    argv = (ctx.obj or {}).get("argv", sys.argv[1:])
-    command = "qwenquant " + " ".join(shlex.quote(a) for a in argv)
+    command = command_line((ctx.obj or {}).get("argv", sys.argv[1:]))
     result = run_bench(model_dir, settings, dev, reporter, command)
     write_bench(result, out)
     s = summary(result)

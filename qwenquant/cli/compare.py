@@ -10,35 +10,36 @@ from typing import Annotated, Optional
 import typer
 
 from qwenquant.cli import app
-from qwenquant.cli import common as c
+from qwenquant.cli.common import silence_libraries
+from qwenquant.cli.flags import Given, with_groups
+from qwenquant.cli.options import DEVICE, MODEL, PERPLEXITY_TEXT, PRINTING
 from qwenquant.compare import bench_columns, load_report, render_table, row_for, write_comparison
+from qwenquant.device import resolve_device
 from qwenquant.errors import BadInputError
 from qwenquant.recipe import EvalConfig, load_recipe
+from qwenquant.runner.options import RunOptions
 
 
 @app.command("compare")
+@with_groups(MODEL.only("model"), PERPLEXITY_TEXT, DEVICE, PRINTING)
 def compare_command(
     ctx: typer.Context,
-    model: c.Model,
     recipes: Annotated[list[Path], typer.Option("--recipes", help="Recipe files to compare (repeat the flag or list them).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Comparison folder; each run goes to OUT/<recipe name>/.")],
-    eval_text: c.EvalText = c._E.eval_text,
-    eval_windows: c.EvalWindows = None,
-    eval_window: c.Window = c._E.window,
-    device: c.Device = "auto",
     bench: Annotated[Optional[bool], typer.Option("--bench/--no-bench", help="Also run `qwenquant bench` (batch 1, short context) on the source and each run: decode/prefill tok/s and peak memory columns (default: on when CUDA is available).")] = None,
-    quiet: c.Quiet = False,
-    json_out: c.Json = False,
+    *,
+    given: Given,
 ) -> None:
     """Run each recipe on one model (reusing finished runs), evaluate them identically, write one table."""
     from qwenquant.progress import Reporter
-    from qwenquant.run import run_recipe
+    from qwenquant.runner.run import run_recipe  # heavy: only when runs start
 
-    c.silence_libraries()
+    model, device, quiet, json_out = given["model"], given["device"], given["quiet"], given["json_out"]
+    silence_libraries()
     names = [r.stem for r in recipes]
     if len(set(names)) != len(names):
         raise BadInputError("--recipes: two recipes share a file name; rename one (runs are stored by name)")
-    shared_eval = EvalConfig(eval_text=eval_text, window=eval_window, max_windows=eval_windows)
+    shared_eval = EvalConfig(**given.settings(PERPLEXITY_TEXT))
     reporter = Reporter(quiet=quiet or json_out)
     resolved = [(name, load_recipe(path, {"model.id": model})) for name, path in zip(names, recipes)]
     rows = []
@@ -52,7 +53,8 @@ def compare_command(
             report = load_report(run_dir)
         else:
             reporter.log(f"{name}: running")
-            report = run_recipe(recipe, run_dir, overwrite=True, reporter=reporter, command=f"qwenquant run {recipes[names.index(name)]}")
+            options = RunOptions(run_dir, overwrite=True, command=f"qwenquant run {recipes[names.index(name)]}")
+            report = run_recipe(recipe, options, reporter)
         rows.append(row_for(name, report))
     meta = {"model": model, "recipes": [str(r) for r in recipes]}
     if bench if bench is not None else _cuda_available():
@@ -62,16 +64,17 @@ def compare_command(
 
 
 @app.command("report")
+@with_groups(PRINTING)
 def report_command(
     folders: Annotated[list[Path], typer.Argument(metavar="RUN_DIR...", help="Finished qwenquant output folders.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the merged comparison.")],
-    quiet: c.Quiet = False,
-    json_out: c.Json = False,
+    *,
+    given: Given,
 ) -> None:
     """Merge the reports of finished runs into one comparison table with plots."""
     rows = [row_for(f.name, load_report(f)) | bench_columns(f) for f in folders]
     data = write_comparison(rows, out, {"folders": [str(f) for f in folders]})
-    _print(data, out, quiet, json_out)
+    _print(data, out, given["quiet"], given["json_out"])
 
 
 def _cuda_available() -> bool:
@@ -83,7 +86,6 @@ def _cuda_available() -> bool:
 def _bench_runs(model: str, rows: list[dict], out: Path, device: str, reporter) -> dict:
     """Bench each run (into OUT/bench/<name>) and the source (OUT/bench/source); returns the source's summary."""
     from qwenquant.bench.runner import quick_bench
-    from qwenquant.cli.eval import resolve_device
     from qwenquant.model.loader import resolve_model
 
     dev = resolve_device(device)

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
-import shlex
 import sys
 import time
+from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
@@ -13,8 +13,12 @@ from typing import Annotated, Optional
 import typer
 
 from qwenquant.cli import app
-from qwenquant.cli import common as c
+from qwenquant.cli.common import silence_libraries
+from qwenquant.cli.flags import Given, with_groups
+from qwenquant.cli.options import CALIBRATION, DEVICE, MODEL, PRINTING
 from qwenquant.errors import BadInputError
+from qwenquant.progress import Reporter
+from qwenquant.reporting import command_line
 
 DEFAULT_NUM_SAMPLES, DEFAULT_SEQ_LEN = 8, 512  # 4096 tokens: ~the KL budget of a quantize run (eval.kl_tokens)
 
@@ -48,41 +52,41 @@ def parse_levels(levels: str) -> tuple[str, ...]:
     return values
 
 
+@dataclass
+class Measured:
+    """What a sensitivity measurement produced, for the report."""
+
+    results: dict  # seed -> measure_sensitivity result
+    hashes: dict  # str(seed) -> sha256 of the calibration token ids
+    resolved: object  # the ResolvedModel
+    n_layers: int
+
+
 @app.command("sensitivity")
+@with_groups(MODEL, CALIBRATION.with_defaults(num_samples=DEFAULT_NUM_SAMPLES, seq_len=DEFAULT_SEQ_LEN), DEVICE,
+             PRINTING)
 def sensitivity_command(
     ctx: typer.Context,
-    model: c.Model,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Report folder (default ./<model>-sensitivity).")] = None,
     scheme: Annotated[Scheme, typer.Option(help="fp8: E4M3 channel weights + dynamic per-token activations; wNa16: INT N RTN weight-only.")] = Scheme.fp8,
     group_size: Annotated[int, typer.Option(help="INT schemes: input columns per scale group (-1: per channel).")] = 128,
     levels: Annotated[str, typer.Option(help="Units to measure: linear, group (vLLM fused groups), block.")] = "linear,group,block",
-    revision: c.Revision = None,
-    calib: c.Calib = c._C.dataset,
-    num_samples: c.NumSamples = DEFAULT_NUM_SAMPLES,
-    seq_len: c.SeqLen = DEFAULT_SEQ_LEN,
-    seed: c.Seed = c._C.seed,
     seeds: Annotated[Optional[str], typer.Option(help="Several calibration seeds, e.g. 0,1: measures each and reports the rank correlation between them.")] = None,
-    device: c.Device = "auto",
     top: Annotated[Optional[int], typer.Option(help="Rows per level printed on the terminal (default 10); the files always list every unit.")] = None,
-    quiet: c.Quiet = False,
-    json_out: c.Json = False,
+    *,
+    given: Given,
 ) -> None:
     """Rank every Linear, fused group and decoder block by end-to-end KL when quantized alone (+ a cheap proxy)."""
-    import torch
-
     from qwenquant import __version__
-    from qwenquant.calibration import load_calibration, samples_hash
-    from qwenquant.model.loader import default_output_name, load_model, resolve_model
-    from qwenquant.model.qwen3 import linear_shapes
-    from qwenquant.progress import Reporter
-    from qwenquant.run import resolve_device
-    from qwenquant.sensitivity import list_units, measure_sensitivity, scheme_from_name
-    from qwenquant.sensitivity_report import build_sensitivity_report, render_markdown, write_sensitivity_report
+    from qwenquant.model.loader import default_output_name
+    from qwenquant.sensitivity import scheme_from_name
+    from qwenquant.sensitivity_report import build_sensitivity_report, write_sensitivity_report
 
     started = time.time()
-    seed_list = parse_seeds(seed, seeds)
+    model, calib = given.settings(MODEL), given.settings(CALIBRATION)
+    seed_list = parse_seeds(calib["seed"], seeds)
     level_list = parse_levels(levels)
-    if num_samples < 1 or seq_len < 8:
+    if calib["num_samples"] < 1 or calib["seq_len"] < 8:
         raise BadInputError("--num-samples must be >= 1 and --seq-len >= 8")
     if top is not None and top < 1:
         raise BadInputError(f"--top must be >= 1, got {top}")
@@ -90,14 +94,40 @@ def sensitivity_command(
         unit_scheme = scheme_from_name(scheme.value, group_size)
     except ValueError as err:
         raise BadInputError(str(err)) from err
-    out = out or Path(default_output_name(model, "sensitivity"))
+    out = out or Path(default_output_name(model["id"], "sensitivity"))
     if out.exists() and not out.is_dir():
         raise BadInputError(f"--out {out}: is a file; choose a folder path")
-    dev = resolve_device(device)
-    reporter = Reporter(quiet=quiet or json_out)
-    c.silence_libraries()
+    quiet, json_out = given["quiet"], given["json_out"]
+    measured = _measure(model, calib, seed_list, level_list, unit_scheme, group_size, given["device"],
+                        Reporter(quiet=quiet or json_out))
+    report = build_sensitivity_report(
+        measured.results,
+        model={"reference": measured.resolved.reference, "path": str(measured.resolved.path),
+               "num_layers": measured.n_layers},
+        calibration={"dataset": calib["dataset"], "num_samples": calib["num_samples"], "seq_len": calib["seq_len"],
+                     "sha256_token_ids": measured.hashes},
+        command=command_line((ctx.obj or {}).get("argv", sys.argv[1:])),
+        version=__version__,
+        started=started,
+    )
+    files = write_sensitivity_report(out, report)
+    _print(report, out, files, top, quiet, json_out)
 
-    resolved = resolve_model(model, revision)
+
+def _measure(model: dict, calib: dict, seed_list: list[int], level_list: tuple[str, ...], unit_scheme,
+             group_size: int, device: str, reporter: Reporter) -> Measured:
+    """Load the model and measure every unit's sensitivity once per calibration seed."""
+    import torch
+
+    from qwenquant.calibration import load_calibration, samples_hash
+    from qwenquant.device import resolve_device
+    from qwenquant.model.loader import load_model, resolve_model
+    from qwenquant.model.qwen3 import linear_shapes
+    from qwenquant.sensitivity import list_units, measure_sensitivity
+
+    dev = resolve_device(device)
+    silence_libraries()
+    resolved = resolve_model(model["id"], model["revision"])
     if unit_scheme.kind == "int" and group_size != -1:
         for name, (_n, k) in linear_shapes(resolved.config).items():
             if k % group_size:
@@ -109,7 +139,7 @@ def sensitivity_command(
     source.to(dev)
     results, hashes = {}, {}
     for s in seed_list:
-        ids = load_calibration(calib, tokenizer, num_samples, seq_len, s)
+        ids = load_calibration(calib["dataset"], tokenizer, calib["num_samples"], calib["seq_len"], s)
         hashes[str(s)] = samples_hash(ids)
         with reporter.step(f"sensitivity seed {s} ({n_units} units, {unit_scheme.label})", n_units) as advance:
             results[s] = measure_sensitivity(source, adapter, ids, unit_scheme, dev, level_list,
@@ -118,17 +148,12 @@ def sensitivity_command(
     del source
     if dev.type == "cuda":
         torch.cuda.empty_cache()
+    return Measured(results, hashes, resolved, n_layers)
 
-    argv = (ctx.obj or {}).get("argv", sys.argv[1:])
-    report = build_sensitivity_report(
-        results,
-        model={"reference": resolved.reference, "path": str(resolved.path), "num_layers": n_layers},
-        calibration={"dataset": calib, "num_samples": num_samples, "seq_len": seq_len, "sha256_token_ids": hashes},
-        command="qwenquant " + " ".join(shlex.quote(a) for a in argv),
-        version=__version__,
-        started=started,
-    )
-    files = write_sensitivity_report(out, report)
+
+def _print(report: dict, out: Path, files: list, top: int | None, quiet: bool, json_out: bool) -> None:
+    from qwenquant.sensitivity_report import render_markdown
+
     if json_out:
         print(json.dumps({"ok": True, "out": str(out), "files": [str(f) for f in files],
                           "rank_correlation": report["rank_correlation"],

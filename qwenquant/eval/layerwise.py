@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from qwenquant.eval.perplexity import PerplexityResult, next_token_logprobs, perplexity
-from qwenquant.pipeline import _to, capture_layer0_inputs
+from qwenquant.activations import capture_layer0_inputs, to_device
 
 
 @torch.no_grad()
@@ -36,7 +36,7 @@ def final_hidden_states(model: nn.Module, store, windows: torch.Tensor, device: 
         try:
             layer.to(device)
             for j, (h, kw) in enumerate(zip(hidden, cache.kwargs)):
-                out = layer(h.to(device), **_to(kw, device))
+                out = layer(h.to(device), **to_device(kw, device))
                 hidden[j] = (out[0] if isinstance(out, tuple) else out).detach().to("cpu")
         finally:
             store.release(i, dirty=False)

@@ -3,7 +3,8 @@ distributions with the source.
 
 Which reader verifies depends on the format, decided up front and stated in the report:
 - transformers (the reference loader): compressed-tensors FP8, symmetric pack-quantized INT, hf-fp8.
-- qwenquant's spec readers (`export/*.read_linear`, written from docs/formats.md, not from our writers):
+- qwenquant's spec readers (each export format's `read_linear` in qwenquant/export/registry.py, written from
+  docs/formats.md, not from our writers):
   gptq and awq (transformers needs gptqmodel for them), asymmetric pack-quantized (transformers 5.x with
   compressed-tensors 0.20 cannot load packed zero points: it allocates them unpacked and rejects the shapes), and
   compressed-tensors FP8 with block scales in an MoE model (transformers 5.23 dequantizes per-expert FP8 tensors
@@ -24,28 +25,18 @@ import torch
 from safetensors import safe_open
 
 from qwenquant.eval.perplexity import kl_stats, next_token_logprobs
-
-FORMAT_READERS = {"compressed-tensors": "ct_packed", "gptq": "gptq_v1", "awq": "awq_gemm"}
-
-
-def reader_for(fmt: str, quantizer: str, symmetric: bool, fp8_block_experts: bool = False) -> str:
-    """'transformers' or 'spec-reader' for this format and scheme (`fp8_block_experts`: an MoE model's experts
-    get FP8 block scales)."""
-    if quantizer == "fp8" and fmt == "compressed-tensors" and fp8_block_experts:
-        return "spec-reader"
-    if quantizer == "fp8" or (fmt == "compressed-tensors" and symmetric):
-        return "transformers"
-    return "spec-reader"
+from qwenquant.export import hf_fp8
+from qwenquant.export.registry import FORMATS
+from qwenquant.model.moe import unfuse_model
 
 
 def _effective_weight(module) -> torch.Tensor:
     """The weight a reloaded Linear computes with (dequantizing FP8 block storage if the loader kept it)."""
     w = module.weight
     if w.dtype == torch.float8_e4m3fn and hasattr(module, "weight_scale_inv"):
-        from qwenquant.export.hf_fp8 import read_linear
 
         block = getattr(module, "block_size", None) or (128, 128)
-        return read_linear({"weight": w, "weight_scale_inv": module.weight_scale_inv}, block[0])
+        return hf_fp8.read_linear({"weight": w, "weight_scale_inv": module.weight_scale_inv}, block[0])
     return w.float()
 
 
@@ -100,7 +91,6 @@ def verify_checkpoint(folder: Path, model, names: list[str], reader: str, fmt: s
         except Exception as err:  # a checkpoint the reference loader rejects fails verification
             return {"passed": False, "reason": f"transformers could not load the checkpoint ({type(err).__name__}: {err})",
                     "loader": "transformers"}
-        from qwenquant.model.moe import unfuse_model
 
         unfuse_model(reloaded)  # MoE: transformers fused the per-expert tensors it loaded; compare expert by expert
         theirs = {n: _effective_weight(reloaded.get_submodule(n)) for n in names}
@@ -108,18 +98,17 @@ def verify_checkpoint(folder: Path, model, names: list[str], reader: str, fmt: s
         loader = "transformers.AutoModelForCausalLM"
     else:
         config = json.loads((Path(folder) / "config.json").read_text())["quantization_config"]
-        name = "compressed_tensors" if config.get("format") == "float-quantized" else FORMAT_READERS[fmt]
-        module = __import__(f"qwenquant.export.{name}", fromlist=["read_linear"])
+        read = FORMATS[fmt].read_linear
         tensors = read_checkpoint_tensors(folder)
         theirs = {}
         for n in names:
             local = {k[len(n) + 1:]: v for k, v in tensors.items() if k.startswith(n + ".")}
-            theirs[n] = module.read_linear(local, config)
+            theirs[n] = read(local, config, n)
         with _swapped_weights(model, {n: theirs[n] for n in names}):
             model.to(device)
             logp = next_token_logprobs(model, kl_windows, device)
             model.to("cpu")
-        loader = f"qwenquant spec reader for {fmt} ({module.__name__}.read_linear) in the source model"
+        loader = f"qwenquant spec reader for {fmt} ({read.__module__}) in the source model"
     mismatched = _compare(model, names, theirs)
     vs_source = kl_stats(src_logp, logp)
     reason = ""
@@ -139,35 +128,6 @@ def verify_checkpoint(folder: Path, model, names: list[str], reader: str, fmt: s
     }
 
 
-def _config_for_linear(config: dict, name: str) -> dict:
-    """`config` with only the config group that targets Linear `name` (by its full name, a `re:` pattern, or the
-    class name `Linear`): FP8 granularity search writes channel and block groups into one checkpoint."""
-    import re
-
-    groups = {k: g for k, g in config.get("config_groups", {}).items() if isinstance(g, dict)}
-    if len(groups) < 2:
-        return config
-
-    def targets(g: dict) -> bool:
-        return any(t == name or (t.startswith("re:") and re.fullmatch(t[3:], name)) for t in g.get("targets", []))
-
-    key = next((k for k, g in groups.items() if targets(g)),
-               next((k for k, g in groups.items() if "Linear" in g.get("targets", [])), None))
-    return config if key is None else {**config, "config_groups": {key: groups[key]}}
-
-
-def _offload_reader(fmt: str, config: dict):
-    """(module name, read(tensors, linear name) -> float32 [N, K]) of our spec reader for a written checkpoint."""
-    if fmt == "hf-fp8":
-        from qwenquant.export import hf_fp8
-
-        block = int(config["weight_block_size"][0])
-        return hf_fp8.__name__, lambda tensors, name: hf_fp8.read_linear(tensors, block)
-    reader = "compressed_tensors" if config.get("format") == "float-quantized" else FORMAT_READERS[fmt]
-    module = __import__(f"qwenquant.export.{reader}", fromlist=["read_linear"])
-    return module.__name__, lambda tensors, name: module.read_linear(tensors, _config_for_linear(config, name))
-
-
 @torch.no_grad()
 def verify_offloaded(folder: Path, store, names: list[str], fmt: str, src_logp, q_logp, max_kl: float) -> dict:
     """--offload-dir: no full-model reload (transformers would load the whole model into RAM). Instead every tensor
@@ -177,7 +137,7 @@ def verify_offloaded(folder: Path, store, names: list[str], fmt: str, src_logp, 
     in-memory quantized model's (the checkpoint holds exactly its weights); the report's loader says so."""
     folder = Path(folder)
     config = json.loads((folder / "config.json").read_text())["quantization_config"]
-    reader, read = _offload_reader(fmt, config)
+    read = FORMATS[fmt].read_linear
     index: dict[str, Path] = {}
     for f in sorted(folder.glob("*.safetensors")):
         with safe_open(str(f), framework="pt") as sf:
@@ -205,7 +165,7 @@ def verify_offloaded(folder: Path, store, names: list[str], fmt: str, src_logp, 
         for n in layer_names:
             local = {k[len(n) + 1:]: v for k, v in stored.items() if owner[k] == n}
             ours = live[n + ".weight"].detach().cpu()
-            theirs = read(local, n).to(ours.dtype) if local else None
+            theirs = read(local, config, n).to(ours.dtype) if local else None
             if theirs is None or ours.shape != theirs.shape or not torch.equal(ours, theirs):
                 mismatched.append(n)
         for k in keys:
@@ -239,7 +199,8 @@ def verify_offloaded(folder: Path, store, names: list[str], fmt: str, src_logp, 
     return {
         "passed": not reason,
         "reason": reason,
-        "loader": (f"qwenquant spec reader ({reader}.read_linear), one decoder layer at a time, compared bit for bit "
+        "loader": (f"qwenquant spec reader for {fmt} ({read.__module__}), one decoder layer at a time, compared "
+                   "bit for bit "
                    "with the live offloaded weights, every other tensor too (--offload-dir: no full-model reload; "
                    "KL vs source is the in-memory quantized model's)"),
         "mode": "offload",

@@ -11,8 +11,11 @@ AWQ kernels are asymmetric; symmetric records are written with z = 8. Scales go 
 
 from __future__ import annotations
 
+import math
+
 import torch
 
+from qwenquant.export.format_spec import ExportFormat
 from qwenquant.export.gptq_v1 import check_groups, pack_int32, scales_to_fp16, unpack_int32, unsigned_zero_point
 from qwenquant.quant.records import QuantizedWeight
 
@@ -86,3 +89,43 @@ def read_linear(tensors: dict[str, torch.Tensor], config: dict) -> torch.Tensor:
     g = torch.arange(k, device=q.device) // (k // n_groups)  # [K]
     w = (q.float() - zero.float()[g]) * scale[g]  # [K, N]
     return w.t().contiguous()
+
+
+# -- the registry entry ---------------------------------------------------------------------------------------------
+
+
+def _check_stage(kind: str, cfg) -> None:
+    if kind != "int":
+        raise ValueError("export.format: awq stores INT weights; FP8 exports to compressed-tensors or hf-fp8")
+    if getattr(cfg, "actorder", "none") == "group":
+        raise ValueError("export.format: awq cannot store act-order 'group'; use actorder static/none or format gptq")
+    if cfg.bits != BITS:
+        raise ValueError(f"export.format: awq stores 4-bit weights only, got bits {cfg.bits}; "
+                         "use bits 4 or format compressed-tensors")
+
+
+def _check_linear(kind: str, cfg, name: str, n: int, k: int) -> str | None:
+    if n % 8:
+        return f"{name} has {n} output features; awq packs 8 per int32, use --format compressed-tensors"
+    return None
+
+
+def _tensor_bytes(kind: str, cfg, n: int, k: int, dtype_bytes: int) -> dict[str, int]:
+    groups = k // (k if cfg.group_size == -1 else cfg.group_size)
+    return {"qweight": 4 * k * math.ceil(n / 8), "qzeros": 4 * groups * math.ceil(n / 8), "scales": 2 * groups * n}
+
+
+def _quantization_config(kind: str, cfg, ignore: list[str], linears: list[str]) -> tuple[dict, None]:
+    actorder = getattr(cfg, "actorder", "none")
+    return quantization_config(cfg.bits, cfg.group_size, cfg.symmetric, None if actorder == "none" else actorder,
+                               ignore), None
+
+
+EXPORT_FORMAT = ExportFormat(
+    "awq", ("int",), _check_stage, _tensor_bytes,
+    linear_tensors=lambda qw, cfg, name, activation: linear_tensors(qw),
+    quantization_config=_quantization_config,
+    reload_with=lambda kind, cfg, moe: "spec-reader",  # transformers needs gptqmodel for it
+    read_linear=lambda tensors, config, name: read_linear(tensors, config),
+    check_linear=_check_linear, fused_ignores=True,
+)

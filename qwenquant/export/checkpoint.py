@@ -1,4 +1,7 @@
-"""Assemble an engine-loadable checkpoint folder from the quantized model: shards, config, tokenizer."""
+"""Assemble an engine-loadable checkpoint folder from the quantized model: shards, config, tokenizer.
+
+The `recipe` passed in is a validated qwenquant.recipe.Recipe; this module reads it (its export section and its
+quantizer config) and asks the export-format registry for everything format-specific, so it imports neither."""
 
 from __future__ import annotations
 
@@ -8,8 +11,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from qwenquant.pipeline import QuantState
-from qwenquant.recipe import Recipe
+from qwenquant.export.registry import FORMATS
+from qwenquant.export.writer import ShardWriter
+from qwenquant.model.qwen3 import adapter_for
+from qwenquant.state import QuantState
 
 
 def ignore_list(model: nn.Module, state: QuantState, always: tuple[str, ...]) -> list[str]:
@@ -22,8 +27,6 @@ def ignore_list(model: nn.Module, state: QuantState, always: tuple[str, ...]) ->
 
 def unquantized_modules(model: nn.Module) -> list[str]:
     """Full names of every layer's `unquantized` modules (qwenquant/model/qwen3.py)."""
-    from qwenquant.model.qwen3 import adapter_for
-
     adapter = adapter_for((getattr(model.config, "architectures", None) or [""])[0])
     if adapter is None:
         return []
@@ -38,8 +41,6 @@ def engine_fused_ignores(model: nn.Module, ignore: list[str]) -> list[str]:
     GPTQ's `dynamic` skip rules and AWQ's `modules_to_not_convert` are matched against the engine's module name, which
     for a fused group is the fused one; compressed-tensors and hf-fp8 loaders map fused names to shards themselves.
     """
-    from qwenquant.model.qwen3 import adapter_for
-
     adapter = adapter_for((getattr(model.config, "architectures", None) or [""])[0])
     if adapter is None:
         return []
@@ -53,69 +54,28 @@ def engine_fused_ignores(model: nn.Module, ignore: list[str]) -> list[str]:
     return out
 
 
-def _int_format_module(fmt: str):
-    if fmt == "compressed-tensors":
-        from qwenquant.export import ct_packed as mod
-    elif fmt == "gptq":
-        from qwenquant.export import gptq_v1 as mod
-    elif fmt == "awq":
-        from qwenquant.export import awq_gemm as mod
-    else:
-        raise ValueError(f"format {fmt} cannot store INT weights")
-    return mod
-
-
-def linear_tensors(recipe: Recipe, name: str, state: QuantState) -> dict[str, torch.Tensor]:
+def linear_tensors(recipe, name: str, state: QuantState) -> dict[str, torch.Tensor]:
     """Format-specific tensors of one quantized Linear, with local names."""
-    qw = state.records[name]
-    fmt = recipe.export.format
-    if qw.kind == "fp8":
-        if fmt == "hf-fp8":
-            from qwenquant.export import hf_fp8
-
-            return hf_fp8.linear_tensors(qw)
-        from qwenquant.export.compressed_tensors import fp8_linear_tensors, fp8_scheme
-
-        spec = state.activations.get(name)
-        input_scale = spec.input_scale if spec is not None and spec.mode == "tensor" else None
-        stage = recipe.stage("fp8")
-        return fp8_linear_tensors(qw, fp8_scheme(stage, weights=stage.weights_for(name)), input_scale)
-    return _int_format_module(fmt).linear_tensors(qw)
+    return FORMATS[recipe.export.format].linear_tensors(state.records[name], recipe.quantizer_config, name,
+                                                        state.activations.get(name))
 
 
-def quantization_config(recipe: Recipe, ignore: list[str], linears: list[str] | None = None) -> tuple[dict, dict | None]:
+def quantization_config(recipe, ignore: list[str], linears: list[str]) -> tuple[dict, dict | None]:
     """(config.json quantization_config, quantize_config.json content or None)."""
-    fmt = recipe.export.format
-    if recipe.quantizer == "fp8":
-        fp8 = recipe.stage("fp8")
-        if fmt == "hf-fp8":
-            from qwenquant.export import hf_fp8
-
-            return hf_fp8.quantization_config(fp8.block_size, ignore), None
-        from qwenquant.export.compressed_tensors import fp8_quantization_config
-
-        return fp8_quantization_config(fp8, ignore, linears), None
-    stage = recipe.stage(recipe.quantizer)
-    actorder = getattr(stage, "actorder", "none")
-    actorder = None if actorder == "none" else actorder
-    config = _int_format_module(fmt).quantization_config(stage.bits, stage.group_size, stage.symmetric, actorder, ignore)
-    if fmt == "gptq" and hasattr(stage, "dampening_frac"):
-        config["damp_percent"] = stage.dampening_frac  # metadata only, but it must tell the truth
-    return config, (config if fmt == "gptq" else None)
+    return FORMATS[recipe.export.format].quantization_config(recipe.record_kind, recipe.quantizer_config, ignore,
+                                                             linears)
 
 
-def write_checkpoint(folder: Path, model: nn.Module, tokenizer, recipe: Recipe, state: QuantState, always_ignore,
-                     layer_store=None) -> dict:
+def write_checkpoint(folder: Path, model: nn.Module, tokenizer, recipe, state: QuantState, always_ignore,
+                     items=None) -> dict:
     """Write weights (sharded), config.json with quantization_config, generation config and tokenizer.
 
-    With a `layer_store` (--offload-dir) the decoder layers are on disk: they are streamed, one materialized at a
-    time, in `model.state_dict()` order (the same tensors and shards as without it)."""
-    from qwenquant.export.writer import ShardWriter
-
+    `items`: the (key, tensor) pairs to write, default `model.state_dict().items()`; with --offload-dir the decoder
+    layers are streamed from disk, one materialized at a time, in the same order (the same tensors and shards)."""
     folder = Path(folder)
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
     writer = ShardWriter(folder, recipe.export.max_shard_size_mb * 1024 * 1024)
-    items = model.state_dict().items() if layer_store is None else layer_store.state_dict_items()
+    items = model.state_dict().items() if items is None else items
     for key, tensor in items:
         if tied and key == "lm_head.weight":
             continue  # one shared table: engines re-tie from the config
@@ -128,7 +88,7 @@ def write_checkpoint(folder: Path, model: nn.Module, tokenizer, recipe: Recipe, 
     files = writer.finish()
 
     ignore = ignore_list(model, state, always_ignore)
-    if recipe.export.format in ("gptq", "awq"):  # engines match their skip lists against fused module names
+    if FORMATS[recipe.export.format].fused_ignores:  # engines match their skip lists against fused module names
         ignore = ignore + engine_fused_ignores(model, ignore)
     qconfig, quantize_config = quantization_config(recipe, ignore, list(state.records))
     model.config.save_pretrained(folder)

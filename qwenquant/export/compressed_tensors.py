@@ -6,17 +6,22 @@ names (`weight`, `weight_scale`, `input_scale`, ...) and the config.json `quanti
 
 from __future__ import annotations
 
+import json
+import math
+import re
+
 import torch
-from compressed_tensors.compressors import BaseCompressor
-from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
 
+from qwenquant.export import ct_packed
+from qwenquant.export.format_spec import ExportFormat
 from qwenquant.quant.records import QuantizedWeight
-from qwenquant.recipe import FP8Stage
 
 
-def fp8_scheme(cfg: FP8Stage, targets: list[str] | None = None, weights: str | None = None) -> QuantizationScheme:
-    """The compressed-tensors scheme for an FP8 stage (weights and activations); `weights` overrides the stage's
+def fp8_scheme(cfg, targets: list[str] | None = None, weights: str | None = None):
+    """`cfg`: an fp8 stage config. The compressed-tensors scheme for an FP8 stage (weights and activations); `weights` overrides the stage's
     granularity (a Linear with its own, see FP8Stage.granularity)."""
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme  # imports transformers: lazy
+
     strategy = weights or cfg.weights
     weight_kw: dict = {"strategy": strategy}
     if strategy == "block":
@@ -32,8 +37,10 @@ def fp8_scheme(cfg: FP8Stage, targets: list[str] | None = None, weights: str | N
     return QuantizationScheme(targets=targets or ["Linear"], weights=weights, input_activations=acts)
 
 
-def fp8_linear_tensors(qw: QuantizedWeight, scheme: QuantizationScheme, input_scale: torch.Tensor | None) -> dict[str, torch.Tensor]:
+def fp8_linear_tensors(qw: QuantizedWeight, scheme, input_scale: torch.Tensor | None) -> dict[str, torch.Tensor]:
     """Compress one FP8 Linear with compressed-tensors from our dequantized weight and scale."""
+    from compressed_tensors.compressors import BaseCompressor
+
     compressor = BaseCompressor.load_from_registry("float-quantized")
     state = {"weight": qw.dequantize(torch.float32), "weight_scale": qw.scale}
     out = dict(compressor.compress(state, scheme))
@@ -42,9 +49,11 @@ def fp8_linear_tensors(qw: QuantizedWeight, scheme: QuantizationScheme, input_sc
     return out
 
 
-def fp8_quantization_config(cfg: FP8Stage, ignore: list[str], linears: list[str] | None = None) -> dict:
+def fp8_quantization_config(cfg, ignore: list[str], linears: list[str] | None = None) -> dict:
     """One config group targeting every Linear, or, when Linears have their own granularity, one group per
     granularity listing its Linears by name (`linears`: every quantized Linear), so no module matches two groups."""
+    from compressed_tensors.quantization import QuantizationConfig
+
     groups = {"group_0": fp8_scheme(cfg)}
     if cfg.granularity:
         by_kind: dict[str, list[str]] = {}
@@ -62,8 +71,6 @@ def fp8_quantization_config(cfg: FP8Stage, ignore: list[str], linears: list[str]
 
 def _clean(d: dict) -> dict:
     """JSON-ready dict: enums to values; drop keys older loaders reject (scale_dtype/zp_dtype, see formats.md)."""
-    import json
-
     data = json.loads(json.dumps(d, default=lambda o: getattr(o, "value", str(o))))
     for group in data.get("config_groups", {}).values():
         for key in ("weights", "input_activations", "output_activations"):
@@ -88,3 +95,88 @@ def read_linear(tensors: dict[str, torch.Tensor], config: dict) -> torch.Tensor:
         bn, bk = blocks[0]["block_structure"]
         scale = scale.repeat_interleave(bn, dim=0)[:n].repeat_interleave(bk, dim=1)[:, :k]
     return w * scale
+
+
+def config_for_linear(config: dict, name: str) -> dict:
+    """`config` with only the config group that targets Linear `name` (by its full name, a `re:` pattern, or the
+    class name `Linear`): FP8 granularity search writes channel and block groups into one checkpoint."""
+    groups = {k: g for k, g in config.get("config_groups", {}).items() if isinstance(g, dict)}
+    if len(groups) < 2:
+        return config
+
+    def targets(g: dict) -> bool:
+        return any(t == name or (t.startswith("re:") and re.fullmatch(t[3:], name)) for t in g.get("targets", []))
+
+    key = next((k for k, g in groups.items() if targets(g)),
+               next((k for k, g in groups.items() if "Linear" in g.get("targets", [])), None))
+    return config if key is None else {**config, "config_groups": {key: groups[key]}}
+
+
+# -- the registry entry: FP8 as float-quantized (this module), INT as pack-quantized (ct_packed) -------------------
+
+
+def _check_stage(kind: str, cfg) -> None:
+    if kind == "int" and getattr(cfg, "actorder", "none") == "group":
+        raise ValueError("export.format: compressed-tensors (>= 0.13) cannot store act-order 'group' (g_idx); "
+                         "use actorder static or format gptq")
+
+
+def _check_linear(kind: str, cfg, name: str, n: int, k: int) -> str | None:
+    if kind != "int":
+        return None
+    if (k * cfg.bits) % 32:
+        return (f"{name}: {k} input features x {cfg.bits} bits do not fill whole int32 words; "
+                "use another --bits or --group-size")
+    if not cfg.symmetric and (n * cfg.bits) % 32:
+        return (f"{name}: {n} output features x {cfg.bits} bits cannot pack asymmetric zero "
+                "points into int32 words; use --sym")
+    return None
+
+
+def _tensor_bytes(kind: str, cfg, n: int, k: int, dtype_bytes: int) -> dict[str, int]:
+    if kind == "fp8":
+        blocks = math.ceil(n / cfg.block_size) * math.ceil(k / cfg.block_size)
+        out = {"weight": n * k, "weight_scale": {"tensor": 1, "channel": n, "block": blocks}[cfg.weights] * dtype_bytes}
+        if cfg.activations == "static":
+            out["input_scale"] = dtype_bytes
+        return out
+    groups = k // (k if cfg.group_size == -1 else cfg.group_size)
+    out = {"weight_packed": 4 * n * math.ceil(k * cfg.bits / 32), "weight_scale": dtype_bytes * n * groups,
+           "weight_shape": 16}
+    if not cfg.symmetric:
+        out["weight_zero_point"] = 4 * math.ceil(n * cfg.bits / 32) * groups
+    return out
+
+
+def _linear_tensors(qw: QuantizedWeight, cfg, name: str, activation) -> dict[str, torch.Tensor]:
+    if qw.kind != "fp8":
+        return ct_packed.linear_tensors(qw)
+    input_scale = activation.input_scale if activation is not None and activation.mode == "tensor" else None
+    return fp8_linear_tensors(qw, fp8_scheme(cfg, weights=cfg.weights_for(name)), input_scale)
+
+
+def _quantization_config(kind: str, cfg, ignore: list[str], linears: list[str]) -> tuple[dict, None]:
+    if kind == "fp8":
+        return fp8_quantization_config(cfg, ignore, linears), None
+    actorder = getattr(cfg, "actorder", "none")
+    return ct_packed.quantization_config(cfg.bits, cfg.group_size, cfg.symmetric,
+                                         None if actorder == "none" else actorder, ignore), None
+
+
+def _reload_with(kind: str, cfg, moe: bool) -> str:
+    """transformers 5.x cannot load packed asymmetric zero points, nor dequantize FP8 block scales on fused MoE
+    experts: those are verified with the spec readers."""
+    if kind == "fp8":
+        return "spec-reader" if moe and cfg.weights == "block" else "transformers"
+    return "transformers" if cfg.symmetric else "spec-reader"
+
+
+def _read_linear(tensors: dict[str, torch.Tensor], config: dict, name: str) -> torch.Tensor:
+    config = config_for_linear(config, name)
+    if config.get("format") == "float-quantized":
+        return read_linear(tensors, config)
+    return ct_packed.read_linear(tensors, config)
+
+
+EXPORT_FORMAT = ExportFormat("compressed-tensors", ("fp8", "int"), _check_stage, _tensor_bytes, _linear_tensors,
+                             _quantization_config, _reload_with, _read_linear, check_linear=_check_linear)

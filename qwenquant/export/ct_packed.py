@@ -22,6 +22,7 @@ import warnings
 
 import torch
 
+from qwenquant.export.format_spec import UnstorableRecord
 from qwenquant.export.gptq_v1 import unpack_int32
 from qwenquant.quant.records import QuantizedWeight
 
@@ -82,7 +83,7 @@ def _validate(qw: QuantizedWeight) -> None:
     if not qw.symmetric and (qw.zero_point is None or qw.zero_point.shape != qw.scale.shape):
         raise ValueError("asymmetric record needs a zero_point shaped like its scale")
     if not bool(torch.isfinite(qw.scale).all()) or not bool((qw.scale > 0).all()):
-        raise ValueError("scales must be finite and positive")
+        raise UnstorableRecord("scales must be finite and positive")
     if qw.g_idx is not None and not torch.equal(qw.group_index().cpu(), torch.arange(k) // (k // n_groups)):
         raise ValueError(
             "record has an act-order column permutation (non-trivial g_idx): compressed-tensors 0.20 removed "

@@ -19,8 +19,11 @@ from __future__ import annotations
 import re
 import warnings
 
+import math
+
 import torch
 
+from qwenquant.export.format_spec import ExportFormat, UnstorableRecord
 from qwenquant.quant.records import QuantizedWeight
 
 SUPPORTED_BITS = (2, 4, 8)
@@ -64,7 +67,7 @@ def scales_to_fp16(qw: QuantizedWeight) -> torch.Tensor:
     """Record scales [N, n_groups] as float16; raises on overflow, warns when values change."""
     scale = qw.scale.float()
     if bool((scale.abs() > FP16_MAX).any()):
-        raise ValueError(f"scales up to {float(scale.abs().max()):.3g} overflow float16 (max {FP16_MAX})")
+        raise UnstorableRecord(f"scales up to {float(scale.abs().max()):.3g} overflow float16 (max {FP16_MAX})")
     half = qw.scale.to(torch.float16)
     if not torch.equal(half.float(), scale):
         exact = qw.dequantize(torch.float32)
@@ -110,7 +113,7 @@ def _check(qw: QuantizedWeight) -> None:
     if k % per_word != 0 or n % per_word != 0:
         raise ValueError(f"GPTQ packs {per_word} codes per int32 along K and N; got N={n}, K={k}")
     if not qw.symmetric and bool((qw.zero_point == 0).any()):
-        raise ValueError(
+        raise UnstorableRecord(
             "GPTQ v1 stores zero_point - 1 and cannot represent a zero point of 0; "
             "use --format compressed-tensors or symmetric quantization"
         )
@@ -174,3 +177,48 @@ def read_linear(tensors: dict[str, torch.Tensor], config: dict) -> torch.Tensor:
     g = tensors["g_idx"].long()  # [K]
     w = (q.float() - zero.float()[g]) * scale[g]  # [K, N]
     return w.t().contiguous()
+
+
+# -- the registry entry ---------------------------------------------------------------------------------------------
+
+
+def _check_stage(kind: str, cfg) -> None:
+    if kind != "int":
+        raise ValueError("export.format: gptq stores INT weights; FP8 exports to compressed-tensors or hf-fp8")
+    if cfg.bits not in SUPPORTED_BITS:
+        raise ValueError(f"export.format: gptq packs 2, 4 or 8 bits, got bits {cfg.bits}; use compressed-tensors")
+
+
+def _check_linear(kind: str, cfg, name: str, n: int, k: int) -> str | None:
+    if n % 8:
+        return f"{name} has {n} output features; gptq packs 8 per int32, use --format compressed-tensors"
+    per_word = 32 // cfg.bits if 32 % cfg.bits == 0 else None
+    if per_word and k % per_word:
+        return f"{name} has {k} input features; gptq packs {per_word} per int32 along them, use --format compressed-tensors"
+    return None
+
+
+def _tensor_bytes(kind: str, cfg, n: int, k: int, dtype_bytes: int) -> dict[str, int]:
+    groups = k // (k if cfg.group_size == -1 else cfg.group_size)
+    per_word = 32 // cfg.bits
+    return {"qweight": 4 * math.ceil(k / per_word) * n, "qzeros": 4 * groups * math.ceil(n / per_word),
+            "scales": 2 * groups * n, "g_idx": 4 * k}
+
+
+def _quantization_config(kind: str, cfg, ignore: list[str], linears: list[str]) -> tuple[dict, dict]:
+    actorder = getattr(cfg, "actorder", "none")
+    config = quantization_config(cfg.bits, cfg.group_size, cfg.symmetric, None if actorder == "none" else actorder,
+                                 ignore)
+    if hasattr(cfg, "dampening_frac"):
+        config["damp_percent"] = cfg.dampening_frac  # metadata only, but it must tell the truth
+    return config, config
+
+
+EXPORT_FORMAT = ExportFormat(
+    "gptq", ("int",), _check_stage, _tensor_bytes,
+    linear_tensors=lambda qw, cfg, name, activation: linear_tensors(qw),
+    quantization_config=_quantization_config,
+    reload_with=lambda kind, cfg, moe: "spec-reader",  # transformers needs gptqmodel for it
+    read_linear=lambda tensors, config, name: read_linear(tensors, config),
+    check_linear=_check_linear, fused_ignores=True,
+)

@@ -3,8 +3,11 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
+from qwenquant.export.format_spec import ExportFormat
 from qwenquant.quant.records import QuantizedWeight
 
 
@@ -30,3 +33,24 @@ def read_linear(tensors: dict[str, torch.Tensor], block_size: int) -> torch.Tens
     n, k = w.shape
     full = s.repeat_interleave(block_size, 0).repeat_interleave(block_size, 1)[:n, :k]
     return w * full
+
+
+def _check_stage(kind: str, cfg) -> None:
+    if kind != "fp8":
+        raise ValueError("export.format: hf-fp8 stores FP8 weights; INT runs export to compressed-tensors, gptq or awq")
+    if cfg.weights != "block" or cfg.activations != "dynamic":
+        raise ValueError("export.format: hf-fp8 (Qwen's layout) needs fp8.weights: block and fp8.activations: dynamic")
+
+
+def _tensor_bytes(kind: str, cfg, n: int, k: int, dtype_bytes: int) -> dict[str, int]:
+    blocks = math.ceil(n / cfg.block_size) * math.ceil(k / cfg.block_size)
+    return {"weight": n * k, "weight_scale_inv": 4 * blocks}
+
+
+EXPORT_FORMAT = ExportFormat(
+    "hf-fp8", ("fp8",), _check_stage, _tensor_bytes,
+    linear_tensors=lambda qw, cfg, name, activation: linear_tensors(qw),
+    quantization_config=lambda kind, cfg, ignore, linears: (quantization_config(cfg.block_size, ignore), None),
+    reload_with=lambda kind, cfg, moe: "transformers",
+    read_linear=lambda tensors, config, name: read_linear(tensors, int(config["weight_block_size"][0])),
+)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -9,8 +10,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 from qwenquant.errors import BadInputError
+from qwenquant.model.moe import unfuse_experts
 from qwenquant.model.qwen3 import ArchAdapter, adapter_for, supported_architectures
 
 SHORTHAND = re.compile(r"^Qwen3[-\w.]*$")
@@ -105,8 +108,6 @@ def resolve_model(reference: str, revision: str | None = None, download: bool = 
 
 def file_sha256(path: Path, chunk: int = 1 << 24) -> str:
     """sha256 of a file, streamed (provenance in the report)."""
-    import hashlib
-
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
@@ -116,8 +117,6 @@ def file_sha256(path: Path, chunk: int = 1 << 24) -> str:
 
 def check_safetensors_header(path: Path) -> dict:
     """Read a safetensors header, turning corruption into a one-line error."""
-    from safetensors import safe_open
-
     try:
         with safe_open(str(path), framework="pt") as f:
             keys = list(f.keys())
@@ -145,8 +144,6 @@ def load_model(resolved: ResolvedModel, dtype: str = "bfloat16"):
         raise BadInputError(f"--model {resolved.reference}: transformers could not load it ({err})") from err
     model.eval()
     if resolved.adapter.moe is not None:  # one nn.Linear per expert projection, named as on disk
-        from qwenquant.model.moe import unfuse_experts
-
         unfuse_experts(model, resolved.adapter)
     for name, param in model.named_parameters():
         if not torch.isfinite(param).all():

@@ -30,9 +30,13 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from qwenquant.errors import BadInputError, ResourceError
+from qwenquant.model.loader import DTYPES
+from qwenquant.model.moe import unfuse_experts
 from qwenquant.model.qwen3 import ArchAdapter
 
 LAYER_FILE = "layer-{:05d}.safetensors"
@@ -100,8 +104,6 @@ class LayerStore:
             return layer
         targets = layer.state_dict(keep_vars=True)
         if self.layer_file(i).is_file():
-            from safetensors.torch import load_file
-
             state = load_file(self.layer_file(i))
         else:
             state = self._read_source(i, targets)
@@ -111,8 +113,6 @@ class LayerStore:
 
     def _read_source(self, i: int, targets: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Layer i's tensors from the source safetensors, in the skeleton's dtypes (as from_pretrained casts)."""
-        from safetensors import safe_open
-
         prefix = self.prefix(i)
         by_file: dict[Path, list[str]] = {}
         for local in targets:
@@ -150,8 +150,6 @@ class LayerStore:
         return_freed_memory()
 
     def _save(self, i: int, layer: nn.Module) -> None:
-        from safetensors.torch import save_file
-
         state = {k: v.detach().to("cpu").contiguous() for k, v in layer.state_dict().items()}
         path = self.layer_file(i)
         tmp = path.with_name(path.name + ".tmp")
@@ -265,10 +263,7 @@ def load_offloaded(resolved, dtype: str, folder: Path):
 
     Produces the same model object `load_model` does (config, generation config, dtypes, tied embeddings, MoE
     experts split) except that decoder layers stay on meta until `LayerStore.materialize`."""
-    from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
-
-    from qwenquant.model.loader import DTYPES
 
     if dtype not in DTYPES:
         raise BadInputError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
@@ -281,8 +276,6 @@ def load_offloaded(resolved, dtype: str, folder: Path):
         raise BadInputError(f"--model {resolved.reference}: transformers could not build it ({err})") from err
     model.eval()
     if adapter.moe is not None:  # one nn.Linear per expert projection, named as on disk (works on meta)
-        from qwenquant.model.moe import unfuse_experts
-
         unfuse_experts(model, adapter)
 
     index: dict[str, Path] = {}

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from qwenquant.quant.intq import compute_qparams, fake_quantize, quantize_rtn, resolve_group_size
+from qwenquant.quant.errors import NonFiniteError
 from qwenquant.quant.records import QuantizedWeight
 
 MIN_ACT_SCALE = 1e-4
@@ -81,7 +82,7 @@ def search_scales(
         if w.dim() != 2 or w.shape[1] != k:
             raise ValueError(f"balance weight of shape {tuple(w.shape)} does not take {k} input channels")
     if not torch.isfinite(x).all():
-        raise ValueError("AWQ: calibration inputs contain NaN or Inf values")
+        raise NonFiniteError("AWQ: calibration inputs contain NaN or Inf values")
     x = x.float()
     weights = [w.float() for w in weights]
     f = forward if forward is not None else _concat_outputs(x)

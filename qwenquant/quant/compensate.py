@@ -27,8 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
-from qwenquant.quant.fp8 import FP8_DTYPE, FP8_MAX, expand_scale
-from qwenquant.quant.records import QuantizedWeight
+from qwenquant.quant.fp8 import FP8_DTYPE, FP8_MAX
+from qwenquant.quant.records import QuantizedWeight, expand_scale
 
 MAX_ROUNDING_OFFSET = 0.5
 MAX_RELATIVE_CHANGE = 0.5  # bound on a (scales) and d (norm weights): a scale may shrink or grow by at most half

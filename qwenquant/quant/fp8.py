@@ -11,19 +11,12 @@ import math
 
 import torch
 
-from qwenquant.quant.records import QuantizedWeight
+from qwenquant.quant.records import QuantizedWeight, expand_scale
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448.0
 WEIGHT_GRANULARITIES = ("tensor", "channel", "block")
 MIN_SCALE = 1e-12
-
-
-def _expand_block_scale(scale: torch.Tensor, shape: tuple[int, int], block_size: int) -> torch.Tensor:
-    """[ceil(N/B), ceil(K/B)] -> [N, K] by repeating each block's scale."""
-    n, k = shape
-    full = scale.repeat_interleave(block_size, 0).repeat_interleave(block_size, 1)
-    return full[:n, :k]
 
 
 def _block_absmax(w: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -60,14 +53,6 @@ def compute_weight_scale(
         absmax = _block_absmax(w, block_size)
     scale = (absmax * clip_ratio / FP8_MAX).clamp(min=MIN_SCALE)
     return scale.to(scale_dtype)
-
-
-def expand_scale(scale: torch.Tensor, shape: tuple[int, int], granularity: str, block_size: int | None) -> torch.Tensor:
-    """Broadcastable float32 scale for a weight of `shape`."""
-    scale = scale.float()
-    if granularity == "block":
-        return _expand_block_scale(scale, shape, block_size or 128)
-    return scale  # [1] or [N, 1] broadcast as is
 
 
 def quantize_fp8(

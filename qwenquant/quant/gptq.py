@@ -27,9 +27,10 @@ from qwenquant.quant.intq import (
     quantize_rtn,
     resolve_group_size,
 )
+from qwenquant.quant.errors import NonFiniteError
 from qwenquant.quant.records import QuantizedWeight
 
-ACTORDERS = (None, "static", "group")
+ACTORDERS = ("none", "static", "group")
 CHOLESKY_RETRIES = 3  # each retry multiplies the dampening by 10
 MIN_RETRY_DAMPENING_FRAC = 1e-4  # retry base when dampening_frac is 0
 
@@ -41,7 +42,7 @@ class GPTQConfig:
     bits: int = 4
     group_size: int = 128  # -1: per output channel
     symmetric: bool = True
-    actorder: str | None = None  # None | "static" | "group"
+    actorder: str = "none"  # none | static | group
     dampening_frac: float = 0.01
     block_size: int = 128
 
@@ -120,9 +121,9 @@ def _check_inputs(W: torch.Tensor, H: torch.Tensor) -> None:
     if tuple(H.shape) != (k, k):
         raise ValueError(f"Hessian shape {tuple(H.shape)} does not match weight input width K={k}")
     if not torch.isfinite(W).all():
-        raise ValueError("GPTQ: the weight contains NaN or Inf values")
+        raise NonFiniteError("GPTQ: the weight contains NaN or Inf values")
     if not torch.isfinite(H).all():
-        raise ValueError("GPTQ: the Hessian contains NaN or Inf values (check the calibration activations)")
+        raise NonFiniteError("GPTQ: the Hessian contains NaN or Inf values (check the calibration activations)")
 
 
 @torch.no_grad()
@@ -216,7 +217,7 @@ def _quantize_rows(
         static_params = compute_group_qparams(W, bits, G, sym, group_clip, scale_dtype)  # [N, n_groups] x2
 
     perm = None
-    if config.actorder is not None:
+    if config.actorder != "none":
         perm = torch.argsort(torch.diagonal(H), descending=True)
         W = W[:, perm]
         H = H[perm][:, perm]
@@ -272,7 +273,8 @@ def _quantize_rows(
         pre = pre[:, inv]
         if config.actorder == "group":
             g_idx = natural_group[inv]  # original column perm[c] sits in group c // G
-    record = make_int_record(codes, scale, zero, bits, G, sym, scale_dtype, g_idx, config.actorder)
+    record = make_int_record(codes, scale, zero, bits, G, sym, scale_dtype, g_idx,
+                             None if config.actorder == "none" else config.actorder)
     return _Rows(record, losses, pre)
 
 

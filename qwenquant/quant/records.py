@@ -47,11 +47,21 @@ class QuantizedWeight:
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """w_hat in `dtype`, computed in float32."""
-        if self.kind == "fp8":
-            from qwenquant.quant.fp8 import dequantize_fp8
-
-            return dequantize_fp8(self.q, self.scale, self.granularity, self.block_size).to(dtype)
+        if self.kind == "fp8":  # w_hat = q * scale
+            return (self.q.float() * expand_scale(self.scale, tuple(self.q.shape), self.granularity,
+                                                  self.block_size)).to(dtype)
         g = self.group_index()
         scale = self.scale.float()[:, g]  # [N, K]
         zero = self.zero_point.float()[:, g] if self.zero_point is not None else 2 ** (self.bits - 1)
         return ((self.q.float() - zero) * scale).to(dtype)
+
+
+def expand_scale(scale: torch.Tensor, shape: tuple[int, int], granularity: str, block_size: int | None) -> torch.Tensor:
+    """Broadcastable float32 FP8 scale for a weight of `shape` [N, K]: [1] and [N, 1] as they are, block scales
+    [ceil(N/B), ceil(K/B)] -> [N, K] by repeating each block's scale."""
+    scale = scale.float()
+    if granularity != "block":
+        return scale
+    n, k = shape
+    b = block_size or 128
+    return scale.repeat_interleave(b, 0).repeat_interleave(b, 1)[:n, :k]

@@ -219,7 +219,8 @@ def test_sharded_output_reloads(tiny_qwen3, calib_txt, eval_text, tmp_path) -> N
     """max_shard_size_mb (recipe only) splits the weights into model-0000i-of-0000n files with an index that
     transformers follows; the run's verification reloads the sharded folder."""
     from qwenquant.recipe import recipe_from_dict
-    from qwenquant.run import run_recipe
+    from qwenquant.runner.options import RunOptions
+    from qwenquant.runner.run import run_recipe
 
     recipe = recipe_from_dict({
         "model": {"id": str(tiny_qwen3)},
@@ -230,7 +231,7 @@ def test_sharded_output_reloads(tiny_qwen3, calib_txt, eval_text, tmp_path) -> N
         "device": "cpu",
     })
     out = tmp_path / "sharded"
-    report = run_recipe(recipe, out)
+    report = run_recipe(recipe, RunOptions(out))
     assert report["verification"]["passed"] is True
     shards = sorted(p.name for p in out.glob("*.safetensors"))
     n = len(shards)

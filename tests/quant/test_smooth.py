@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from qwenquant.model.qwen3 import QWEN3
-from qwenquant.pipeline import QuantState, run_sequential
+from qwenquant.state import QuantState
+from qwenquant.pipeline import run_sequential
 from qwenquant.quant import fp8 as fp8q
 from qwenquant.quant import smooth as sq
-from qwenquant.recipe import SmoothStage
-from qwenquant.stages import smooth_layer
+from qwenquant.stages.smooth import SmoothStage
 
 
 # ---- pure functions ----------------------------------------------------------------------------------------------
@@ -121,11 +121,6 @@ def _logits(model, ids):
         return model(input_ids=ids, use_cache=False).logits.double()
 
 
-def _smooth_stage(alpha: float):
-    cfg = SmoothStage(alpha=alpha)
-    return lambda ctx: smooth_layer(ctx, cfg)
-
-
 MAPPINGS = {m.smooth: m for m in QWEN3.smooth_mappings}
 
 
@@ -140,7 +135,7 @@ def test_smooth_stage_preserves_function(heads: int, kv_heads: int, mapping: str
     weights_before = {k: v.clone() for k, v in model.state_dict().items()}
 
     state = QuantState()
-    run_sequential(model, adapter, ids, [("smooth", _smooth_stage(0.5))], torch.device("cpu"), state)
+    run_sequential(model, adapter, ids, [SmoothStage(alpha=0.5)], torch.device("cpu"), state)
 
     after = _logits(model, ids)
     rel = float((after - before).norm() / before.norm())
@@ -172,7 +167,7 @@ def test_smoothing_flattens_outlier_channels() -> None:
     h = model.model.layers[0].self_attn.q_proj.register_forward_pre_hook(grab)
     _logits(model, ids)
     ratio_before = float(seen["x"].max() / seen["x"].median())
-    run_sequential(model, QWEN3, ids, [("smooth", _smooth_stage(0.5))], torch.device("cpu"), QuantState())
+    run_sequential(model, QWEN3, ids, [SmoothStage(alpha=0.5)], torch.device("cpu"), QuantState())
     _logits(model, ids)
     h.remove()
     ratio_after = float(seen["x"].max() / seen["x"].median())

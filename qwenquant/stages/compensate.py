@@ -1,4 +1,4 @@
-"""Per-layer glue of the `compensate` stage: fit the quantized decoder layer to the unquantized one.
+"""The `compensate` stage (refine, after the quantizer): fit the quantized decoder layer to the unquantized one.
 
 The pipeline keeps a copy of the layer's state as it enters the quantizer stage (`ctx.float_state`: after any
 function-preserving smoothing, before quantization). Here, on the first `cfg.samples` captured calibration inputs:
@@ -18,14 +18,50 @@ from __future__ import annotations
 import dataclasses
 import time
 import warnings
+from dataclasses import dataclass
 
 import torch
 from torch.func import functional_call
 
-from qwenquant.pipeline import LayerContext, activation_quantization, _to
+from qwenquant.activations import activation_quantization, to_device
 from qwenquant.quant import compensate as cq
 from qwenquant.quant.records import QuantizedWeight
-from qwenquant.recipe import CompensateStage
+from qwenquant.stages.context import LayerContext
+from qwenquant.stages.spec import ROUGH_TIME_NOTE, StageSpec
+from qwenquant.validation import boolean, positive
+
+COMPENSATE_TARGETS = ("layer", "float")
+
+
+@dataclass
+class CompensateStage:
+    """Error-compensation fine-tuning after the quantizer (this module): per decoder layer, tune the
+    weight scales, INT rounding offsets (`rounding`) and norm weights (`norms`; `qk_norms` adds q_norm/k_norm)
+    with `steps` signed-gradient steps of size `lr` (decaying linearly) so the quantized layer's output matches the
+    unquantized one on the first `samples` calibration samples, `batch_size` samples per step."""
+
+    steps: int = 40  # defaults sized for about a minute on qwen3-mini (6 layers) on 2 CPU cores
+    lr: float = 0.005  # rounding offsets, in grid steps; scales and norms move RELATIVE_LR_RATIO of it (relative)
+    samples: int = 16
+    batch_size: int = 1
+    rounding: bool = True
+    norms: bool = True
+    qk_norms: bool = False
+    # what the quantized layer is fitted to: "float" = the unquantized model's own layer output (the float path's
+    # inputs, so the fit also absorbs error accumulated in earlier layers); "layer" = the unquantized layer applied
+    # to the quantized path's inputs (this layer's own quantization error only)
+    target: str = "float"
+
+    def __post_init__(self) -> None:
+        if self.target not in COMPENSATE_TARGETS:
+            raise ValueError(f"compensate.target: must be one of {', '.join(COMPENSATE_TARGETS)}, got {self.target!r}")
+        positive("compensate.steps", self.steps)
+        positive("compensate.samples", self.samples)
+        positive("compensate.batch_size", self.batch_size)
+        if not isinstance(self.lr, (int, float)) or isinstance(self.lr, bool) or not 0.0 < self.lr <= 1.0:
+            raise ValueError(f"compensate.lr: must be a number in (0, 1], got {self.lr!r}")
+        for key in ("rounding", "norms", "qk_norms"):
+            boolean(f"compensate.{key}", getattr(self, key))
 
 
 def _rows(obj, start: int, stop: int, batch: int):
@@ -58,7 +94,7 @@ def select_batches(ctx: LayerContext, samples: int, batch_size: int, cache=None)
 
 def _forward32(ctx: LayerContext, params: dict[str, torch.Tensor], h: torch.Tensor, kw: dict) -> torch.Tensor:
     """The layer's output [B, T, D] in float32 with the given float32 parameters (inputs moved to the device)."""
-    out = functional_call(ctx.layer, params, (h.to(ctx.device).float(),), _to(kw, ctx.device))
+    out = functional_call(ctx.layer, params, (h.to(ctx.device).float(),), to_device(kw, ctx.device))
     return out[0] if isinstance(out, tuple) else out
 
 
@@ -200,3 +236,26 @@ def _moved(record: QuantizedWeight, device) -> QuantizedWeight:
     tensors = {f: getattr(record, f).to(device) for f in ("q", "scale", "zero_point", "g_idx")
                if getattr(record, f) is not None}
     return dataclasses.replace(record, **tensors)
+
+
+# -- the estimator's cost model (StageSpec cost fields; qwenquant/estimate/) ----------------------------------------
+
+
+def _host_bytes(cfg: CompensateStage, need) -> tuple[int, str]:
+    """The layer's float32 parameters, their gradients and trainable changes, and the unquantized copy."""
+    params = need.layer_params(0)
+    return 4 * 4 * params + need.dtype_bytes * params, "compensation's float32 layer copy and gradients"
+
+
+def _seconds(cfg: CompensateStage, need) -> tuple[float, str]:
+    """Per layer: float32 forwards for the targets and the before/after errors (3 x samples) and a forward and
+    backward per step (3 x steps x batch); a quantizer pass per step for the fake-quantized weights."""
+    fwd32 = 2.5 * need.token_s  # a float32 functional_call forward vs the model dtype
+    s = need.seq_len
+    per_layer = (3 * cfg.samples + 3 * cfg.steps * cfg.batch_size) * s * (fwd32 + need.probe.attn_s_per_token2 * s)
+    return need.layers * per_layer + cfg.steps * need.quant_pass, ROUGH_TIME_NOTE
+
+
+SPEC = StageSpec("compensate", CompensateStage, "refine", compensate_layer,
+                 float_copy=lambda cfg: True, float_path=lambda cfg: cfg.target == "float",
+                 host_bytes=_host_bytes, seconds=_seconds)

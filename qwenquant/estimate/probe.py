@@ -1,20 +1,27 @@
-"""A few-second speed probe of this machine, for the resource estimate of `--dry-run` (qwenquant/estimate.py).
+"""A few-second speed probe of this machine, for the resource estimate of `--dry-run` (qwenquant/estimate/).
 
 It times the operations a run spends its time in, at (or scaled down from) the model's real shapes and with the
 run's own code: one real Qwen3 decoder layer built from config.json with random weights (forward in the model
-dtype), causal attention, an fp32 matmul (Hessians, AWQ searches), the pure quantizers of `qwenquant/quant/`, the
-exporter of the chosen format, the FP8 activation simulation, and the log-softmax / KL over the vocabulary.
-Every number is a rate (seconds per token, per element, ...) that `estimate.py` scales by the run's sizes.
-Nothing is written to disk and no weight of the model is read.
+dtype), causal attention, an fp32 matmul (Hessians, AWQ searches), the recipe's quantizer (its `probe_quantize`:
+qwenquant/stages/spec.py), the exporter of the chosen format, the log-softmax / KL over the vocabulary, and what
+each stage of the recipe measures for its own time (its `probe`, with a `ProbeKit`: GPTQ's column loop, AWQ's clip
+search, the FP8 activation simulation). Every number is a rate (seconds per token, per element, ...) that the
+estimate scales by the run's sizes. Nothing is written to disk and no weight of the model is read.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from dataclasses import asdict, dataclass, field
+from functools import partial
 
 import torch
+
+from qwenquant.export.registry import FORMATS
+from qwenquant.model.qwen3 import linear_shapes
+from qwenquant.stages.registry import STAGES, spec_of
 
 LAYER_PARAMS_CAP = 160_000_000  # probe layers above this are built narrower and scaled by FLOPs
 ELEMENTS_CAP = 2_000_000  # weights the per-element probes quantize
@@ -56,7 +63,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _best_time(fn, device: torch.device, budget_s: float = 0.25, max_calls: int = 5) -> float:
+def best_time(fn, device: torch.device, budget_s: float = 0.25, max_calls: int = 5) -> float:
     """Fastest wall time of `fn()` over timed calls after one warm-up, within about `budget_s` (at least one timed
     call unless the warm-up alone took over 1.5 s). The fastest, as timeit does: on a shared machine single calls
     are slowed down many times over by other processes, which would make every estimate a worst case."""
@@ -77,8 +84,6 @@ def _best_time(fn, device: torch.device, budget_s: float = 0.25, max_calls: int 
 
 
 def _layer_params(cfg: dict) -> int:
-    from qwenquant.model.qwen3 import linear_shapes
-
     return sum(n * k for n, k in linear_shapes(cfg).values())
 
 
@@ -130,7 +135,7 @@ def _layer_rates(config: dict, dtype: torch.dtype, device: torch.device, window:
     heads, head_dim = config["num_attention_heads"], config.get("head_dim") or hidden // config["num_attention_heads"]
     s = int(min(window, 1024 if heads * head_dim <= 4096 else 512))
     q = torch.randn(1, heads, s, head_dim, dtype=dtype, device=device)
-    t_attn = _best_time(lambda: F.scaled_dot_product_attention(q, q, q, is_causal=True), device)
+    t_attn = best_time(lambda: F.scaled_dot_product_attention(q, q, q, is_causal=True), device)
     attn = t_attn / s**2
     own_heads = cfg["num_attention_heads"] / heads  # the probe layer may have fewer heads than the real one
 
@@ -144,11 +149,10 @@ def _layer_rates(config: dict, dtype: torch.dtype, device: torch.device, window:
     n2 = int(min(calls_tokens, max(512, 3e10 / (2 * _layer_params(cfg)))))
     n1 = max(n2 // 4, 8)
     forward(16)  # lazy initialisation (attention backend selection, kernels) is not a rate
-    t1 = _best_time(lambda: forward(n1), device) - attn * own_heads * n1**2
-    t2 = _best_time(lambda: forward(n2), device, max_calls=3) - attn * own_heads * n2**2
+    t1 = best_time(lambda: forward(n1), device) - attn * own_heads * n1**2
+    t2 = best_time(lambda: forward(n2), device, max_calls=3) - attn * own_heads * n2**2
     per_token = max((t2 - t1) / (n2 - n1), 0.2 * t2 / n2)
     per_call = max(t1 - n1 * per_token, 0.0)
-    del layer
     return per_token * ratio, per_call, attn, ({"probe_hidden": hidden, "flop_ratio": ratio} if ratio > 1 else {})
 
 
@@ -157,7 +161,7 @@ def _matmul_gflops(n: int, k: int, dtype: torch.dtype, device: torch.device, tok
     n, k = min(n, 4096), min(k, 4096)
     x = torch.randn(tokens, k, dtype=dtype, device=device)
     w = torch.randn(n, k, dtype=dtype, device=device)
-    t = _best_time(lambda: x @ w.T, device)
+    t = best_time(lambda: x @ w.T, device)
     return 2 * tokens * n * k / t / 1e9
 
 
@@ -167,78 +171,6 @@ def _weight_slice(n: int, k: int, dtype: torch.dtype, device: torch.device) -> t
     if rows >= 128:
         rows -= rows % 128
     return (torch.randn(rows, k, device=device) * 0.02).to(dtype)
-
-
-@torch.no_grad()
-def _quantizer_rates(recipe, n: int, k: int, tokens: int, dtype: torch.dtype, device: torch.device,
-                     basic_only: bool = False) -> dict:
-    """Per-weight seconds of the recipe's quantizer, its exporter, and the GPTQ / AWQ specifics (`basic_only`:
-    the quantizer's own two rates, for a second sample)."""
-    from qwenquant.export.checkpoint import linear_tensors
-    from qwenquant.pipeline import QuantState
-    from qwenquant.quant import awq as awqq
-    from qwenquant.quant import fp8 as fp8q
-    from qwenquant.quant import gptq as gptqq
-    from qwenquant.quant import intq
-
-    q = recipe.stage(recipe.quantizer)
-    w = _weight_slice(n, k, dtype, device)
-    out: dict = {}
-    if recipe.quantizer == "fp8":
-        def quantize(wx=w):
-            qw = fp8q.quantize_fp8(wx, q.weights, q.block_size, scale_dtype=dtype)
-            qw.dequantize(dtype)
-            fp8q.weight_error(wx, qw)
-            return qw
-    else:
-        def quantize(wx=w):
-            qw = intq.quantize_rtn(wx.float(), q.bits, q.group_size, q.symmetric, scale_dtype=dtype)
-            deq = qw.dequantize()
-            float((wx.float() - deq).norm())
-            return qw
-    per_weight = _best_time(quantize, device) / w.numel()
-    small = w[: min(8, w.shape[0])]
-    out["quant_s_per_weight"] = per_weight
-    # the fixed cost per Linear (many small tensor ops, the stage's bookkeeping) dominates for small Linears
-    out["quant_s_per_linear"] = max(_best_time(lambda: quantize(small), device) - small.numel() * per_weight, 0.0)
-    if basic_only:
-        return out
-    record = quantize()
-    if record.kind == "int" and recipe.export.format in ("gptq", "awq") and record.shape[0] % 8:
-        record = intq.quantize_rtn(w[: record.shape[0] // 8 * 8 or 8].float(), q.bits, q.group_size, q.symmetric,
-                                   scale_dtype=dtype)
-    record.q, record.scale = record.q.cpu(), record.scale.cpu()
-    record.zero_point = None if record.zero_point is None else record.zero_point.cpu()
-    state = QuantState(records={"probe": record})
-    out["export_s_per_weight"] = _best_time(lambda: linear_tensors(recipe, "probe", state), torch.device("cpu"),
-                                            max_calls=1) / record.q.numel()
-    out["isfinite_s_per_weight"] = _best_time(lambda: bool(torch.isfinite(w).all()), device) / w.numel()
-    if recipe.quantizer == "gptq":
-        cfg = gptqq.GPTQConfig(bits=q.bits, group_size=q.group_size if q.group_size != -1 else -1,
-                               symmetric=q.symmetric, actorder=None if q.actorder == "none" else q.actorder,
-                               dampening_frac=q.dampening_frac, block_size=q.block_size)
-        # the column loop's cost grows with the rows (strided column reads and writes of [N, K] arrays): time
-        # 128 columns at 256 and 2048 rows; a group needs >= 128 columns
-        kp = 128
-        x = torch.randn(1024, kp, device=device)
-        H = 2 * x.T @ x / x.shape[0]
-        times = []
-        for rows in (256, 2048):
-            wp = torch.randn(rows, kp, device=device) * 0.02
-            times.append(_best_time(lambda wp=wp: gptqq.quantize_weight(wp, H, cfg, scale_dtype=dtype), device,
-                                    budget_s=0.5, max_calls=3))
-        # a two-point slope is fragile on a shared machine (one slow call flattens it): at least half of the
-        # 2048-row time is per-row work (about 70% on a quiet 2-core box)
-        per_row = max((times[1] - times[0]) / (kp * (2048 - 256)), 0.5 * times[1] / (kp * 2048))
-        out["gptq_s_per_column_row"] = per_row
-        out["gptq_s_per_column"] = max(times[0] / kp - per_row * 256, 0.0)
-    if recipe.quantizer == "awq":
-        xs = torch.randn(min(512, max(tokens, 1)), k, device=device)
-        ws = w[:64].float()  # search_clip works in batches of 64 output rows: one batch is representative
-        t = _best_time(lambda: awqq.search_clip(ws, xs, q.bits, q.group_size, q.symmetric, scale_dtype=dtype),
-                       device, max_calls=1)
-        out["awq_clip_s_per_weight"] = t / ws.numel()
-    return out
 
 
 @torch.no_grad()
@@ -257,33 +189,69 @@ def _logits_rates(vocab: int, dtype: torch.dtype, device: torch.device) -> tuple
         F.cross_entropy(f[:-1], target, reduction="sum")
         F.log_softmax(f, dim=-1).to("cpu", torch.float16)
 
-    t_logits = _best_time(process, device) / (rows * vocab)
+    t_logits = best_time(process, device) / (rows * vocab)
     a = F.log_softmax(torch.randn(1, rows, vocab), -1).half()
     b = F.log_softmax(torch.randn(1, rows, vocab), -1).half()
-    t_kl = _best_time(lambda: kl_stats(a, b), torch.device("cpu"), max_calls=2) / (rows * vocab)
+    t_kl = best_time(lambda: kl_stats(a, b), torch.device("cpu"), max_calls=2) / (rows * vocab)
     return t_logits, t_kl
 
 
+@dataclass(frozen=True)
+class ProbeKit:
+    """What a stage's `probe` measures with: a random slice of the largest Linear's weight (model dtype, on the
+    device), the run's calibration tokens, the widest Linear input, and the probe's timer."""
+
+    weight: torch.Tensor
+    tokens: int
+    widest_input: int
+    dtype: torch.dtype
+    device: torch.device
+    elements_cap: int = ELEMENTS_CAP
+
+    def time(self, fn, budget_s: float = 0.25, max_calls: int = 5) -> float:
+        """Fastest wall time of `fn()` (see `best_time`)."""
+        return best_time(fn, self.device, budget_s, max_calls)
+
+
+def _on_cpu(record):
+    """The record with its tensors on the CPU, where the exporter works."""
+    tensors = {f: getattr(record, f).cpu() for f in ("q", "scale", "zero_point", "g_idx")
+               if getattr(record, f) is not None}
+    return dataclasses.replace(record, **tensors)
+
+
+def _quantize_rates(recipe, w: torch.Tensor, dtype: torch.dtype, device: torch.device) -> dict:
+    """Seconds per weight of the recipe's quantizer (its `probe_quantize`) and its fixed cost per Linear, which
+    dominates for small Linears (many small tensor ops, the stage's bookkeeping)."""
+    spec, cfg = STAGES[recipe.quantizer], recipe.quantizer_config
+    if spec.probe_quantize is None:  # named in the estimate's notes (qwenquant/estimate/need.py)
+        return {"quant_s_per_weight": 0.0, "quant_s_per_linear": 0.0}
+    per_weight = best_time(lambda: spec.probe_quantize(cfg, w, dtype), device) / w.numel()
+    small = w[: min(8, w.shape[0])]
+    per_linear = max(best_time(lambda: spec.probe_quantize(cfg, small, dtype), device) - small.numel() * per_weight, 0.0)
+    return {"quant_s_per_weight": per_weight, "quant_s_per_linear": per_linear}
+
+
+def _export_rates(recipe, w: torch.Tensor, dtype: torch.dtype, device: torch.device) -> dict:
+    """Seconds per weight of the format's tensors for one quantized Linear, and of the loader's NaN/Inf check."""
+    spec, cfg = STAGES[recipe.quantizer], recipe.quantizer_config
+    fmt = FORMATS[recipe.export.format]
+    out = {"isfinite_s_per_weight": best_time(lambda: bool(torch.isfinite(w).all()), device) / w.numel()}
+    if spec.probe_quantize is None:
+        return out | {"export_s_per_weight": 0.0}
+    record = spec.probe_quantize(cfg, w, dtype)
+    rows, k = record.shape
+    if fmt.check_linear(spec.record_kind, cfg, "probe", rows, k):  # a slice the format cannot pack: whole words
+        record = spec.probe_quantize(cfg, w[: rows // 8 * 8 or 8], dtype)
+    record = _on_cpu(record)
+    seconds = best_time(lambda: fmt.linear_tensors(record, cfg, "probe", None), torch.device("cpu"), max_calls=1)
+    return out | {"export_s_per_weight": seconds / record.q.numel()}
+
+
 @torch.no_grad()
-def _act_quant_rate(recipe, k: int, dtype: torch.dtype, device: torch.device) -> float:
-    """Seconds per input element of the FP8 activation simulation the recipe installs during propagation/eval."""
-    from qwenquant.quant.fp8 import fake_quantize_activation
-
-    stage = recipe.stage("fp8")
-    if stage is None or stage.activations == "none":
-        return 0.0
-    mode = {"dynamic": "group" if stage.weights == "block" else "token", "static": "tensor"}[stage.activations]
-    k = k - k % stage.block_size if mode == "group" and k >= stage.block_size else k
-    x = torch.randn(max(16, min(2048, ELEMENTS_CAP // k)), k, device=device).to(dtype)
-    scale = torch.tensor([0.01], dtype=dtype, device=device)
-    return _best_time(lambda: fake_quantize_activation(x, mode, scale, stage.block_size), device) / x.numel()
-
-
 def run_probe(config: dict, recipe, device: torch.device, dtype: torch.dtype, calib_tokens: int, window: int,
               seq_len: int = 0) -> Probe:
     """Measure this machine's rates for the model's shapes (a few seconds; scaled-down layers for big models)."""
-    from qwenquant.model.qwen3 import linear_shapes
-
     started = time.perf_counter()
     parts: dict[str, float] = {}
 
@@ -302,10 +270,17 @@ def run_probe(config: dict, recipe, device: torch.device, dtype: torch.dtype, ca
     gflops_model = timed("lm_head", lambda: _matmul_gflops(min(vocab, 16384), hidden, dtype, device, tokens=512))
     fp32 = timed("fp32_matmul", lambda: _matmul_gflops(n, k, torch.float32, device))
     logits_rate, kl_rate = timed("logits", lambda: _logits_rates(vocab, dtype, device))
-    rates = timed("quantizer", lambda: _quantizer_rates(recipe, n, k, calib_tokens, dtype, device))
-    act = timed("act_quant", lambda: _act_quant_rate(recipe, max(kk for _, kk in shapes.values()), dtype, device))
+    w = _weight_slice(n, k, dtype, device)
+    rates = {"act_quant_s_per_element": 0.0}  # unless a stage simulates activation quantization
+    rates |= timed("quantizer", partial(_quantize_rates, recipe, w, dtype, device))
+    rates |= timed("export", partial(_export_rates, recipe, w, dtype, device))
+    kit = ProbeKit(w, calib_tokens, max(kk for _, kk in shapes.values()), dtype, device)
+    for cfg in recipe.stages:  # what each stage measures for its own time
+        spec = spec_of(cfg)
+        if spec.probe is not None:
+            rates |= timed(spec.name, partial(spec.probe, cfg, kit))
     # a second, later sample of the cheap quantizer rates (other processes come and go within seconds)
-    again = timed("quantizer_again", lambda: _quantizer_rates(recipe, n, k, calib_tokens, dtype, device, True))
+    again = timed("quantizer_again", lambda: _quantize_rates(recipe, _weight_slice(n, k, dtype, device), dtype, device))
     rates |= {key: min(rates[key], value) for key, value in again.items()}
     return Probe(
         device=str(device),
@@ -317,7 +292,6 @@ def run_probe(config: dict, recipe, device: torch.device, dtype: torch.dtype, ca
         fp32_gflops=fp32,
         logits_s_per_element=logits_rate,
         kl_s_per_element=kl_rate,
-        act_quant_s_per_element=act,
         scaled_from=scaled,
         parts_s=parts,
         load_avg=os.getloadavg()[0] if hasattr(os, "getloadavg") else None,

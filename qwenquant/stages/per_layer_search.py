@@ -1,7 +1,8 @@
 """Per-layer glue of the scale search (`--scale-search`): per-Linear weight clipping ratios for the fp8, rtn and
-gptq stages and a per-layer SmoothQuant alpha for the smooth stage, each chosen by the output error it causes on calibration
-inputs (`qwenquant.quant.scale_search`). Choices go to the layer report and to `state.searched`;
-`resolve_searched` writes them into the recipe saved with the output, which then replays them without searching.
+gptq stages, the FP8 weight granularity per vLLM fused group, and a per-layer SmoothQuant alpha for the smooth
+stage, each chosen by the output error it causes on calibration inputs (the math: `qwenquant.quant.scale_search`).
+Choices go to the layer report and to `state.searched` under the keys below; each stage's `resolve` writes them
+into the recipe saved with the output, which then replays them without searching.
 
 Sensitivity decides the grid: within a layer, Linears whose error at clip 1.0 is above the layer's median get the
 fine clip grid; a layer whose error at the configured alpha is above the mean of the earlier layers' (layer 0: no
@@ -10,34 +11,25 @@ reference) gets the fine alpha grid.
 
 from __future__ import annotations
 
-import dataclasses
 import statistics
 
 import torch
 
-from qwenquant.pipeline import LayerContext, QuantState
 from qwenquant.quant import fp8 as fp8q
+from qwenquant.quant import intq
 from qwenquant.quant import scale_search as ss
 from qwenquant.quant import smooth as sq
-from qwenquant.quant import intq
-from qwenquant.recipe import FP8Stage, GPTQStage, Recipe, RTNStage, SmoothStage
+from qwenquant.stages.context import LayerContext
+from qwenquant.stages.observe import sample_inputs
 
 MAX_SEARCH_TOKENS = 4096  # calibration tokens per Linear input used by the searches (evenly strided)
-CLIP_KEY, ALPHA_KEY, ALPHA_BASELINE_KEY = "fp8.clip", "smooth.layer_alpha", "smooth.baseline_error"
-CLIP_KEYS = {FP8Stage: CLIP_KEY, RTNStage: "rtn.clip", GPTQStage: "gptq.clip"}  # state.searched key per quantizer
-
-
-def _inputs(ctx: LayerContext, names: list[str]) -> dict[str, torch.Tensor]:
-    from qwenquant.stages import _sample_inputs  # the stages module imports this one
-
-    return _sample_inputs(ctx, names, MAX_SEARCH_TOKENS)
-
-
-GRANULARITY_KEY = "fp8.granularity"
+# `QuantState.searched` keys (also in the run journal)
+FP8_CLIP_KEY, FP8_GRANULARITY_KEY = "fp8.clip", "fp8.granularity"
+SMOOTH_ALPHA_KEY, SMOOTH_BASELINE_KEY = "smooth.layer_alpha", "smooth.baseline_error"
 
 
 @torch.no_grad()
-def layer_granularity(ctx: LayerContext, cfg: FP8Stage, names: list[str]) -> tuple[dict[str, str], dict[str, dict]]:
+def layer_granularity(ctx: LayerContext, cfg, names: list[str]) -> tuple[dict[str, str], dict[str, dict]]:
     """FP8 weight granularity per Linear (names relative to the layer) and, when searching, the search record.
 
     The search compares, per vLLM fused group (one scheme per fused module), channel weights with per-token
@@ -52,7 +44,7 @@ def layer_granularity(ctx: LayerContext, cfg: FP8Stage, names: list[str]) -> tup
     grouped = {n for u in units for n in u}
     units += [[n] for n in names if n not in grouped]
     input_of = {n: g[0] for g in ctx.adapter.sequential_groups for n in g}
-    xs = _inputs(ctx, sorted({input_of[n] for n in names}))
+    xs = sample_inputs(ctx, sorted({input_of[n] for n in names}), MAX_SEARCH_TOKENS)
     choice, details = {}, {}
     for u in units:
         errors = {}
@@ -73,27 +65,27 @@ def layer_granularity(ctx: LayerContext, cfg: FP8Stage, names: list[str]) -> tup
         for n in u:
             choice[n] = best
             details[n] = {"granularity": best, "errors": errors}
-    ctx.state.searched.setdefault(GRANULARITY_KEY, {}).update({ctx.full_name(n): g for n, g in choice.items()})
+    ctx.state.searched.setdefault(FP8_GRANULARITY_KEY, {}).update({ctx.full_name(n): g for n, g in choice.items()})
     return choice, details
 
 
-def layer_clips(ctx: LayerContext, cfg: FP8Stage | RTNStage | GPTQStage,
-                names: list[str], granularity: dict[str, str] | None = None) -> tuple[dict[str, float], dict[str, dict]]:
+def layer_clips(ctx: LayerContext, cfg, key: str, names: list[str],
+                granularity: dict[str, str] | None = None) -> tuple[dict[str, float], dict[str, dict]]:
     """Clip ratio per Linear (names relative to the layer) and, when searching, the search record per Linear.
 
-    Without `cfg.clip_search` the ratios come from `cfg.clip` (full names; 1.0 when absent). FP8 per-tensor weights
+    `cfg` is an fp8, rtn or gptq stage config; the choices go to `ctx.state.searched[key]`. Without `cfg.clip_search` the ratios come from `cfg.clip` (full names; 1.0 when absent). FP8 per-tensor weights
     search per vLLM fused group, whose members share one scale. INT ratios are judged by the round-to-nearest
     output error (for GPTQ a cheap proxy: its error feedback then works inside the chosen range).
     """
     if not cfg.clip_search:
         return {n: float(cfg.clip.get(ctx.full_name(n), 1.0)) for n in names}, {}
-    fp8 = isinstance(cfg, FP8Stage)
+    fp8 = key == FP8_CLIP_KEY
     units = ([[n for n in g if n in names] for g in ctx.adapter.fused_groups] if fp8 and cfg.weights == "tensor" else [])
     units = [u for u in units if u]
     grouped = {n for u in units for n in u}
     units += [[n] for n in names if n not in grouped]
     input_of = {n: g[0] for g in ctx.adapter.sequential_groups for n in g}
-    xs = _inputs(ctx, sorted({input_of[n] for n in names}))
+    xs = sample_inputs(ctx, sorted({input_of[n] for n in names}), MAX_SEARCH_TOKENS)
     dtype = next(ctx.layer.parameters()).dtype
 
     def quantizer(unit) -> callable:
@@ -118,18 +110,19 @@ def layer_clips(ctx: LayerContext, cfg: FP8Stage | RTNStage | GPTQStage,
             clips[n] = res.best
             details[n] = {"clip": res.best, "error_at_1": baseline[u], "error": res.best_error,
                           "grid": "fine" if len(grid) == len(ss.CLIP_GRID_FINE) else "coarse"}
-    ctx.state.searched.setdefault(CLIP_KEYS[type(cfg)], {}).update({ctx.full_name(n): c for n, c in clips.items()})
+    ctx.state.searched.setdefault(key, {}).update({ctx.full_name(n): c for n, c in clips.items()})
     return clips, details
 
 
-def layer_alpha(ctx: LayerContext, cfg: SmoothStage, quantizer: FP8Stage | None, mappings, absmax) -> tuple[float, dict]:
-    """This layer's smoothing alpha and, when searching, the search record."""
+def layer_alpha(ctx: LayerContext, cfg, quantizer, mappings, absmax) -> tuple[float, dict]:
+    """This layer's smoothing alpha (`cfg`: a smooth stage config) and, when searching, the search record of the
+    error of `quantizer` (the recipe's fp8 stage config)."""
     if not cfg.alpha_search:
         return cfg.alpha_for(ctx.index), {}
     if quantizer is None:
         raise ValueError("smooth.alpha_search: needs the fp8 stage it searches for")
     mc, dtype = ctx.model_config, next(ctx.layer.parameters()).dtype
-    xs = _inputs(ctx, sorted({m.balance[0] for m in mappings}))
+    xs = sample_inputs(ctx, sorted({m.balance[0] for m in mappings}), MAX_SEARCH_TOKENS)
     mode = {"dynamic": "group" if quantizer.weights == "block" else "token", "static": "tensor"}.get(quantizer.activations)
 
     def errors(grid) -> list[list[float]]:
@@ -160,31 +153,14 @@ def layer_alpha(ctx: LayerContext, cfg: SmoothStage, quantizer: FP8Stage | None,
 
     base_errors = errors([cfg.alpha])
     baseline = sum(e[0] for e in base_errors)
-    history = ctx.state.searched.setdefault(ALPHA_BASELINE_KEY, {})
+    history = ctx.state.searched.setdefault(SMOOTH_BASELINE_KEY, {})
     reference = statistics.mean(history.values()) if history else None
     history[ctx.index] = baseline
     grid = ss.choose_grid(baseline, reference, ss.ALPHA_GRID_COARSE, ss.ALPHA_GRID_FINE)
     grid = (float(cfg.alpha), *[g for g in grid if g != cfg.alpha])  # the configured alpha first: it wins ties
     rest = errors(grid[1:])
     res = ss.search_alpha(grid, [[b[0], *r] for b, r in zip(base_errors, rest)])
-    ctx.state.searched.setdefault(ALPHA_KEY, {})[ctx.index] = res.best
+    ctx.state.searched.setdefault(SMOOTH_ALPHA_KEY, {})[ctx.index] = res.best
     return res.best, {"alpha": res.best, "error_at_default": baseline, "error": res.best_error,
                       "grid": "fine" if len(grid) >= len(ss.ALPHA_GRID_FINE) else "coarse",
                       "errors": dict(zip(grid, res.errors))}
-
-
-def resolve_searched(recipe: Recipe, state: QuantState) -> Recipe:
-    """The recipe with the searched values written in and the searches turned off: it replays them exactly."""
-    alpha = state.searched.get(ALPHA_KEY)
-    stages = []
-    for s in recipe.stages:
-        clip = state.searched.get(CLIP_KEYS.get(type(s), ""))
-        if getattr(s, "clip_search", False) and clip is not None:
-            s = dataclasses.replace(s, clip_search=False, clip=dict(clip))
-        granularity = state.searched.get(GRANULARITY_KEY)
-        if isinstance(s, FP8Stage) and s.granularity_search and granularity is not None:
-            s = dataclasses.replace(s, granularity_search=False, granularity=dict(granularity))
-        elif isinstance(s, SmoothStage) and s.alpha_search and alpha is not None:
-            s = dataclasses.replace(s, alpha_search=False, layer_alpha=dict(alpha))
-        stages.append(s)
-    return dataclasses.replace(recipe, stages=stages)

@@ -1,0 +1,116 @@
+"""The option groups the commands share, each flag bound to the field it sets (qwenquant/cli/flags.py).
+
+The quantize commands (`fp8`, `gptq`, `awq`, `rtn`) take `QUANTIZE_GROUPS` plus their scheme's own flags;
+`run`, `sensitivity`, `compare`, `push` and `report` reuse the groups (or parts of them) that fit.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Optional
+
+from qwenquant.cli.flags import INVERTED, REQUIRED, Flag, Group
+from qwenquant.export.registry import FORMATS
+from qwenquant.recipe import CalibrationConfig, EvalConfig, ExportConfig, ModelConfig, Recipe
+from qwenquant.recipe_builder import parse_compensate_target, parse_keep_sensitive, parse_tasks, tasks_text
+from qwenquant.runner.options import RunOptions
+from qwenquant.stages.compensate import CompensateStage
+from qwenquant.stages.mixed_precision import MixedPrecisionStage
+
+MODEL = Group(ModelConfig, (
+    Flag("id", str, "Local folder, hub id, or shorthand like Qwen3-4B (= Qwen/Qwen3-4B).", ("--model", "-m"),
+         param="model", default=REQUIRED, lead=True),
+    Flag("revision", Optional[str], "Hub revision (branch, tag or commit)."),
+), section="model")
+
+CALIBRATION = Group(CalibrationConfig, (
+    Flag("dataset", str, "builtin | builtin:en | builtin:zh | FILE.txt | FILE.jsonl | hub dataset id[:config][@split].",
+         ("--calib",), param="calib"),
+    Flag("num_samples", int, "Calibration samples."),
+    Flag("seq_len", int, "Tokens per calibration sample."),
+    Flag("seed", int, "Seed for calibration sampling."),
+), section="calibration")
+
+DEVICE = Group(Recipe, (
+    Flag("device", str, "auto | cpu | cuda | cuda:N: where each layer is processed."),
+))
+
+PERPLEXITY_TEXT = Group(EvalConfig, (
+    Flag("eval_text", str, "wikitext2 (WikiText-2 test) or a text file for perplexity."),
+    Flag("max_windows", Optional[int], "Evaluate only the first N windows (quick runs).", param="eval_windows"),
+    Flag("window", int, "Tokens per perplexity window (capped at the model's max positions).", ("--eval-window",),
+         param="eval_window"),
+), section="eval")
+
+EVAL = Group(EvalConfig, PERPLEXITY_TEXT.flags + (
+    Flag("perplexity", bool, "Skip perplexity (KL and verification still run).", ("--no-ppl",), param="no_ppl",
+         **INVERTED),
+    Flag("verify", bool, "Do not reload and compare the written checkpoint.", ("--no-verify",), param="no_verify",
+         **INVERTED),
+    Flag("verify_max_kl", float, "Fail if the reloaded checkpoint's mean next-token KL vs the source exceeds this "
+         "(nats)."),
+    Flag("max_ppl_increase_pct", Optional[float], "Quality gate: exit 3 (after writing the report) if perplexity "
+         "rises more than this many percent.", ("--max-ppl-increase",), param="max_ppl_increase"),
+    Flag("tasks", Optional[str], "Comma-separated zero-shot tasks to measure on source and result "
+         "(hellaswag,piqa,arc_easy,winogrande,ceval).", ("--tasks",), to_field=parse_tasks, to_flag=tasks_text),
+    Flag("task_limit", Optional[int], "Documents per task (quick runs).", ("--task-limit",)),
+    Flag("min_task_recovery_pct", Optional[float], "Quality gate: exit 3 if any task keeps less than this % of the "
+         "source accuracy.", ("--min-task-recovery",), param="min_task_recovery"),
+), section="eval")
+
+MIXED_PRECISION = Group(MixedPrecisionStage, (
+    Flag("keep_sensitive", Optional[str], "Keep the N most sensitive fused groups (q/k/v, o, gate/up, down of a "
+         "layer) in bf16; auto: the fewest meeting --max-ppl-increase.", ("--keep-sensitive",), metavar="N|auto",
+         to_field=parse_keep_sensitive),
+    Flag("max_keep", int, "With --keep-sensitive auto: keep at most this many groups.", ("--max-keep",)),
+), section="mixed_precision", switch="keep_sensitive")
+
+COMPENSATE = Group(CompensateStage, (
+    Flag(None, bool, "After quantizing each layer, tune its scales, INT rounding and norm weights so its output "
+         "matches the unquantized layer (error-compensation fine-tuning).", ("--compensate/--no-compensate",),
+         param="compensate", default=False),
+    Flag("steps", int, "Signed-gradient steps per layer for --compensate.", param="compensate_steps"),
+    Flag("lr", float, "Step size for --compensate (rounding offsets, in grid steps; scales and norms take relative "
+         "steps of a fixed fraction of it).", param="compensate_lr"),
+    Flag("target", str, "What --compensate fits each quantized layer to: float = the unquantized model's own layer "
+         "output (also absorbs error from earlier layers); layer = the unquantized layer on the quantized model's "
+         "inputs.", ("--compensate-target",), param="compensate_target", metavar="float|layer",
+         to_field=parse_compensate_target),
+), section="compensate", switch="compensate")
+
+RUN = Group(RunOptions, (
+    Flag("out", Optional[Path], "Output folder [default: ./<model>-<SCHEME>].", ("--out", "-o"), default=None,
+         lead=True),
+    Flag("overwrite", bool, "Replace an existing output folder."),
+    Flag("resume", bool, "Continue an interrupted run of the same command from its last finished decoder layer "
+         "(kept in the hidden .OUT.partial folder).", ("--resume",)),
+    Flag("offload_dir", Optional[Path], "Keep decoder layers not in use on disk under DIR (created if missing; the "
+         "run's files are removed at the end), so models larger than host RAM can be quantized. Evaluation and "
+         "verification then run one layer at a time; not with --tasks or --keep-sensitive.", ("--offload-dir",),
+         metavar="DIR"),
+))
+
+OUTPUT = Group(None, (
+    Flag(None, bool, "Load nothing, write nothing: estimate peak host/device memory, output size and time per stage "
+         "from config.json, the safetensors headers and a few-second speed probe, and check them against the free "
+         "memory and disk (exit 5 when they do not fit).", ("--dry-run",), param="dry_run", default=False),
+    Flag(None, bool, "No progress output.", ("--quiet", "-q"), param="quiet", default=False),
+    Flag(None, bool, "Print a JSON summary on stdout.", ("--json",), param="json_out", default=False),
+    Flag(None, bool, "Print the resolved recipe as YAML and exit.", ("--print-recipe",), param="print_recipe",
+         default=False),
+))
+
+
+
+def format_group(kind: str, help: str) -> Group:
+    """`--format`: a choice of the export formats that store `kind` (fp8 | int) weights, in registry order."""
+    names = [name for name, fmt in FORMATS.items() if kind in fmt.stores]
+    choices = Enum(f"{kind.upper()}Format", {name: name for name in names}, type=str)
+    return Group(ExportConfig, (Flag("format", choices, help, ("--format",)),), section="export")
+
+
+PRINTING = OUTPUT.only("quiet", "json_out")  # commands that print a result: --quiet, --json
+
+# after the scheme's own flags, in --help order (the lead flags, --model and --out, come first)
+QUANTIZE_GROUPS = (MODEL, CALIBRATION, DEVICE, EVAL, MIXED_PRECISION, COMPENSATE, RUN, OUTPUT)

@@ -1,0 +1,45 @@
+"""The entry every export format puts in the export-format registry (`qwenquant/export/registry.py`).
+
+A format is one module in `qwenquant/export/` that declares, in its `EXPORT_FORMAT`:
+- `stores`: the record kinds it can hold (`fp8`, `int`; a quantizer stage declares the kind it makes);
+- `check_stage(kind, cfg)`: settings it cannot store, refused when the recipe is built (ValueError naming the key);
+- `check_linear(kind, cfg, name, n, k)`: shapes it cannot store, refused before any work (the message, or None);
+- `tensor_bytes(kind, cfg, n, k, dtype_bytes)`: bytes of each tensor one quantized Linear [N, K] gets (the estimator);
+- `linear_tensors(qw, cfg, name, activation)`: the tensors of one quantized Linear, with local names;
+- `quantization_config(kind, cfg, ignore, linears)`: config.json's `quantization_config`, and the content of a
+  `quantize_config.json` beside it or None;
+- `reload_with(kind, cfg, moe)`: who verifies a written checkpoint, `transformers` or `spec-reader`;
+- `read_linear(tensors, config, name)`: the spec reader (written from the format description, not from the
+  writer): one Linear's dequantized float32 weight [N, K];
+- `fused_ignores`: engines match this format's skip list against fused module names (qkv_proj), so those are added.
+
+`cfg` is the recipe's quantizer stage config, `kind` its record kind.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+
+class UnstorableRecord(ValueError):
+    """One Linear's quantized values fall outside what the format can represent (found while writing it, e.g. a
+    GPTQ v1 zero point of 0, float16 scale overflow): a property of the data, reported as bad input."""
+
+
+def no_linear_problem(_kind: str, _cfg, _name: str, _n: int, _k: int) -> str | None:
+    return None
+
+
+@dataclass(frozen=True)
+class ExportFormat:
+    name: str
+    stores: tuple[str, ...]
+    check_stage: Callable[[str, object], None]
+    tensor_bytes: Callable[..., dict[str, int]]
+    linear_tensors: Callable[..., dict]
+    quantization_config: Callable[..., tuple[dict, dict | None]]
+    reload_with: Callable[[str, object, bool], str]
+    read_linear: Callable[..., object]
+    check_linear: Callable[..., str | None] = no_linear_problem
+    fused_ignores: bool = False

@@ -1,0 +1,132 @@
+"""The `gptq` quantizer stage: GPTQ, true-sequential inside each decoder layer (q/k/v, then o, then gate/up, then
+down), each group seeing the inputs of the already quantized ones; Linears sharing an input run one column loop."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from qwenquant.quant import gptq as gptqq
+from qwenquant.stages.context import LayerContext
+from qwenquant.stages.int_weights import (check_clip_fields, check_group_size, check_int_fields, clip_key, int_label,
+                                          int_probe_quantize, int_record_bytes, resolve_clip)
+from qwenquant.stages.observe import clip_report, quantized_names, store_int
+from qwenquant.stages.per_layer_search import layer_clips
+from qwenquant.stages.spec import ROUGH_TIME_NOTE, StageSpec
+from qwenquant.validation import choice, positive
+
+
+@dataclass
+class GPTQStage(gptqq.GPTQConfig):
+    """The GPTQ math's settings (`qwenquant.quant.gptq.GPTQConfig`, the one home of their defaults) plus the
+    stage's per-Linear clip ratios. Act-order defaults to static here (the math's default is none)."""
+
+    actorder: str = "static"  # static | group | none
+    clip: dict = field(default_factory=dict)
+    clip_search: bool = False
+
+    def __post_init__(self) -> None:
+        check_int_fields("gptq", self)
+        check_clip_fields("gptq", self)
+        choice("gptq.actorder", self.actorder, gptqq.ACTORDERS)
+        if not 0.0 <= self.dampening_frac < 1.0:
+            raise ValueError(f"gptq.dampening_frac: must be in [0, 1), got {self.dampening_frac}")
+        positive("gptq.block_size", self.block_size)
+        super().__post_init__()
+
+
+def gptq_layer(ctx: LayerContext, cfg: GPTQStage) -> dict:
+    """GPTQ, true-sequential: each group (q/k/v, o, gate/up, down) sees inputs of the already quantized ones."""
+    report: dict = {}
+    done: set[str] = set()
+    clips, search = layer_clips(ctx, cfg, clip_key("gptq"), quantized_names(ctx, ctx.adapter.linears))  # before any Linear changes
+    for wave in observation_waves(ctx.adapter):
+        for submodule, linears in ctx.adapter.output_determined_by:  # final already: reuse its outputs
+            if done.issuperset(linears):
+                ctx.freeze_outputs(submodule)
+        done.update(n for group in wave for n in group)
+        groups = [g for g in (quantized_names(ctx, group) for group in wave) if g]
+        if not groups:
+            continue
+        hessians: dict[str, dict] = {g[0]: {"H": None, "n": 0} for g in groups}
+
+        def observe(name: str, x: torch.Tensor) -> None:
+            h = hessians[name]
+            h["H"], h["n"] = gptqq.accumulate_hessian(h["H"], x, h["n"])
+
+        with ctx.observe_inputs([g[0] for g in groups], observe):  # members of a group share one input
+            ctx.forward()
+        for group in groups:
+            weights = [ctx.linear(name).weight.data for name in group]
+            results = gptqq.quantize_weights_shared(weights, hessians[group[0]]["H"], cfg, scale_dtype=weights[0].dtype,
+                                                    clip_ratios=[clips[n] for n in group])
+            for name, res in zip(group, results):
+                store_int(ctx, name, res.record, report,
+                           {"gptq_loss": res.loss} | clip_report(clips[name], search.get(name)))
+                ctx.pre_rounding[name] = res.pre_rounding  # a later compensate stage tunes the rounding from here
+    return report
+
+
+def observation_waves(adapter) -> list[list[tuple[str, ...]]]:
+    """The sequential groups in order, consecutive groups the adapter marks as independent merged into one wave
+    (observed in one forward)."""
+    together = {first: i for i, firsts in enumerate(adapter.observed_together) for first in firsts}
+    waves: list[list[tuple[str, ...]]] = []
+    last = None
+    for group in adapter.sequential_groups:
+        key = together.get(group[0])
+        if key is not None and key == last:
+            waves[-1].append(group)
+        else:
+            waves.append([group])
+        last = key
+    return waves
+
+
+# -- the estimator's cost model (StageSpec cost fields; qwenquant/estimate/) ----------------------------------------
+
+
+def _host_bytes(cfg: GPTQStage, need) -> tuple[int, str]:
+    copies, _ = need.weight_copies()
+    return copies + 5 * 4 * need.widest_input**2, "GPTQ Hessian and Cholesky factors"  # H, damped, factors, inverse
+
+
+def _seconds(cfg: GPTQStage, need) -> tuple[float, str]:
+    """Per group of Linears sharing an input (q/k/v, o, gate/up, down): a Hessian over the calibration tokens, one
+    factorisation, one column loop over the stacked rows and the lazy block updates; the observation forwards stop
+    early and reuse attention outputs: about one layer forward in all."""
+    probe, tokens, flops = need.probe, need.calib_tokens, need.fp32_flops
+    t = need.calibration_forwards() + need.quant_pass
+    for g in need.groups:
+        k, rows = g[0].k, sum(l.n for l in g)
+        t += 2 * tokens * k * k / flops + (1.3 * k**3 + rows * k * k) / flops
+        t += k * (probe.gptq_s_per_column + probe.gptq_s_per_column_row * rows)
+    return t, ROUGH_TIME_NOTE if cfg.clip_search else ""
+
+
+def _record_bytes(cfg: GPTQStage, n: int, k: int, dtype_bytes: int) -> int:
+    """An INT record, with the [K] int32 group index of act-order `group`."""
+    return int_record_bytes(cfg, n, k, dtype_bytes) + (4 * k if cfg.actorder == "group" else 0)
+
+
+def _probe(cfg: GPTQStage, kit) -> dict[str, float]:
+    """The column loop's cost grows with the rows (strided column reads and writes of [N, K] arrays): time 128
+    columns (a group needs >= 128) at 256 and 2048 rows."""
+    kp = 128
+    x = torch.randn(1024, kp, device=kit.device)
+    H = 2 * x.T @ x / x.shape[0]
+    times = []
+    for rows in (256, 2048):
+        wp = torch.randn(rows, kp, device=kit.device) * 0.02
+        times.append(kit.time(lambda wp=wp: gptqq.quantize_weight(wp, H, cfg, scale_dtype=kit.dtype), budget_s=0.5,
+                              max_calls=3))
+    # a two-point slope is fragile on a shared machine (one slow call flattens it): at least half of the 2048-row
+    # time is per-row work (about 70% on a quiet 2-core box)
+    per_row = max((times[1] - times[0]) / (kp * (2048 - 256)), 0.5 * times[1] / (kp * 2048))
+    return {"gptq_s_per_column_row": per_row, "gptq_s_per_column": max(times[0] / kp - per_row * 256, 0.0)}
+
+
+SPEC = StageSpec("gptq", GPTQStage, "quantizer", gptq_layer, record_kind="int", check_linear=check_group_size, resolve=resolve_clip("gptq"),
+                 host_bytes=_host_bytes, seconds=_seconds, record_bytes=_record_bytes, label=int_label,
+                 probe_quantize=int_probe_quantize, probe=_probe)

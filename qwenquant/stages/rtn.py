@@ -1,0 +1,49 @@
+"""The `rtn` quantizer stage: INT round-to-nearest with the same group layout, the baseline every INT method is
+measured against. Without clip search it needs no calibration data."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from qwenquant.quant import intq
+from qwenquant.stages.context import LayerContext
+from qwenquant.stages.int_weights import (ClippedIntStage, check_group_size, clip_key, int_label, int_probe_quantize,
+                                          int_record_bytes, resolve_clip)
+from qwenquant.stages.observe import clip_report, quantized_names, store_int
+from qwenquant.stages.per_layer_search import layer_clips
+from qwenquant.stages.spec import ROUGH_TIME_NOTE, StageSpec
+
+
+@dataclass
+class RTNStage(ClippedIntStage):
+    name = "rtn"
+
+
+def rtn_layer(ctx: LayerContext, cfg: RTNStage) -> dict:
+    """Round-to-nearest with the same group layout: the baseline every INT benchmark reports."""
+    report: dict = {}
+    names = quantized_names(ctx, ctx.adapter.linears)
+    clips, search = layer_clips(ctx, cfg, clip_key("rtn"), names)  # 1.0 unless clip ratios are given or searched
+    for name in names:
+        w = ctx.linear(name).weight.data
+        qw = intq.quantize_rtn(w.float(), cfg.bits, cfg.group_size, cfg.symmetric, clips[name], scale_dtype=w.dtype)
+        store_int(ctx, name, qw, report, clip_report(clips[name], search.get(name)))
+    return report
+
+
+# -- the estimator's cost model (StageSpec cost fields; qwenquant/estimate/) ----------------------------------------
+
+
+def _host_bytes(cfg: RTNStage, need) -> tuple[int, str]:
+    return need.weight_copies()
+
+
+def _seconds(cfg: RTNStage, need) -> tuple[float, str]:
+    """One quantizer pass (a clip search's forwards and candidates are not modelled)."""
+    return need.quant_pass, ROUGH_TIME_NOTE if cfg.clip_search else ""
+
+
+SPEC = StageSpec("rtn", RTNStage, "quantizer", rtn_layer, record_kind="int", check_linear=check_group_size,
+                 uses_calibration=lambda cfg: cfg.clip_search, resolve=resolve_clip("rtn"),
+                 host_bytes=_host_bytes, seconds=_seconds, record_bytes=int_record_bytes, label=int_label,
+                 probe_quantize=int_probe_quantize)

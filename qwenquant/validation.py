@@ -1,0 +1,32 @@
+"""Checks the config dataclasses run in `__post_init__`: each raises ValueError whose message starts with the key."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def choice(name: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name}: {value!r} is not allowed; use one of {', '.join(map(str, allowed))}")
+
+
+def positive(name: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name}: must be a positive integer, got {value!r}")
+
+
+def boolean(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name}: must be true or false")
+
+
+def ratio_map(name: str, value: Any, key_type: type, low: float, exclusive_low: bool = False) -> None:
+    """A mapping key -> number in [low, 1] ((low, 1] if exclusive_low), as written by the scale search."""
+    if not isinstance(value, dict):
+        raise ValueError(f"{name}: must be a mapping, got {type(value).__name__}")
+    for k, v in value.items():
+        if not isinstance(k, key_type) or isinstance(k, bool):
+            raise ValueError(f"{name}: key {k!r} must be a {key_type.__name__}")
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and (low < v if exclusive_low else low <= v) and v <= 1
+        if not ok:
+            raise ValueError(f"{name}.{k}: must be a number in {'(' if exclusive_low else '['}{low:g}, 1], got {v!r}")
