@@ -110,22 +110,19 @@ def verify_checkpoint(folder: Path, model, names: list[str], reader: str, fmt: s
             model.to("cpu")
         loader = f"qwenquant spec reader for {fmt} ({read.__module__}) in the source model"
     mismatched = _compare(model, names, theirs)
-    vs_source = kl_stats(src_logp, logp)
-    reason = ""
-    if mismatched:
-        reason = f"{len(mismatched)} reloaded weights differ from ours (first: {mismatched[0]})"
-    elif vs_source["mean_kl"] > max_kl:
+    return _verdict(loader, names, [(mismatched, "reloaded weights differ from ours")], kl_stats(src_logp, logp),
+                    max_kl, {"vs_quantized_in_memory": kl_stats(q_logp, logp)})
+
+
+def _verdict(loader: str, names: list[str], problems: list[tuple[list[str], str]], vs_source: dict, max_kl: float,
+             extra: dict) -> dict:
+    """The verification result: failed on the first non-empty (names, what) problem, else on KL above `max_kl`."""
+    reason = next((f"{len(bad)} {what} (first: {bad[0]})" for bad, what in problems if bad), "")
+    if not reason and vs_source["mean_kl"] > max_kl:
         reason = f"mean KL vs source {vs_source['mean_kl']:.4g} > {max_kl} nats"
-    return {
-        "passed": not reason,
-        "reason": reason,
-        "loader": loader,
-        "weights_checked": len(names),
-        "weights_mismatched": mismatched,
-        "vs_source": vs_source,
-        "vs_quantized_in_memory": kl_stats(q_logp, logp),
-        "threshold_mean_kl_vs_source": max_kl,
-    }
+    return {"passed": not reason, "reason": reason, "loader": loader, "weights_checked": len(names),
+            "weights_mismatched": problems[0][0], "vs_source": vs_source, **extra,
+            "threshold_mean_kl_vs_source": max_kl}
 
 
 @torch.no_grad()
@@ -188,27 +185,11 @@ def verify_offloaded(folder: Path, store, names: list[str], fmt: str, src_logp, 
             check(live, by_layer.get(i, []), sorted(n for n in quantized if n.startswith(prefix)))
         finally:
             store.release(i, dirty=False)
-    vs_source = kl_stats(src_logp, q_logp)
-    reason = ""
-    if mismatched:
-        reason = f"{len(mismatched)} stored weights read back differ from ours (first: {mismatched[0]})"
-    elif others_mismatched:
-        reason = f"{len(others_mismatched)} stored tensors differ from ours or are missing (first: {others_mismatched[0]})"
-    elif vs_source["mean_kl"] > max_kl:
-        reason = f"mean KL vs source {vs_source['mean_kl']:.4g} > {max_kl} nats"
-    return {
-        "passed": not reason,
-        "reason": reason,
-        "loader": (f"qwenquant spec reader for {fmt} ({read.__module__}), one decoder layer at a time, compared "
-                   "bit for bit "
-                   "with the live offloaded weights, every other tensor too (--offload-dir: no full-model reload; "
-                   "KL vs source is the in-memory quantized model's)"),
-        "mode": "offload",
-        "weights_checked": len(names),
-        "weights_mismatched": mismatched,
-        "other_tensors_checked": others_checked,
-        "other_tensors_mismatched": others_mismatched,
-        "vs_source": vs_source,
-        "vs_quantized_in_memory": kl_stats(q_logp, q_logp),
-        "threshold_mean_kl_vs_source": max_kl,
-    }
+    loader = (f"qwenquant spec reader for {fmt} ({read.__module__}), one decoder layer at a time, compared bit for "
+              "bit with the live offloaded weights, every other tensor too (--offload-dir: no full-model reload; KL "
+              "vs source is the in-memory quantized model's)")
+    problems = [(mismatched, "stored weights read back differ from ours"),
+                (others_mismatched, "stored tensors differ from ours or are missing")]
+    return _verdict(loader, names, problems, kl_stats(src_logp, q_logp), max_kl,
+                    {"mode": "offload", "other_tensors_checked": others_checked,
+                     "other_tensors_mismatched": others_mismatched, "vs_quantized_in_memory": kl_stats(q_logp, q_logp)})

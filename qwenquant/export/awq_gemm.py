@@ -15,7 +15,7 @@ import math
 
 import torch
 
-from qwenquant.export.format_spec import ExportFormat
+from qwenquant.export.format_spec import ExportFormat, int_actorder
 from qwenquant.export.gptq_v1 import check_groups, pack_int32, scales_to_fp16, unpack_int32, unsigned_zero_point
 from qwenquant.quant.records import QuantizedWeight
 
@@ -97,7 +97,7 @@ def read_linear(tensors: dict[str, torch.Tensor], config: dict) -> torch.Tensor:
 def _check_stage(kind: str, cfg) -> None:
     if kind != "int":
         raise ValueError("export.format: awq stores INT weights; FP8 exports to compressed-tensors or hf-fp8")
-    if getattr(cfg, "actorder", "none") == "group":
+    if int_actorder(cfg) == "group":
         raise ValueError("export.format: awq cannot store act-order 'group'; use actorder static/none or format gptq")
     if cfg.bits != BITS:
         raise ValueError(f"export.format: awq stores 4-bit weights only, got bits {cfg.bits}; "
@@ -116,9 +116,7 @@ def _tensor_bytes(kind: str, cfg, n: int, k: int, dtype_bytes: int) -> dict[str,
 
 
 def _quantization_config(kind: str, cfg, ignore: list[str], linears: list[str]) -> tuple[dict, None]:
-    actorder = getattr(cfg, "actorder", "none")
-    return quantization_config(cfg.bits, cfg.group_size, cfg.symmetric, None if actorder == "none" else actorder,
-                               ignore), None
+    return quantization_config(cfg.bits, cfg.group_size, cfg.symmetric, int_actorder(cfg), ignore), None
 
 
 EXPORT_FORMAT = ExportFormat(

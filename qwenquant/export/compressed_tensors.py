@@ -13,7 +13,7 @@ import re
 import torch
 
 from qwenquant.export import ct_packed
-from qwenquant.export.format_spec import ExportFormat
+from qwenquant.export.format_spec import ExportFormat, int_actorder
 from qwenquant.quant.records import QuantizedWeight
 
 
@@ -116,7 +116,7 @@ def config_for_linear(config: dict, name: str) -> dict:
 
 
 def _check_stage(kind: str, cfg) -> None:
-    if kind == "int" and getattr(cfg, "actorder", "none") == "group":
+    if kind == "int" and int_actorder(cfg) == "group":
         raise ValueError("export.format: compressed-tensors (>= 0.13) cannot store act-order 'group' (g_idx); "
                          "use actorder static or format gptq")
 
@@ -158,9 +158,7 @@ def _linear_tensors(qw: QuantizedWeight, cfg, name: str, activation) -> dict[str
 def _quantization_config(kind: str, cfg, ignore: list[str], linears: list[str]) -> tuple[dict, None]:
     if kind == "fp8":
         return fp8_quantization_config(cfg, ignore, linears), None
-    actorder = getattr(cfg, "actorder", "none")
-    return ct_packed.quantization_config(cfg.bits, cfg.group_size, cfg.symmetric,
-                                         None if actorder == "none" else actorder, ignore), None
+    return ct_packed.quantization_config(cfg.bits, cfg.group_size, cfg.symmetric, int_actorder(cfg), ignore), None
 
 
 def _reload_with(kind: str, cfg, moe: bool) -> str:

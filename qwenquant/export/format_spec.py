@@ -27,6 +27,13 @@ class UnstorableRecord(ValueError):
     GPTQ v1 zero point of 0, float16 scale overflow): a property of the data, reported as bad input."""
 
 
+def int_actorder(cfg) -> str | None:
+    """An INT stage config's act-order as records and the INT writers spell it: None, "static" or "group" (RTN and
+    AWQ have none)."""
+    actorder = getattr(cfg, "actorder", "none")
+    return None if actorder == "none" else actorder
+
+
 def no_linear_problem(_kind: str, _cfg, _name: str, _n: int, _k: int) -> str | None:
     return None
 

@@ -23,7 +23,7 @@ import math
 
 import torch
 
-from qwenquant.export.format_spec import ExportFormat, UnstorableRecord
+from qwenquant.export.format_spec import ExportFormat, UnstorableRecord, int_actorder
 from qwenquant.quant.records import QuantizedWeight
 
 SUPPORTED_BITS = (2, 4, 8)
@@ -206,9 +206,7 @@ def _tensor_bytes(kind: str, cfg, n: int, k: int, dtype_bytes: int) -> dict[str,
 
 
 def _quantization_config(kind: str, cfg, ignore: list[str], linears: list[str]) -> tuple[dict, dict]:
-    actorder = getattr(cfg, "actorder", "none")
-    config = quantization_config(cfg.bits, cfg.group_size, cfg.symmetric, None if actorder == "none" else actorder,
-                                 ignore)
+    config = quantization_config(cfg.bits, cfg.group_size, cfg.symmetric, int_actorder(cfg), ignore)
     if hasattr(cfg, "dampening_frac"):
         config["damp_percent"] = cfg.dampening_frac  # metadata only, but it must tell the truth
     return config, config
