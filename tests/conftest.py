@@ -33,6 +33,16 @@ def pytest_configure(config) -> None:
     torch.set_num_threads(int(os.environ.get("QWENQUANT_TEST_THREADS", "1")))
 
 
+def pytest_collection_modifyitems(config, items) -> None:
+    """Tests marked `gpu` skip, with the reason, where no CUDA GPU is visible."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (marked gpu)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 def _need(path: Path, what: str) -> Path:
     if not path.exists():
         pytest.skip(f"{what} not found at {path} (the read-only ../shared folder beside the repo is absent)")

@@ -183,7 +183,7 @@ def test_existing_out_is_refused_as_in_a_real_run(cli, tiny_args, tmp_path, quic
 
 
 def test_recipe_file_dry_run(cli, tiny_qwen3, tmp_path, quick_probe) -> None:
-    recipe = Path(__file__).resolve().parents[1] / "recipes" / "w4a16-gptq.yaml"
+    recipe = Path(__file__).resolve().parents[2] / "recipes" / "w4a16-gptq.yaml"
     res = cli(["run", str(recipe), "--model", str(tiny_qwen3), "--out", str(tmp_path / "out"), "--device", "cpu",
                "--dry-run", "--json"])
     assert res.code == 0, res.err[-2000:]

@@ -18,7 +18,6 @@ from qwenquant.quant.intq import quantize_rtn
 from qwenquant.quant.records import QuantizedWeight
 
 CPU = torch.device("cpu")
-CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 def _weight(n: int = 96, k: int = 256, seed: int = 0) -> torch.Tensor:
@@ -151,7 +150,7 @@ def test_int4_unsupported_weights_name_the_reason() -> None:
         Int4Linear(quantize_rtn(w, 3, 128, True), CPU)
 
 
-@CUDA
+@pytest.mark.gpu
 def test_int4_cuda_kernel_matches_cpu_kernel() -> None:
     """CUDA packing (uint8, even column in the high nibble) + tinygemm give the CPU kernel's result."""
     if torch.cuda.get_device_capability() < (8, 0):
@@ -164,7 +163,7 @@ def test_int4_cuda_kernel_matches_cpu_kernel() -> None:
         assert float((y - ref).abs().max()) <= 2e-2 * float(ref.abs().max())
 
 
-@CUDA
+@pytest.mark.gpu
 def test_fp8_cuda_kernel_matches_reference() -> None:
     mode = fp8_linear.scaled_mm_mode("cuda")
     if mode is None:

@@ -189,6 +189,7 @@ def test_include_path_task(tasks_dir, tmp_path) -> None:
 # ------------------------------------------------------------------------------------------------ scoring
 
 
+@pytest.mark.slow
 def test_evaluate_tasks_on_qwen3_mini(mini_model, tasks_dir) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
