@@ -17,14 +17,24 @@ from qwenquant.reporting import environment_versions, report_header, write_atomi
 REPORT_SCHEMA_VERSION = 1
 
 
-def build_report(*, recipe, resolved, command, version, calib_hash, calib_tokens, eval_desc, src_ppl, q_ppl, kl, state,
-                 timings, source_bytes, output_bytes, peak_host, device, verification, started) -> dict:
+def evaluation_section(eval_desc: dict, src_ppl, q_ppl, kl: dict, tasks: dict | None) -> dict:
+    """`evaluation`: the setting, source and quantized perplexity and their change, KL vs source, tasks."""
     evaluation = dict(eval_desc)
     if src_ppl is not None and q_ppl is not None:
         evaluation["source"] = src_ppl.to_dict()
         evaluation["quantized"] = q_ppl.to_dict()
         evaluation["delta_ppl_pct"] = 100.0 * (q_ppl.perplexity / src_ppl.perplexity - 1.0)
     evaluation["kl_vs_source"] = kl
+    if tasks is not None:
+        evaluation["tasks"] = tasks
+    return evaluation
+
+
+def build_report(*, recipe, resolved, files_sha256: dict, command: str, started: float, version: str,
+                 calibration: dict, evaluation: dict, verification, sizes: dict, memory: dict, state, timings: dict,
+                 sections: dict) -> dict:
+    """The whole report, built once: `sections` adds the run's optional top-level sections (gates,
+    mixed_precision, resumed_after_layers)."""
     return report_header(REPORT_SCHEMA_VERSION, command=command, started=started, version=version) | {
         "model": {
             "reference": resolved.reference,
@@ -32,18 +42,18 @@ def build_report(*, recipe, resolved, command, version, calib_hash, calib_tokens
             "revision": recipe.model.revision,
             "architecture": resolved.config.get("architectures", [None])[0],
             "num_layers": resolved.config.get("num_hidden_layers"),
+            "files_sha256": files_sha256,
         },
         "recipe": recipe.to_dict(),
-        "calibration": {"dataset": recipe.calibration.dataset, "tokens": calib_tokens, "sha256_token_ids": calib_hash},
+        "calibration": {"dataset": recipe.calibration.dataset} | calibration,
         "evaluation": evaluation,
         "verification": verification,
-        "sizes": {"source_bytes": source_bytes, "output_bytes": output_bytes,
-                  "ratio": output_bytes / source_bytes if source_bytes else None},
-        "memory": {"peak_host_bytes": peak_host, "peak_device_bytes": state.peak_device_bytes, "device": str(device)},
+        "sizes": sizes | {"ratio": sizes["output_bytes"] / sizes["source_bytes"] if sizes["source_bytes"] else None},
+        "memory": memory | {"peak_device_bytes": state.peak_device_bytes},
         "timings_s": timings,
         "layers": state.layer_reports,
         "environment": environment_versions(),
-    }
+    } | sections
 
 
 def _mb(n: int | None) -> str:

@@ -28,6 +28,7 @@ from qwenquant.export.checkpoint import write_checkpoint
 from qwenquant.export.format_spec import UnstorableRecord
 from qwenquant.export.model_card import render_model_card, source_license
 from qwenquant.export.writer import atomic_output_dir, check_output_dir, partial_dir
+from qwenquant.gates import check_gates, merge_task_results
 from qwenquant.journal import JOURNAL_DIR, Journal, layers_done_in, read_journal, run_fingerprint
 from qwenquant.model.loader import file_sha256, resolve_model
 from qwenquant.model.offload import check_offload_dir, offload_session
@@ -35,12 +36,12 @@ from qwenquant.pipeline import peak_host_bytes, run_sequential
 from qwenquant.preflight import check_layout, check_mixed_precision, check_not_source, check_offload, needs_calibration
 from qwenquant.progress import Reporter
 from qwenquant.recipe import Recipe
-from qwenquant.report import build_report, write_report
-from qwenquant.runner.gates import check_gates, evaluate_recipe_tasks, merge_task_results
+from qwenquant.report import build_report, evaluation_section, write_report
 from qwenquant.runner.mixed import run_mixed_precision
 from qwenquant.runner.options import RunOptions
 from qwenquant.runner.outcome import Quantized
 from qwenquant.runner.placement import OffloadedModel, ResidentModel
+from qwenquant.runner.tasks import evaluate_recipe_tasks
 from qwenquant.stages.registry import spec_of
 from qwenquant.state import QuantState
 
@@ -170,24 +171,27 @@ class Run:
             return self.placement.verify(tmp, q.model, q.recipe, q.state, self.windows.kl, src_logp, q.logp,
                                          self.device)
 
-    def report(self, tmp: Path, q: Quantized, source: dict, q_tasks, written: dict, verification, extra: dict) -> dict:
-        """Build and write qwenquant_report.json, REPORT.md and the model card into `tmp`."""
-        resolved = self.resolved
+    def report(self, tmp: Path, q: Quantized, source: dict, q_tasks, written: dict, verification,
+               sections: dict, offload_folder: Path | None) -> dict:
+        """Build and write qwenquant_report.json, REPORT.md and the model card into `tmp`; `sections`: the run's
+        optional report sections (mixed_precision, resumed_after_layers)."""
+        resolved, ev = self.resolved, q.recipe.eval
+        tasks = merge_task_results(source["tasks"], q_tasks, ev.task_limit) if source["tasks"] is not None else None
+        evaluation = evaluation_section(self.windows.desc, source["ppl"], q.ppl, kl_stats(source["logp"], q.logp), tasks)
+        memory = {"peak_host_bytes": peak_host_bytes(), "device": str(self.device)}
+        if offload_folder is not None:  # decoder layers were kept on disk (a resource setting, not in the recipe)
+            memory["offload_dir"] = str(offload_folder.parent)
         report = build_report(
-            recipe=q.recipe, resolved=resolved, command=self.options.command, version=__version__,
-            calib_hash=samples_hash(self.calib) if self.calib is not None else None,
-            calib_tokens=int(self.calib.numel()) if self.calib is not None else 0,
-            eval_desc=self.windows.desc, src_ppl=source["ppl"], q_ppl=q.ppl, kl=kl_stats(source["logp"], q.logp),
-            state=q.state, timings=dict(self.seconds) | {"stages": q.state.stage_seconds},
-            source_bytes=_files_bytes(resolved.weight_files), output_bytes=_files_bytes(tmp / f for f in written["files"]),
-            peak_host=peak_host_bytes(), device=self.device, verification=verification, started=self.started,
+            recipe=q.recipe, resolved=resolved, files_sha256={f.name: file_sha256(f) for f in resolved.weight_files},
+            command=self.options.command, started=self.started, version=__version__,
+            calibration={"tokens": int(self.calib.numel()) if self.calib is not None else 0,
+                         "sha256_token_ids": samples_hash(self.calib) if self.calib is not None else None},
+            evaluation=evaluation, verification=verification,
+            sizes={"source_bytes": _files_bytes(resolved.weight_files),
+                   "output_bytes": _files_bytes(tmp / f for f in written["files"])},
+            memory=memory, state=q.state, timings=dict(self.seconds) | {"stages": q.state.stage_seconds},
+            sections={"gates": check_gates(evaluation, ev)} | sections,
         )
-        if source["tasks"] is not None:
-            report["evaluation"]["tasks"] = merge_task_results(source["tasks"], q_tasks, q.recipe.eval.task_limit)
-        report["gates"] = check_gates(report, q.recipe.eval)
-        report |= {k: v for k, v in extra.items() if k != "memory"}
-        report["memory"] |= extra.get("memory", {})
-        report["model"]["files_sha256"] = {f.name: file_sha256(f) for f in resolved.weight_files}
         shutil.rmtree(tmp / JOURNAL_DIR, ignore_errors=True)  # scratch of this run, not part of the checkpoint
         write_report(tmp, report)
         (tmp / "README.md").write_text(render_model_card(report, source_license(resolved.path)))
@@ -234,19 +238,17 @@ def _write_output(run: Run, offload_folder: Path | None) -> dict:
         if options.resume:
             run.reporter.log(f"resuming after {done} finished decoder layers" if done else "nothing to resume; starting")
         source = run.evaluate_source()
-        extra: dict = {}
+        sections: dict = {}
         if mixed:  # resolves the keep list (measuring sensitivity if asked; auto tries candidates)
-            q, extra["mixed_precision"] = run_mixed_precision(run, source["ppl"])
+            q, sections["mixed_precision"] = run_mixed_precision(run, source["ppl"])
         else:
             q = run.quantize(recipe, run.placement.model)
         q_tasks = run.evaluate_tasks(q)
         written = run.export(tmp, q)
         verification = run.verify(tmp, q, source["logp"])
-        if offload_folder is not None:  # decoder layers were kept on disk (a resource setting, not in the recipe)
-            extra["memory"] = {"offload_dir": str(offload_folder.parent)}
         if done:
-            extra["resumed_after_layers"] = done
-        return run.report(tmp, q, source, q_tasks, written, verification, extra)
+            sections["resumed_after_layers"] = done
+        return run.report(tmp, q, source, q_tasks, written, verification, sections, offload_folder)
 
 
 def _raise_on_failure(report: dict, out: Path) -> None:

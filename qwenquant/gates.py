@@ -1,17 +1,7 @@
-"""Zero-shot task results of source and result side by side, and the quality gates a pipeline sets on a report."""
+"""The quality gates a pipeline sets (`--max-ppl-increase`, `--min-task-recovery`), judged on a run's measured
+evaluation, and the per-task comparison they read."""
 
 from __future__ import annotations
-
-from qwenquant.eval.tasks import evaluate_tasks
-from qwenquant.progress import Reporter
-
-
-def evaluate_recipe_tasks(model, tokenizer, ev, device, reporter: Reporter, label: str) -> dict | None:
-    """Zero-shot task accuracy through lm-eval (None when the recipe names no tasks). `ev`: the recipe's eval."""
-    if not ev.tasks:
-        return None
-    reporter.log(f"tasks ({label}): {', '.join(ev.tasks)}")
-    return evaluate_tasks(model, tokenizer, list(ev.tasks), ev.task_limit, 8, device)
 
 
 def merge_task_results(source: dict, quantized: dict, limit: int | None) -> dict:
@@ -24,10 +14,10 @@ def merge_task_results(source: dict, quantized: dict, limit: int | None) -> dict
     return out
 
 
-def check_gates(report: dict, ev) -> list[dict]:
-    """Quality gates from the recipe's eval section, evaluated on the measured report."""
+def check_gates(evaluation: dict, ev) -> list[dict]:
+    """Quality gates from the recipe's eval section `ev`, judged on the report's measured `evaluation` section."""
     gates = []
-    tasks = report["evaluation"].get("tasks")
+    tasks = evaluation.get("tasks")
     if ev.min_task_recovery_pct is not None and tasks:
         worst_task, worst = min(((t, r["recovery_pct"]) for t, r in tasks.items()), key=lambda x: x[1])
         gates.append({"gate": "min_task_recovery_pct", "limit": ev.min_task_recovery_pct, "measured": worst,
@@ -35,7 +25,7 @@ def check_gates(report: dict, ev) -> list[dict]:
                       "description": f"{worst_task} recovers {worst:.2f}% of the source accuracy vs limit "
                                      f"{ev.min_task_recovery_pct}%"})
     if ev.max_ppl_increase_pct is not None:
-        delta = report["evaluation"]["delta_ppl_pct"]
+        delta = evaluation["delta_ppl_pct"]
         gates.append({"gate": "max_ppl_increase_pct", "limit": ev.max_ppl_increase_pct, "measured": delta,
                       "passed": delta <= ev.max_ppl_increase_pct,
                       "description": f"perplexity increase {delta:+.3f}% vs limit {ev.max_ppl_increase_pct}%"})
