@@ -23,7 +23,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from qwenquant.device import resolve_device
 from qwenquant.errors import BadInputError
+from qwenquant.estimate import probe
 from qwenquant.estimate.available import (
     available_device_bytes,
     available_host_bytes,
@@ -36,6 +38,8 @@ from qwenquant.estimate.render import print_estimate
 from qwenquant.estimate.result import Available, Estimate, build_estimate, fits_or_raise
 from qwenquant.estimate.size import OutputSize, linear_output_tensors, output_size
 from qwenquant.estimate.time import time_estimate
+from qwenquant.export.writer import check_output_dir
+from qwenquant.model.loader import DTYPES, resolve_model
 from qwenquant.preflight import check_layout, check_mixed_precision, check_not_source, needs_calibration
 
 __all__ = ["Available", "Estimate", "LinearInfo", "ModelFacts", "OutputSize", "Phase", "RunShape", "TensorInfo",
@@ -52,12 +56,6 @@ def estimate_run(recipe, out: Path, overwrite: bool = False) -> Estimate:
 
     Reads config.json, the safetensors headers and the tokenizer/evaluation text; writes nothing; downloads
     nothing (a hub id must be in the local cache)."""
-    # heavy (torch) imports: only when a run is estimated
-    from qwenquant.device import resolve_device
-    from qwenquant.estimate import probe
-    from qwenquant.export.writer import check_output_dir
-    from qwenquant.model.loader import DTYPES, resolve_model
-
     out = Path(out)
     check_output_dir(out, overwrite)
     device = resolve_device(recipe.device)
