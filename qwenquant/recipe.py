@@ -35,7 +35,7 @@ import yaml
 from qwenquant.errors import BadInputError
 from qwenquant.export.registry import FORMATS
 from qwenquant.stages.registry import QUANTIZERS, STAGES, spec_of, stage_name
-from qwenquant.validation import choice, positive
+from qwenquant.validation import choice, percent, positive
 
 RECIPE_VERSION = 1
 EXPORT_FORMATS = tuple(FORMATS)
@@ -92,6 +92,8 @@ class EvalConfig:
     min_task_recovery_pct: float | None = None  # quality gate: every task keeps >= this % of the source accuracy
 
     def __post_init__(self) -> None:
+        self.max_ppl_increase_pct = percent("eval.max_ppl_increase_pct", self.max_ppl_increase_pct)
+        self.min_task_recovery_pct = percent("eval.min_task_recovery_pct", self.min_task_recovery_pct)
         positive("eval.window", self.window)
         positive("eval.kl_tokens", self.kl_tokens)
         if self.max_windows is not None:

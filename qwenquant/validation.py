@@ -30,3 +30,19 @@ def ratio_map(name: str, value: Any, key_type: type, low: float, exclusive_low: 
         ok = isinstance(v, (int, float)) and not isinstance(v, bool) and (low < v if exclusive_low else low <= v) and v <= 1
         if not ok:
             raise ValueError(f"{name}.{k}: must be a number in {'(' if exclusive_low else '['}{low:g}, 1], got {v!r}")
+
+
+def percent(name: str, value: Any) -> float | None:
+    """A percentage written as a number (1, 2.5) or as text with or without the sign ("1%", "2.5 %"), as a float;
+    None stays None. Anything else is a ValueError naming the key."""
+    if value is None:
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        text = value.strip().removesuffix("%").strip()
+        try:
+            return float(text)
+        except ValueError:
+            pass
+    raise ValueError(f"{name}: {value!r} is not a percentage; write a number like 1 or 1%")

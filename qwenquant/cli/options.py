@@ -50,13 +50,15 @@ EVAL = Group(EvalConfig, PERPLEXITY_TEXT.flags + (
          **INVERTED),
     Flag("verify_max_kl", float, "Fail if the reloaded checkpoint's mean next-token KL vs the source exceeds this "
          "(nats)."),
-    Flag("max_ppl_increase_pct", Optional[float], "Quality gate: exit 3 (after writing the report) if perplexity "
-         "rises more than this many percent.", ("--max-ppl-increase",), param="max_ppl_increase"),
+    Flag("max_ppl_increase_pct", Optional[str], "Quality gate: exit 3 (after writing the report) if perplexity "
+         "rises more than this many percent (1 or 1%: one percent).", ("--max-ppl-increase",),
+         param="max_ppl_increase", metavar="PCT"),
     Flag("tasks", Optional[str], "Comma-separated zero-shot tasks to measure on source and result "
          "(hellaswag,piqa,arc_easy,winogrande,ceval).", ("--tasks",), to_field=parse_tasks, to_flag=tasks_text),
     Flag("task_limit", Optional[int], "Documents per task (quick runs).", ("--task-limit",)),
-    Flag("min_task_recovery_pct", Optional[float], "Quality gate: exit 3 if any task keeps less than this % of the "
-         "source accuracy.", ("--min-task-recovery",), param="min_task_recovery"),
+    Flag("min_task_recovery_pct", Optional[str], "Quality gate: exit 3 if any task keeps less than this % of the "
+         "source accuracy (99 or 99%).", ("--min-task-recovery",), param="min_task_recovery",
+         metavar="PCT"),
 ), section="eval")
 
 MIXED_PRECISION = Group(MixedPrecisionStage, (
