@@ -10,10 +10,12 @@ Two jobs, one mechanism:
   checkpoint is identical to an uninterrupted run's because every layer sees exactly the inputs it would have seen.
 
 Layout (`<tmp out>/_journal/`): `journal.json` (fingerprint of the run, layers done, stage seconds),
-`layer-00003.pt` (records + params + specs + report of layer 3), `inputs.pt` (inputs of the next layer, and
-its inputs in the unquantized model when compensation fits to those),
-`source_eval.pt` (the source model's evaluation, measured once). Files are written to a temporary name and renamed,
-and `journal.json` last, so a run killed at any instant leaves a consistent journal.
+`layer-00003.*` (records + params + specs + report of layer 3), `inputs-00003.*` (the inputs of layer 4, and
+its inputs in the unquantized model when compensation fits to those), `source_eval.*` (the source model's
+evaluation, measured once). Every file but journal.json is a `qwenquant.safe_store` save: safetensors + JSON +
+sha256, no pickle, so a journal someone else wrote cannot run code in the resuming process, and one that fails its
+hashes is refused with a one-line error. Files are written to a temporary name and renamed, and `journal.json`
+last, so a run killed at any instant leaves a consistent journal.
 """
 
 from __future__ import annotations
@@ -30,12 +32,14 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from qwenquant import safe_store
 from qwenquant.errors import BadInputError
+from qwenquant.eval.perplexity import PerplexityResult
 from qwenquant.quant.records import QuantizedWeight
 from qwenquant.state import ActivationSpec
 
 JOURNAL_DIR = "_journal"
-JOURNAL_VERSION = 1
+JOURNAL_VERSION = 2  # 2: safe_store files (1: torch.save pickles, refused)
 
 
 def run_fingerprint(recipe_yaml: str, weight_files: list[Path], extra: dict | None = None) -> str:
@@ -49,10 +53,13 @@ def run_fingerprint(recipe_yaml: str, weight_files: list[Path], extra: dict | No
     return h.hexdigest()
 
 
-def _save_atomic(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+def _load(path: Path, types: tuple[type, ...] = ()):
+    """A journal file read back through safe_store (no pickle), its hashes checked; None if it was never finished."""
+    try:
+        return safe_store.load(path, types)
+    except safe_store.TamperedFile as err:
+        raise BadInputError(f"the interrupted run's journal failed its integrity check ({err}); run without --resume "
+                            "to start over") from err
 
 
 def _record_to_dict(r: QuantizedWeight) -> dict:
@@ -97,7 +104,7 @@ class JournalRecords(MutableMapping):
             return self._memory[name]
         path = self._on_disk[name]
         if self._cached[0] != path:
-            self._cached = (path, torch.load(path, weights_only=True)["records"])
+            self._cached = (path, _load(path)["records"])
         return _record_from_dict(self._cached[1][name])
 
     def __setitem__(self, name: str, record: QuantizedWeight) -> None:
@@ -154,25 +161,29 @@ class Journal:
         """Decoder layers finished by an earlier (interrupted) run of the same recipe on the same weights."""
         return layers_done_in(self.folder.parent, self.fingerprint)
 
-    def _write_meta(self, layers_done: int, stage_seconds: dict) -> None:
+    def _write_meta(self, layers_done: int, stage_seconds: dict, inputs: bool) -> None:
         tmp = self._meta_path().with_name("journal.json.tmp")
         tmp.write_text(json.dumps({"version": JOURNAL_VERSION, "fingerprint": self.fingerprint,
-                                   "layers_done": layers_done, "stage_seconds": stage_seconds}))
+                                   "layers_done": layers_done, "stage_seconds": stage_seconds, "inputs": inputs}))
         os.replace(tmp, self._meta_path())
 
     # -- source evaluation ----------------------------------------------------------------------------------------
 
     def save_source_eval(self, result: dict) -> None:
-        _save_atomic(result, self.folder / "source_eval.pt")
+        safe_store.save(result, self.folder / "source_eval", (PerplexityResult,))
 
     def load_source_eval(self) -> dict | None:
-        path = self.folder / "source_eval.pt"
-        return torch.load(path, weights_only=False) if path.is_file() else None
+        return _load(self.folder / "source_eval", (PerplexityResult,))
 
     # -- layers ---------------------------------------------------------------------------------------------------
 
     def layer_path(self, i: int) -> Path:
-        return self.folder / f"layer-{i:05d}.pt"
+        return self.folder / f"layer-{i:05d}"
+
+    def inputs_path(self, i: int) -> Path:
+        """The inputs of layer i + 1 (layer i's outputs), kept per layer so that a run killed between writing them
+        and counting layer i as done still finds layer i's own inputs."""
+        return self.folder / f"inputs-{i:05d}"
 
     def save_layer(self, i: int, prefix: str, layer: nn.Module, state, next_inputs, float_inputs=None) -> None:
         """Persist layer i (records, other parameters, activation specs, report) and the next layer's inputs,
@@ -189,13 +200,15 @@ class Journal:
                            if (n.startswith(prefix) if isinstance(n, str) else n == i)}
                     for kind, choices in state.searched.items()}
         path = self.layer_path(i)
-        _save_atomic({"records": records, "params": params, "activations": specs, "searched": searched,
-                      "report": state.layer_reports[-1] if state.layer_reports else None}, path)
+        safe_store.save({"records": records, "params": params, "activations": specs, "searched": searched,
+                         "report": state.layer_reports[-1] if state.layer_reports else None}, path)
         if next_inputs is not None:
-            _save_atomic({"hidden": next_inputs.hidden, "kwargs": next_inputs.kwargs,
-                          "float_hidden": float_inputs.hidden if float_inputs is not None else None},
-                         self.folder / "inputs.pt")
-        self._write_meta(i + 1, state.stage_seconds)
+            safe_store.save({"hidden": next_inputs.hidden, "kwargs": next_inputs.kwargs,
+                             "float_hidden": float_inputs.hidden if float_inputs is not None else None},
+                            self.inputs_path(i))
+        self._write_meta(i + 1, state.stage_seconds, inputs=next_inputs is not None)
+        if i:
+            safe_store.remove(self.inputs_path(i - 1))  # layer i's own inputs: no longer needed to resume
         self.records.mark_on_disk(list(records), path)
         if os.environ.get("QWENQUANT_FAULT_KILL_AFTER_LAYER") == str(i):  # fault injection for the resume tests
             os.kill(os.getpid(), signal.SIGKILL)
@@ -206,7 +219,10 @@ class Journal:
         With a `layer_store` (--offload-dir) each layer is materialized, restored and written back in turn."""
         for i in range(n_done):
             prefix = f"{layers_path}.{i}."
-            saved = torch.load(self.layer_path(i), weights_only=False)
+            saved = _load(self.layer_path(i))
+            if saved is None:
+                raise BadInputError(f"the interrupted run's journal has no {self.layer_path(i).name}; run without "
+                                    "--resume to start over")
             layer = layers[i] if layer_store is None else layer_store.materialize(i)
             own = dict(layer.named_parameters()) | dict(layer.named_buffers())
             for k, v in saved["params"].items():
@@ -225,8 +241,10 @@ class Journal:
         meta = self.read_meta() or {}
         for stage, seconds in meta.get("stage_seconds", {}).items():
             state.stage_seconds[stage] = seconds
-        inputs = self.folder / "inputs.pt"
-        if n_done and inputs.is_file():
-            saved = torch.load(inputs, weights_only=False)
-            return saved["hidden"], saved["kwargs"], saved.get("float_hidden")
-        return None
+        if not (n_done and meta.get("inputs")):  # no calibration inputs are propagated (RTN alone)
+            return None
+        saved = _load(self.inputs_path(n_done - 1))
+        if saved is None:
+            raise BadInputError(f"the interrupted run's journal did not keep {self.inputs_path(n_done - 1).name}; "
+                                "run without --resume to start over")
+        return saved["hidden"], saved["kwargs"], saved["float_hidden"]

@@ -13,35 +13,13 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from conftest import MINI, TOKENIZER_FILES, _need, small_args
+from conftest import MINI, MOE, TOKENIZER_FILES, _need, small_args
+from conftest import build_tiny_moe as build_model
 from qwenquant.model.moe import LinearExperts, observe_all_tokens, routing_counts, unfuse_experts
 from qwenquant.model.qwen3 import QWEN3_MOE, linear_shapes
 
-# 3 layers: 0 and 2 sparse (8 experts, top-2), 1 dense (mlp_only_layers). hidden 128 so the attention Linears match
-# the dense tiny model; expert intermediate 64 (INT runs use --group-size 32).
-MOE = dict(vocab_size=8192, hidden_size=128, intermediate_size=256, moe_intermediate_size=64, num_hidden_layers=3,
-           num_attention_heads=4, num_key_value_heads=2, head_dim=32, num_experts=8, num_experts_per_tok=2,
-           mlp_only_layers=[1], norm_topk_prob=True, max_position_embeddings=512, tie_word_embeddings=False,
-           bos_token_id=0, eos_token_id=2, pad_token_id=0)
 EXPERTS, SPARSE = 8, (0, 2)
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
-
-
-def build_model(seed: int = 0):
-    """Random bf16 Qwen3-MoE whose layer-0 router never picks expert 0: its logit row is 0 while two pairs of rows
-    (v, -v), (u, -u) give two logits max(+-v.x), max(+-u.x) > 0 for every token."""
-    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
-
-    torch.manual_seed(seed)
-    model = Qwen3MoeForCausalLM(Qwen3MoeConfig(**MOE))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.uniform_(0.5, 1.5)
-        w = model.model.layers[0].mlp.gate.weight
-        v, u = torch.randn(2, w.shape[1])
-        w[0], w[1], w[2], w[3], w[4] = 0, v, -v, u, -u
-    return model.to(torch.bfloat16).eval()
 
 
 @pytest.fixture(scope="session")

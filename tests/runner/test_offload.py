@@ -172,7 +172,7 @@ def test_moe_offloaded_run_writes_the_identical_checkpoint(cli, tiny_args, tmp_p
     import shutil
 
     from conftest import MINI, TOKENIZER_FILES
-    from test_moe import build_model
+    from conftest import build_tiny_moe as build_model
 
     model = tmp_path / "moe"
     build_model().save_pretrained(model)

@@ -85,6 +85,39 @@ def test_resume_refuses_a_different_recipe_and_a_fresh_run_replaces_stale_progre
     assert not partial_dir(out).exists()
 
 
+@pytest.mark.parametrize("target, edit", [
+    ("layer-00000.safetensors", "bytes"),  # a changed tensor
+    ("layer-00000.json", "code"),  # a changed skeleton: whatever it holds is data, checked by its hash first
+    ("inputs-00000.sha256", "delete"),  # inputs the run counted as written are missing
+])
+def test_a_tampered_journal_is_refused_and_holds_no_pickle(cli, tiny_args, tmp_path, target, edit) -> None:
+    """Nothing in the journal is a pickle (reading it back cannot run code); a file that fails its hash, or is
+    missing, makes --resume refuse with one line that names the fix, leaving nothing half-written."""
+    out = tmp_path / "out"
+    killed = run_killed(["gptq", *tiny_args, "--out", str(out), "--quiet"], kill_after_layer=0)
+    assert killed.returncode == -9
+    folder = partial_dir(out) / "_journal"
+    suffixes = {f.suffix for f in folder.iterdir()}
+    assert suffixes <= {".json", ".safetensors", ".sha256"}, suffixes  # no torch.save / pickle files
+    path = folder / target
+    if edit == "bytes":
+        data = bytearray(path.read_bytes())
+        data[-1] ^= 0x01
+        path.write_bytes(bytes(data))
+    elif edit == "code":
+        path.write_text(path.read_text().replace('"data"', '"data", "__reduce__": "os.system"', 1))
+    else:
+        path.unlink()
+    res = cli(["gptq", *tiny_args, "--out", out, "--quiet", "--resume"])
+    assert res.code == 2 and len(res.error_lines) == 1, res.err
+    line = res.error_lines[0]
+    if edit == "delete":
+        assert "did not keep" in line and "without --resume" in line, line
+    else:
+        assert "integrity check" in line and target.split(".")[0] in line and "without --resume" in line, line
+    assert not out.exists()
+
+
 def test_ctrl_c_keeps_progress_and_says_how_to_resume(cli, tiny_args, tmp_path, monkeypatch) -> None:
     from qwenquant import journal
 
