@@ -104,7 +104,8 @@ class JournalRecords(MutableMapping):
             return self._memory[name]
         path = self._on_disk[name]
         if self._cached[0] != path:
-            self._cached = (path, _load(path)["records"])
+            # every layer file here was written by this process or checked when `restore` read it: no second hash pass
+            self._cached = (path, safe_store.load(path, check=False)["records"])
         return _record_from_dict(self._cached[1][name])
 
     def __setitem__(self, name: str, record: QuantizedWeight) -> None:

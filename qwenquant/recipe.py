@@ -143,14 +143,8 @@ class Recipe:
         if mixed is not None and mixed.keep_sensitive == "auto" and self.eval.max_ppl_increase_pct is None:
             raise ValueError("stages: mixed_precision keep_sensitive auto needs eval.max_ppl_increase_pct "
                              "(--max-ppl-increase)")
-        fmt = FORMATS[self.export.format]
-        kind = STAGES[quantizers[0]].record_kind
-        if kind not in fmt.stores:
-            stored = "INT" if fmt.stores == ("int",) else "FP8"
-            other = ("FP8 exports to compressed-tensors or hf-fp8" if kind == "fp8"
-                     else "INT runs export to compressed-tensors, gptq or awq")
-            raise ValueError(f"export.format: {fmt.name} stores {stored} weights; {other}")
-        fmt.check_stage(kind, self.stage(quantizers[0]))
+        # the format refuses what it cannot store, record kind included (ValueError naming export.format)
+        FORMATS[self.export.format].check_stage(STAGES[quantizers[0]].record_kind, self.stage(quantizers[0]))
 
     def stage(self, name: str):
         return next((s for s in self.stages if stage_name(s) == name), None)

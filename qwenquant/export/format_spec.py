@@ -1,8 +1,10 @@
 """The entry every export format puts in the export-format registry (`qwenquant/export/registry.py`).
 
 A format is one module in `qwenquant/export/` that declares, in its `EXPORT_FORMAT`:
-- `stores`: the record kinds it can hold (`fp8`, `int`; a quantizer stage declares the kind it makes);
-- `check_stage(kind, cfg)`: settings it cannot store, refused when the recipe is built (ValueError naming the key);
+- `stores`: the record kinds it can hold (`fp8`, `int`; a quantizer stage declares the kind it makes), which the
+  CLI offers it for;
+- `check_stage(kind, cfg)`: a record kind or settings it cannot store, refused when the recipe is built
+  (ValueError naming the key);
 - `check_linear(kind, cfg, name, n, k)`: shapes it cannot store, refused before any work (the message, or None);
 - `tensor_bytes(kind, cfg, n, k, dtype_bytes)`: bytes of each tensor one quantized Linear [N, K] gets (the estimator);
 - `linear_tensors(qw, cfg, name, activation)`: the tensors of one quantized Linear, with local names;

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 
 from conftest import MINI, MOE, TOKENIZER_FILES, _need, small_args
 from conftest import build_tiny_moe as build_model
+from qwenquant.eval.verify import read_checkpoint_tensors
 from qwenquant.model.moe import LinearExperts, observe_all_tokens, routing_counts, unfuse_experts
 from qwenquant.model.qwen3 import QWEN3_MOE, linear_shapes
 
@@ -32,14 +32,6 @@ def tiny_moe(tmp_path_factory) -> Path:
         if (MINI / f).exists():
             shutil.copy(MINI / f, folder / f)
     return folder
-
-
-def _tensors(folder: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(f), framework="pt") as sf:
-            out.update({k: sf.get_tensor(k) for k in sf.keys()})
-    return out
 
 
 def _layer_inputs(model, tokens: int = 48):
@@ -63,7 +55,7 @@ def test_split_experts_is_exact_and_named_as_on_disk(tiny_moe, impl) -> None:
     with torch.no_grad():
         assert torch.equal(fused(input_ids=ids).logits, split(input_ids=ids).logits)  # bit for bit
     # the split model's parameter names are the checkpoint's names, tensor for tensor
-    on_disk = _tensors(tiny_moe)
+    on_disk = read_checkpoint_tensors(tiny_moe)
     state = split.state_dict()
     assert set(state) == set(on_disk)
     assert all(torch.equal(state[k], on_disk[k]) for k in on_disk)
@@ -134,8 +126,8 @@ def test_smoothing_keeps_the_function(tiny_moe) -> None:
 
     from qwenquant.activations import ActivationCache
     from qwenquant.stages.context import LayerContext
-    from qwenquant.state import QuantState
     from qwenquant.stages.smooth import SmoothStage, smooth_layer
+    from qwenquant.state import QuantState
 
     model = AutoModelForCausalLM.from_pretrained(tiny_moe, dtype=torch.float32).eval()
     unfuse_experts(model, QWEN3_MOE)
@@ -198,7 +190,7 @@ def test_cli_quantizes_moe(moe_run, tiny_moe, case) -> None:
                   for p in ("gate_proj", "up_proj", "down_proj")])
     assert v["weights_checked"] == len(linears) and not v["weights_mismatched"]
 
-    tensors = _tensors(out)
+    tensors = read_checkpoint_tensors(out)
     for name in linears:  # every expert, the never-routed one too, is quantized under its on-disk name
         assert {k[len(name) + 1:] for k in tensors if k.startswith(name + ".")} == local_names, name
     for i in SPARSE:  # the router: bf16 weight only, listed by name in `ignore` (vLLM builds it as a Linear)
@@ -233,7 +225,7 @@ def test_transformers_reloads_the_experts(moe_run) -> None:
     res = moe_run("fp8", "--activations", "static")
     assert res.code == 0, res.err[-3000:]
     model = AutoModelForCausalLM.from_pretrained(res.out_dir, dtype=torch.bfloat16)
-    tensors = _tensors(res.out_dir)
+    tensors = read_checkpoint_tensors(res.out_dir)
     fused = model.model.layers[0].mlp.experts
     inter = MOE["moe_intermediate_size"]
     for p, w in (("gate_proj", fused.gate_up_proj[0, :inter]), ("up_proj", fused.gate_up_proj[0, inter:]),

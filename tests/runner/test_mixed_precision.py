@@ -7,38 +7,28 @@ writes the best achievable and exits 3."""
 from __future__ import annotations
 
 import json
-from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from safetensors import safe_open
 
 from qwenquant.calibration import load_calibration
+from qwenquant.eval.verify import read_checkpoint_tensors
 from qwenquant.model.loader import load_model, resolve_model
-from qwenquant.state import QuantState
 from qwenquant.pipeline import run_sequential
 from qwenquant.recipe import EvalConfig, Recipe, load_recipe, recipe_from_dict
 from qwenquant.stages.fp8 import FP8Stage
 from qwenquant.stages.gptq import GPTQStage
 from qwenquant.stages.mixed_precision import MixedPrecisionStage
 from qwenquant.stages.rtn import RTNStage
-
+from qwenquant.state import QuantState
 
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
            "mlp.up_proj", "mlp.down_proj")
 ALL = [f"model.layers.{i}.{n}" for i in range(2) for n in LINEARS]
 GROUPS = [tuple(f"model.layers.{i}.{n}" for n in g) for i in range(2)
           for g in (LINEARS[:3], LINEARS[3:4], LINEARS[4:6], LINEARS[6:])]
-
-
-def read_tensors(folder: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(f), framework="pt") as sf:
-            out.update({k: sf.get_tensor(k) for k in sf.keys()})
-    return out
 
 
 def assert_whole_groups(keep: list[str]) -> list[tuple[str, ...]]:
@@ -85,7 +75,7 @@ def test_keep_1_exports_the_most_sensitive_group_in_bf16(runs, tiny_qwen3) -> No
 
     config = json.loads((out / "config.json").read_text())
     assert config["quantization_config"]["ignore"] == sorted([*group, "lm_head"])
-    tensors, source = read_tensors(out), read_tensors(tiny_qwen3)
+    tensors, source = read_checkpoint_tensors(out), read_checkpoint_tensors(tiny_qwen3)
     for name in ALL:
         if name in group:
             assert tensors[f"{name}.weight"].dtype == torch.bfloat16
@@ -115,7 +105,7 @@ def test_recipe_yaml_reproduces_without_measuring(runs, cli, tmp_path) -> None:
     mp = json.loads((tmp_path / "again" / "qwenquant_report.json").read_text())["mixed_precision"]
     assert mp["measured"] is False and "ranking" not in mp
     assert (tmp_path / "again" / "recipe.yaml").read_text() == (first.out_dir / "recipe.yaml").read_text()
-    a, b = read_tensors(first.out_dir), read_tensors(tmp_path / "again")
+    a, b = read_checkpoint_tensors(first.out_dir), read_checkpoint_tensors(tmp_path / "again")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert (json.loads((tmp_path / "again" / "config.json").read_text())["quantization_config"]
             == json.loads((first.out_dir / "config.json").read_text())["quantization_config"])
@@ -129,7 +119,7 @@ def test_gptq_keep_2_int_checkpoint(runs) -> None:
     assert len(groups) == 2
     config = json.loads((res.out_dir / "config.json").read_text())["quantization_config"]
     assert config["ignore"] == sorted([*keep, "lm_head"])
-    tensors = read_tensors(res.out_dir)
+    tensors = read_checkpoint_tensors(res.out_dir)
     for name in ALL:
         assert (f"{name}.weight" in tensors) == (name in keep) and (f"{name}.weight_packed" in tensors) != (name in keep)
     report = json.loads((res.out_dir / "qwenquant_report.json").read_text())
@@ -258,7 +248,7 @@ def test_gptq_and_awq_formats_skip_kept_groups_under_their_engine_names(runs, cm
         assert set(config["dynamic"]) == {f"-:^{n.replace('.', chr(92) + '.')}$" for n in expected}
     else:
         assert set(config["modules_to_not_convert"]) == expected
-    tensors = read_tensors(res.out_dir)
+    tensors = read_checkpoint_tensors(res.out_dir)
     for name in keep:
         assert tensors[f"{name}.weight"].dtype == torch.bfloat16 and f"{name}.qweight" not in tensors
     assert json.loads((res.out_dir / "qwenquant_report.json").read_text())["verification"]["passed"]
