@@ -91,6 +91,10 @@ RUN = Group(RunOptions, (
          "run's files are removed at the end), so models larger than host RAM can be quantized. Evaluation and "
          "verification then run one layer at a time; not with --tasks or --keep-sensitive.", ("--offload-dir",),
          metavar="DIR"),
+    Flag("stream", bool, "Data-free recipes (FP8 dynamic / weight-only / block, RTN; no smoothing, search, compensation "
+         "or keep list) stream the source safetensors through the quantizer into the output shards with bounded "
+         "memory and worker threads, building no model; --no-stream quantizes them in memory like every other "
+         "recipe (same bytes).", ("--stream/--no-stream",)),
 ))
 
 OUTPUT = Group(None, (

@@ -110,11 +110,11 @@ def verify_checkpoint(folder: Path, model, names: list[str], reader: str, fmt: s
             model.to("cpu")
         loader = f"qwenquant spec reader for {fmt} ({read.__module__}) in the source model"
     mismatched = _compare(model, names, theirs)
-    return _verdict(loader, names, [(mismatched, "reloaded weights differ from ours")], kl_stats(src_logp, logp),
+    return verdict(loader, names, [(mismatched, "reloaded weights differ from ours")], kl_stats(src_logp, logp),
                     max_kl, {"vs_quantized_in_memory": kl_stats(q_logp, logp)})
 
 
-def _verdict(loader: str, names: list[str], problems: list[tuple[list[str], str]], vs_source: dict, max_kl: float,
+def verdict(loader: str, names: list[str], problems: list[tuple[list[str], str]], vs_source: dict, max_kl: float,
              extra: dict) -> dict:
     """The verification result: failed on the first non-empty (names, what) problem, else on KL above `max_kl`."""
     reason = next((f"{len(bad)} {what} (first: {bad[0]})" for bad, what in problems if bad), "")
@@ -190,6 +190,6 @@ def verify_offloaded(folder: Path, store, names: list[str], fmt: str, src_logp, 
               "vs source is the in-memory quantized model's)")
     problems = [(mismatched, "stored weights read back differ from ours"),
                 (others_mismatched, "stored tensors differ from ours or are missing")]
-    return _verdict(loader, names, problems, kl_stats(src_logp, q_logp), max_kl,
+    return verdict(loader, names, problems, kl_stats(src_logp, q_logp), max_kl,
                     {"mode": "offload", "other_tensors_checked": others_checked,
                      "other_tensors_mismatched": others_mismatched, "vs_quantized_in_memory": kl_stats(q_logp, q_logp)})

@@ -17,11 +17,11 @@ from qwenquant.model.qwen3 import adapter_for
 from qwenquant.state import QuantState
 
 
-def ignore_list(model: nn.Module, state: QuantState, always: tuple[str, ...]) -> list[str]:
+def ignore_list(model: nn.Module, quantized, always: tuple[str, ...]) -> list[str]:
     """Linears left in the source dtype: always-ignored ones (lm_head), decoder Linears not quantized, and modules
     engines load as Linears that the architecture never quantizes (MoE routers `mlp.gate`, which vLLM builds with the
     checkpoint's quantization config: they must be listed by name)."""
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in state.records]
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in quantized]
     return sorted(set(names) | set(always) | set(unquantized_modules(model)))
 
 
@@ -86,11 +86,17 @@ def write_checkpoint(folder: Path, model: nn.Module, tokenizer, recipe, state: Q
         else:
             writer.add(key, tensor)
     files = writer.finish()
+    write_metadata(folder, model, tokenizer, recipe, list(state.records), always_ignore)
+    return {"files": files, "tensor_bytes": writer.total_bytes}
 
-    ignore = ignore_list(model, state, always_ignore)
+
+def write_metadata(folder: Path, model: nn.Module, tokenizer, recipe, quantized: list[str], always_ignore) -> None:
+    """config.json with its quantization_config (`quantized`: full names of the quantized Linears in the order they
+    were quantized; `model` may be the meta skeleton), quantize_config.json where the format has one, generation config and tokenizer."""
+    ignore = ignore_list(model, set(quantized), always_ignore)
     if FORMATS[recipe.export.format].fused_ignores:  # engines match their skip lists against fused module names
         ignore = ignore + engine_fused_ignores(model, ignore)
-    qconfig, quantize_config = quantization_config(recipe, ignore, list(state.records))
+    qconfig, quantize_config = quantization_config(recipe, ignore, quantized)
     model.config.save_pretrained(folder)
     config = json.loads((folder / "config.json").read_text())
     config["quantization_config"] = qconfig
@@ -100,4 +106,4 @@ def write_checkpoint(folder: Path, model: nn.Module, tokenizer, recipe, state: Q
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    return {"files": files, "tensor_bytes": writer.total_bytes}
+

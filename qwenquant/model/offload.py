@@ -35,9 +35,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from qwenquant.errors import BadInputError, ResourceError
-from qwenquant.model.loader import DTYPES
-from qwenquant.model.moe import unfuse_experts
 from qwenquant.model.qwen3 import ArchAdapter
+from qwenquant.model.skeleton import load_generation_config, load_tokenizer, meta_skeleton
 
 LAYER_FILE = "layer-{:05d}.safetensors"
 
@@ -263,20 +262,8 @@ def load_offloaded(resolved, dtype: str, folder: Path):
 
     Produces the same model object `load_model` does (config, generation config, dtypes, tied embeddings, MoE
     experts split) except that decoder layers stay on meta until `LayerStore.materialize`."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
-
-    if dtype not in DTYPES:
-        raise BadInputError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
     adapter: ArchAdapter = resolved.adapter
-    try:
-        config = AutoConfig.from_pretrained(resolved.path)
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype])
-    except Exception as err:
-        raise BadInputError(f"--model {resolved.reference}: transformers could not build it ({err})") from err
-    model.eval()
-    if adapter.moe is not None:  # one nn.Linear per expert projection, named as on disk (works on meta)
-        unfuse_experts(model, adapter)
+    model = meta_skeleton(resolved, dtype)
 
     index: dict[str, Path] = {}
     for f in resolved.weight_files:
@@ -311,14 +298,5 @@ def load_offloaded(resolved, dtype: str, folder: Path):
     if loose:
         raise BadInputError(f"--model {resolved.reference}: tensor {loose[0]} was not loaded; run without --offload-dir")
 
-    # the generation config from_pretrained would attach (transformers' adjust_generation_fn)
-    try:
-        model.generation_config = GenerationConfig.from_pretrained(resolved.path, _from_auto=True)
-    except OSError:
-        model.generation_config = GenerationConfig.from_pretrained(
-            resolved.path, config_file_name="config.json", _from_auto=True, _from_model_config=True)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(resolved.path)
-    except Exception as err:
-        raise BadInputError(f"--model {resolved.reference}: tokenizer could not be loaded ({err})") from err
-    return model, tokenizer, store
+    model.generation_config = load_generation_config(resolved.path)
+    return model, load_tokenizer(resolved), store

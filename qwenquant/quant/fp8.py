@@ -55,6 +55,12 @@ def compute_weight_scale(
     return scale.to(scale_dtype)
 
 
+def shared_tensor_scale(absmax: float, clip_ratio: float = 1.0, scale_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """One per-tensor scale [1] = absmax * clip / 448 for the Linears of a fused group (engines fuse q/k/v and
+    gate/up and would requantize the shards to their largest scale): `absmax` is the group's max |w|."""
+    return torch.tensor([absmax * clip_ratio / FP8_MAX], dtype=scale_dtype).clamp(min=MIN_SCALE)
+
+
 def quantize_fp8(
     w: torch.Tensor,
     granularity: str = "channel",

@@ -14,6 +14,7 @@ class RunOptions:
     overwrite: bool = False  # replace an existing output folder
     resume: bool = False  # continue an interrupted run from its journal (qwenquant/journal.py)
     offload_dir: Path | None = None  # keep decoder layers not in use on disk under this folder (model/offload.py)
+    stream: bool = True  # data-free recipes stream tensor by tensor (qwenquant/stream/); False: the in-memory path
     command: str = ""  # the command line, for the report and model card
 
     def __post_init__(self) -> None:

@@ -41,8 +41,10 @@ from qwenquant.runner.mixed import run_mixed_precision
 from qwenquant.runner.options import RunOptions
 from qwenquant.runner.outcome import Quantized
 from qwenquant.runner.placement import OffloadedModel, ResidentModel
+from qwenquant.runner.stream import run_streamed
 from qwenquant.runner.tasks import evaluate_recipe_tasks
 from qwenquant.stages.registry import spec_of
+from qwenquant.stream.eligibility import streaming_blockers, streams
 from qwenquant.state import QuantState
 
 
@@ -68,6 +70,12 @@ class Run:
     journal: Journal | None = None
     seconds: dict[str, float] = field(default_factory=dict)
     started: float = field(default_factory=time.time)
+
+    streamed_tokenizer: object = None  # the data-free streaming path loads no model, only its tokenizer
+
+    @property
+    def tokenizer(self):
+        return self.streamed_tokenizer if self.placement is None else self.placement.tokenizer
 
     @contextmanager
     def timed(self, phase: str):
@@ -100,13 +108,13 @@ class Run:
         c = self.recipe.calibration
         if needs_calibration(self.recipe):
             with self.timed("calibration_data"):
-                self.calib = load_calibration(c.dataset, self.placement.tokenizer, c.num_samples, c.seq_len, c.seed)
+                self.calib = load_calibration(c.dataset, self.tokenizer, c.num_samples, c.seq_len, c.seed)
 
     def prepare_eval(self) -> None:
         ev = self.recipe.eval
         window = min(ev.window, int(self.resolved.config.get("max_position_embeddings", ev.window)))
         text, text_desc = load_eval_text(ev.eval_text)
-        all_windows = eval_windows(self.placement.tokenizer, text, window, None)
+        all_windows = eval_windows(self.tokenizer, text, window, None)
         ppl = all_windows[: ev.max_windows] if ev.max_windows else all_windows
         kl = all_windows[: max(1, math.ceil(ev.kl_tokens / window))]
         self.windows = EvalWindows(ppl if ev.perplexity else None, kl,
@@ -148,7 +156,7 @@ class Run:
 
     def evaluate_tasks(self, q: Quantized) -> dict | None:
         with self.timed("eval_tasks_quantized"), activation_quantization(q.model, q.state.activations):
-            tasks = evaluate_recipe_tasks(q.model, self.placement.tokenizer, q.recipe.eval, self.device, self.reporter,
+            tasks = evaluate_recipe_tasks(q.model, self.tokenizer, q.recipe.eval, self.device, self.reporter,
                                           "quantized")
         self.placement.park(q.model)
         return tasks
@@ -156,7 +164,7 @@ class Run:
     def export(self, tmp: Path, q: Quantized) -> dict:
         with self.timed("export"):
             try:
-                written = write_checkpoint(tmp, q.model, self.placement.tokenizer, q.recipe, q.state,
+                written = write_checkpoint(tmp, q.model, self.tokenizer, q.recipe, q.state,
                                            self.resolved.adapter.always_ignore,
                                            items=self.placement.state_dict_items(q.model))
             except UnstorableRecord as err:  # values the format cannot store, found per tensor (GPTQ v1 zero point 0)
@@ -190,7 +198,7 @@ class Run:
             sizes={"source_bytes": _files_bytes(resolved.weight_files),
                    "output_bytes": _files_bytes(tmp / f for f in written["files"])},
             memory=memory, state=q.state, timings=dict(self.seconds) | {"stages": q.state.stage_seconds},
-            sections={"gates": check_gates(evaluation, ev)} | sections,
+            sections={"gates": check_gates(evaluation, ev), "path": in_memory_path(q.recipe, self.options)} | sections,
         )
         shutil.rmtree(tmp / JOURNAL_DIR, ignore_errors=True)  # scratch of this run, not part of the checkpoint
         write_report(tmp, report)
@@ -212,6 +220,13 @@ def run_recipe(recipe: Recipe, options: RunOptions, reporter: Reporter | None = 
     run = Run(recipe, options, reporter or Reporter(quiet=True), resolve_device(recipe.device))
     with run.timed("load"):
         run.resolve()
+    if options.stream and streams(recipe):
+        if options.offload_dir is not None or options.resume:
+            run.reporter.log("note: --offload-dir / --resume are not used: this data-free recipe streams tensor by "
+                             "tensor with bounded memory and restarts from the beginning")
+        report = run_streamed(run)
+        _raise_on_failure(report, out)
+        return report
     sessions = offload_session(options.offload_dir, out) if options.offload_dir is not None else nullcontext()
     with sessions as offload_folder:
         with run.timed("load"):
@@ -249,6 +264,12 @@ def _write_output(run: Run, offload_folder: Path | None) -> dict:
         if done:
             sections["resumed_after_layers"] = done
         return run.report(tmp, q, source, q_tasks, written, verification, sections, offload_folder)
+
+
+def in_memory_path(recipe: Recipe, options: RunOptions) -> dict:
+    """The report's `path` section of a run quantized in memory: why it did not stream."""
+    why = streaming_blockers(recipe) or ["--no-stream"]
+    return {"streamed": False, "why": why}
 
 
 def _raise_on_failure(report: dict, out: Path) -> None:

@@ -74,9 +74,8 @@ def fp8_layer(ctx: LayerContext, cfg: FP8Stage) -> dict:
         # vLLM fuses q/k/v and gate/up and would requantize shards to their max scale: share it up front.
         for group in ctx.adapter.fused_groups:
             absmax = max(float(ctx.linear(n).weight.float().abs().amax()) for n in group)
-            absmax *= min(clips.get(n, 1.0) for n in group)
             for n in group:
-                shared_scale[n] = torch.tensor([absmax / fp8q.FP8_MAX], dtype=dtype).clamp(min=fp8q.MIN_SCALE)
+                shared_scale[n] = fp8q.shared_tensor_scale(absmax, min(clips.get(m, 1.0) for m in group), dtype)
     report = {}
     for name in names:
         lin = ctx.linear(name)
@@ -93,13 +92,39 @@ def fp8_layer(ctx: LayerContext, cfg: FP8Stage) -> dict:
         full = ctx.full_name(name)
         ctx.state.records[full] = to_cpu(qw)
         if cfg.activations == "dynamic":
-            mode = "group" if gran[name] == "block" else "token"
-            ctx.state.activations[full] = ActivationSpec(mode, group_size=cfg.block_size)
+            ctx.state.activations[full] = dynamic_activation(cfg, gran[name])
         elif cfg.activations == "static":
             scale = fp8q.static_input_scale(input_absmax[name], dtype)
             ctx.state.activations[full] = ActivationSpec("tensor", input_scale=scale)
             report[name]["input_scale"] = float(scale)
     return report
+
+
+def dynamic_activation(cfg: FP8Stage, granularity: str) -> ActivationSpec:
+    """Dynamic FP8 inputs: per token, or per token and group of `block_size` channels beside block weights."""
+    return ActivationSpec("group" if granularity == "block" else "token", group_size=cfg.block_size)
+
+
+def _activation_spec(cfg: FP8Stage, name: str) -> ActivationSpec | None:
+    """A data-free config's input quantization of Linear `name`: dynamic, or none (weight-only)."""
+    return dynamic_activation(cfg, cfg.weights_for(name)) if cfg.activations == "dynamic" else None
+
+
+def _data_free(cfg: FP8Stage) -> bool:
+    """Weights alone decide every value unless activations are calibrated or anything is searched."""
+    return cfg.activations != "static" and not cfg.clip_search and not cfg.granularity_search
+
+
+def quantize_weight(cfg: FP8Stage, name: str, w: torch.Tensor, group_absmax: dict[str, float] | None):
+    """The data-free path's FP8 quantizer for one Linear (full `name`), the values `fp8_layer` records for it:
+    `group_absmax` (per-tensor weights) holds max |w| of each Linear of its fused group, which share one scale."""
+    clip = float(cfg.clip.get(name, 1.0))
+    scale = None
+    if group_absmax:
+        scale = fp8q.shared_tensor_scale(max(group_absmax.values()),
+                                         min(float(cfg.clip.get(n, 1.0)) for n in group_absmax), w.dtype)
+    return fp8q.quantize_fp8(w, cfg.weights_for(name), cfg.block_size, clip_ratio=clip, scale_dtype=w.dtype,
+                             scale=scale)
 
 
 def _resolve(cfg: FP8Stage, searched: dict) -> FP8Stage:
@@ -169,4 +194,6 @@ def _probe(cfg: FP8Stage, kit) -> dict[str, float]:
 
 SPEC = StageSpec("fp8", FP8Stage, "quantizer", fp8_layer, record_kind="fp8", check_linear=_check_linear,
                  resolve=_resolve, host_bytes=_host_bytes, seconds=_seconds, record_bytes=_record_bytes, label=_label,
-                 probe_quantize=_probe_quantize, probe=_probe)
+                 probe_quantize=_probe_quantize, probe=_probe, uses_calibration=lambda cfg: not _data_free(cfg),
+                 data_free=_data_free, quantize_weight=quantize_weight,
+                 shares_scale=lambda cfg: cfg.weights == "tensor", activation_spec=_activation_spec)

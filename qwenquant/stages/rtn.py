@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from qwenquant.quant import intq
 from qwenquant.stages.context import LayerContext
 from qwenquant.stages.int_weights import (ClippedIntStage, check_group_size, clip_key, int_label, int_probe_quantize,
@@ -31,6 +33,13 @@ def rtn_layer(ctx: LayerContext, cfg: RTNStage) -> dict:
     return report
 
 
+def quantize_weight(cfg: RTNStage, name: str, w: torch.Tensor, group_absmax=None):
+    """The data-free path's round-to-nearest for one Linear (full `name`): the values `rtn_layer` records."""
+    del group_absmax  # INT groups are per Linear
+    return intq.quantize_rtn(w.float(), cfg.bits, cfg.group_size, cfg.symmetric, float(cfg.clip.get(name, 1.0)),
+                             scale_dtype=w.dtype)
+
+
 # -- the estimator's cost model (StageSpec cost fields; qwenquant/estimate/) ----------------------------------------
 
 
@@ -46,4 +55,5 @@ def _seconds(cfg: RTNStage, need) -> tuple[float, str]:
 SPEC = StageSpec("rtn", RTNStage, "quantizer", rtn_layer, record_kind="int", check_linear=check_group_size,
                  uses_calibration=lambda cfg: cfg.clip_search, resolve=resolve_clip("rtn"),
                  host_bytes=_host_bytes, seconds=_seconds, record_bytes=int_record_bytes, label=int_label,
-                 probe_quantize=int_probe_quantize)
+                 probe_quantize=int_probe_quantize, data_free=lambda cfg: not cfg.clip_search,
+                 quantize_weight=quantize_weight)

@@ -17,6 +17,15 @@ instead of knowing it:
   work: the message, or None (what a format cannot store is the format's check);
 - `resolve(cfg, searched)`: the config with the run's search choices (`QuantState.searched`) written in, so the
   saved recipe replays them without searching;
+- the data-free path (qwenquant/stream/: quantizers whose config needs no calibration, streamed from the source
+  safetensors to the output shards without building the model):
+  - `data_free(cfg)`: whether this config quantizes every weight from the weight alone (no data, no search);
+  - `quantize_weight(cfg, name, w, group_absmax)`: one Linear's QuantizedWeight from its weight `w` [N, K] in the
+    model dtype, the same values `run` records for it (`name`: the full Linear name);
+  - `shares_scale(cfg)`: the Linears of a fused group share one scale (FP8 per tensor): the streamer passes the
+    group's max |w| as `group_absmax` (else None);
+  - `activation_spec(cfg, name)`: how the engine quantizes that Linear's input (an ActivationSpec; None: it
+    does not), as `run` registers it in `QuantState.activations`;
 - the estimator's cost model (qwenquant/estimate/), each optional (the estimate names a stage lacking one in its
   notes); `need` is a `qwenquant.estimate.need.StageNeed` (the model's shapes, the run's token counts, the dtype's
   bytes and, for times, the speed probe's rates):
@@ -85,9 +94,15 @@ class StageSpec:
     label: Callable[[Any], str] | None = None
     probe_quantize: Callable[..., Any] | None = None
     probe: Callable[[Any, Any], dict[str, float]] | None = None
+    data_free: Callable[[Any], bool] = _never
+    quantize_weight: Callable[..., Any] | None = None
+    shares_scale: Callable[[Any], bool] = _never
+    activation_spec: Callable[[Any, str], Any] = lambda _cfg, _name: None
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
             raise ValueError(f"stage {self.name}: role {self.role!r} is not one of {ROLES}")
         if (self.role == "quantizer") != (self.record_kind is not None):
             raise ValueError(f"stage {self.name}: quantizers (and only they) declare a record_kind")
+        if (self.quantize_weight is None) != (self.data_free is _never):
+            raise ValueError(f"stage {self.name}: a data-free quantizer declares both data_free and quantize_weight")
