@@ -126,16 +126,23 @@ class ShardWriter:
     def finish(self) -> list[str]:
         """Rename shards to their final names; write the index when there is more than one."""
         self.flush()
-        n = len(self.shards)
-        if n == 1:
-            (self.folder / self.shards[0][0]).rename(self.folder / "model.safetensors")
-            return ["model.safetensors"]
-        weight_map, names = {}, []
-        for i, (fname, keys) in enumerate(self.shards):
-            final = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-            (self.folder / fname).rename(self.folder / final)
-            names.append(final)
-            weight_map.update({k: final for k in keys})
-        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
-        (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-        return names
+        return final_shard_names(self.folder, self.shards, self.total_bytes)
+
+
+def final_shard_names(folder: Path, shards: list[tuple[str, list[str]]], total_bytes: int) -> list[str]:
+    """Rename written shards (temporary file name, tensor names) to `model.safetensors` or
+    `model-0000i-of-0000n.safetensors` plus `model.safetensors.index.json`; the final file names."""
+    folder = Path(folder)
+    n = len(shards)
+    if n == 1:
+        (folder / shards[0][0]).rename(folder / "model.safetensors")
+        return ["model.safetensors"]
+    weight_map, names = {}, []
+    for i, (fname, keys) in enumerate(shards):
+        final = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+        (folder / fname).rename(folder / final)
+        names.append(final)
+        weight_map.update({k: final for k in keys})
+    index = {"metadata": {"total_size": total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    return names

@@ -24,9 +24,9 @@ from qwenquant.pipeline import peak_host_bytes
 from qwenquant.report import build_report, evaluation_section, write_report
 from qwenquant.stages.registry import spec_of
 from qwenquant.state import QuantState
-from qwenquant.stream.execute import stream_plan
+from qwenquant.stream.execute import count_jobs, stream_plan
 from qwenquant.stream.plan import build_plan
-from qwenquant.stream.shards import SpillingShardWriter
+from qwenquant.stream.shards import ShardLayout
 from qwenquant.stream.source import SourceFiles
 from qwenquant.stream.verify import evaluate_and_verify
 
@@ -51,13 +51,14 @@ def run_streamed(run) -> dict:
     with SourceFiles(resolved.weight_files) as source, atomic_output_dir(options.out, options.overwrite) as tmp:
         plan = build_plan(skeleton, resolved.adapter, recipe, source, resolved.reference)
         with run.timed("quantize_and_write"):
-            writer = SpillingShardWriter(tmp, recipe.export.max_shard_size_mb * 2**20)
+            layout = ShardLayout(plan.outputs, recipe.export.max_shard_size_mb * 2**20)
+            layout.create(tmp)
             try:
-                with reporter.step("quantize + write shards (streamed)", len(plan.items)) as advance:
-                    stream_plan(plan, source, writer, recipe, resolved.reference, workers, lambda _item: advance())
-                files = writer.finish()
+                with reporter.step("quantize + write shards (streamed)", count_jobs(plan, source)) as advance:
+                    stream_plan(plan, source, layout, recipe, resolved.reference, workers, advance)
             finally:
-                writer.discard()
+                layout.close()
+            files = layout.finish()
             write_metadata(tmp, skeleton, run.tokenizer, recipe, plan.quantized, resolved.adapter.always_ignore)
             (tmp / "recipe.yaml").write_text(recipe.to_yaml())
         n_layers = int(resolved.config["num_hidden_layers"])

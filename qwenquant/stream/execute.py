@@ -1,10 +1,11 @@
-"""Carry out a stream plan: quantize jobs run on worker threads (torch and the reads release the GIL), and this
-thread writes every tensor in plan order as its job finishes, so the output equals the in-memory path's.
+"""Carry out a stream plan: every output tensor is computed and written in place by worker threads (reads,
+torch's kernels and `os.pwrite` release the GIL), into the shard layout made up front (qwenquant/stream/shards.py).
 
-Memory is bounded by the jobs in flight: at most `workers + LOOKAHEAD` jobs are submitted and not yet written,
-each holding one fused group's source weights and outputs; copied tensors go through in pieces of at most
-COPY_CHUNK_BYTES. Every quantized scale and copied floating-point tensor is checked finite on the way (a broken
-checkpoint is bad input, refused in one line before the output folder is renamed into place).
+Jobs run in plan order, at most `workers` at a time; a job holds one fused group's source weights and outputs (a
+quantize job) or one piece of at most COPY_CHUNK_BYTES of a copied tensor, so memory is bounded by the workers and
+the largest fused group, whatever the model's size. Every source tensor is
+checked finite on the way (a broken checkpoint is bad input, refused in one line; the output folder is never
+renamed into place).
 """
 
 from __future__ import annotations
@@ -15,14 +16,14 @@ from typing import Callable
 import torch
 
 from qwenquant.errors import BadInputError
+from qwenquant.export.format_spec import UnstorableRecord
 from qwenquant.export.registry import FORMATS
 from qwenquant.stages.registry import spec_of
 from qwenquant.stream.plan import Item, StreamPlan
-from qwenquant.stream.shards import SpillingShardWriter
+from qwenquant.stream.shards import ShardLayout
 from qwenquant.stream.source import SourceFiles
 
 COPY_CHUNK_BYTES = 64 * 2**20
-LOOKAHEAD = 2
 
 
 def _broken(reference: str, name: str) -> BadInputError:
@@ -30,71 +31,78 @@ def _broken(reference: str, name: str) -> BadInputError:
                          "re-download or re-export it")
 
 
-def quantize_job(job: tuple[str, ...], shared: bool, source: SourceFiles, dtype: torch.dtype, recipe,
-                 reference: str) -> dict[str, dict[str, torch.Tensor]]:
-    """The format tensors (local names) of each Linear of `job`: read in the model dtype, quantized by the stage's
-    data-free quantizer, laid out by the export format. `shared`: the Linears share one scale (their fused group)."""
+def quantize_job(job: tuple[str, ...], shared: bool, source: SourceFiles, layout: ShardLayout, dtype: torch.dtype,
+                 recipe, reference: str) -> None:
+    """Read each Linear of `job` in the model dtype, quantize it with the stage's data-free quantizer, lay it out
+    in the export format and write its tensors. `shared`: the Linears share one scale (their fused group)."""
     cfg = recipe.quantizer_config
     spec, fmt = spec_of(cfg), FORMATS[recipe.export.format]
     weights = {n: source.read(n + ".weight").to(dtype) for n in job}
+    for name, w in weights.items():
+        if not bool(torch.isfinite(w).all()):
+            raise _broken(reference, name + ".weight")
     absmax = {n: float(w.abs().amax()) for n, w in weights.items()} if shared else None
-    out = {}
     for name in job:
         qw = spec.quantize_weight(cfg, name, weights.pop(name), absmax)
-        if not bool(torch.isfinite(qw.scale).all()):
-            raise _broken(reference, name + ".weight")
-        out[name] = fmt.linear_tensors(qw, cfg, name, None)
-    return out
-
-
-def copy_pieces(source: SourceFiles, key: str, dtype: torch.dtype, reference: str):
-    """`key`'s tensor in row pieces of at most COPY_CHUNK_BYTES, converted to `dtype`, each checked finite."""
-    e = source.entries[key]
-    rows = e.shape[0] if e.shape else 1
-    step = max(1, COPY_CHUNK_BYTES // max(1, e.nbytes // max(rows, 1)))
-    for start in range(0, rows, step):
-        piece = source.read(key, start, min(rows, start + step)) if e.shape else source.read(key)
-        if piece.is_floating_point() and not bool(torch.isfinite(piece).all()):
-            raise _broken(reference, key)
-        yield piece.to(dtype) if piece.dtype != dtype else piece
-
-
-def stream_plan(plan: StreamPlan, source: SourceFiles, writer: SpillingShardWriter, recipe, reference: str,
-                workers: int, on_item: Callable[[Item], None] | None = None) -> None:
-    """Write every item of `plan` through `writer`, quantize jobs on `workers` threads (see the module doc)."""
-    shared = spec_of(recipe.quantizer_config).shares_scale(recipe.quantizer_config)
-    jobs = list(dict.fromkeys(item.job for item in plan.items if item.kind == "quantize"))
-    dtype_of = {item.linear: item.dtype for item in plan.items if item.kind == "quantize"}
-    futures: dict[tuple[str, ...], Future] = {}
-    left: dict[tuple[str, ...], int] = {}  # Linears of a submitted job not yet written
-    submitted = 0
-    with ThreadPoolExecutor(max(1, workers), thread_name_prefix="qwenquant-stream") as pool:
-
-        def top_up() -> None:
-            nonlocal submitted
-            while submitted < len(jobs) and len(futures) < workers + LOOKAHEAD:
-                job = jobs[submitted]
-                futures[job] = pool.submit(quantize_job, job, shared and len(job) > 1, source, dtype_of[job[0]],
-                                           recipe, reference)
-                left[job] = len(job)
-                submitted += 1
-
         try:
-            for item in plan.items:
-                top_up()
-                if item.kind == "quantize":
-                    tensors = futures[item.job].result()[item.linear]
-                    for local, t in tensors.items():
-                        writer.add(f"{item.linear}.{local}", t)
-                    left[item.job] -= 1
-                    if not left[item.job]:
-                        del futures[item.job], left[item.job]
-                else:
-                    e = source.entries[item.key]
-                    writer.add_chunks(item.key, item.dtype, e.shape, copy_pieces(source, item.key, item.dtype, reference))
-                if on_item is not None:
-                    on_item(item)
+            tensors = fmt.linear_tensors(qw, cfg, name, None)
+        except UnstorableRecord as err:  # values the format cannot store (GPTQ v1 zero point 0): the data's
+            raise BadInputError(f"export to {recipe.export.format} failed: {name}: {err}") from err
+        for local, t in tensors.items():
+            layout.write(f"{name}.{local}", t)
+
+
+def copy_job(key: str, start: int, stop: int, source: SourceFiles, layout: ShardLayout, dtype: torch.dtype,
+             reference: str) -> None:
+    """Rows [start, stop) of tensor `key`, checked finite and converted to `dtype`, into their place."""
+    e = source.entries[key]
+    piece = source.read(key, start, stop) if e.shape else source.read(key)
+    if piece.is_floating_point() and not bool(torch.isfinite(piece).all()):
+        raise _broken(reference, key)
+    piece = piece.to(dtype) if piece.dtype != dtype else piece
+    row_bytes = piece.element_size() * (piece.numel() // max(1, stop - start)) if e.shape else 0
+    layout.write(key, piece, at=start * row_bytes)
+
+
+def _jobs(plan: StreamPlan, source: SourceFiles, shared: bool) -> list[tuple[Item, Callable, tuple]]:
+    """(item it completes or None, function, arguments) for every job, in plan order."""
+    jobs, submitted = [], set()
+    for item in plan.items:
+        if item.kind == "quantize":
+            if item.job not in submitted:
+                submitted.add(item.job)
+                jobs.append((item, quantize_job, (item.job, shared and len(item.job) > 1)))
+            continue
+        e = source.entries[item.key]
+        rows = e.shape[0] if e.shape else 1
+        step = max(1, COPY_CHUNK_BYTES // max(1, e.nbytes // max(rows, 1)))
+        for start in range(0, max(rows, 1), step):
+            jobs.append((item, copy_job, (item.key, start, min(rows, start + step))))
+    return jobs
+
+
+def stream_plan(plan: StreamPlan, source: SourceFiles, layout: ShardLayout, recipe, reference: str,
+                workers: int, on_job: Callable[[], None] | None = None) -> int:
+    """Write every output tensor of `plan` into `layout` (created) on `workers` threads; the number of jobs."""
+    shared = spec_of(recipe.quantizer_config).shares_scale(recipe.quantizer_config)
+    jobs = _jobs(plan, source, shared)
+    with ThreadPoolExecutor(max(1, workers), thread_name_prefix="qwenquant-stream") as pool:
+        futures: list[Future] = []
+        for item, fn, args in jobs:
+            rest = (source, layout, item.dtype, recipe, reference) if fn is quantize_job else (source, layout, item.dtype, reference)
+            futures.append(pool.submit(fn, *args, *rest))
+        try:
+            for f in futures:
+                f.result()
+                if on_job is not None:
+                    on_job()
         except BaseException:
-            for f in futures.values():
+            for f in futures:
                 f.cancel()
             raise
+    return len(jobs)
+
+
+def count_jobs(plan: StreamPlan, source: SourceFiles) -> int:
+    """How many jobs `stream_plan` runs (for a progress bar)."""
+    return len(_jobs(plan, source, False))

@@ -10,12 +10,14 @@ tied `lm_head.weight` left out. Each entry says where its values come from:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from qwenquant.errors import BadInputError
+from qwenquant.export.registry import FORMATS
 from qwenquant.stages.registry import spec_of
 from qwenquant.stream.source import SourceFiles
 
@@ -34,6 +36,7 @@ class StreamPlan:
     items: list[Item]
     quantized: list[str]  # full Linear names in module order
     layers: dict[str, int] = field(default_factory=dict)  # Linear -> decoder layer index
+    outputs: list[tuple[str, torch.dtype, tuple[int, ...]]] = field(default_factory=list)  # in write order
 
 
 def quantized_linears(model: nn.Module, adapter, config) -> tuple[list[str], dict[str, tuple[str, ...]], dict[str, int]]:
@@ -80,4 +83,30 @@ def build_plan(model: nn.Module, adapter, recipe, source: SourceFiles, reference
             items.append(Item(key, "quantize", target.dtype, module, job))
         else:
             items.append(Item(key, "copy", target.dtype if entry.dtype.is_floating_point else entry.dtype))
-    return StreamPlan(items, names, layer_of)
+    return StreamPlan(items, names, layer_of, output_tensors(items, recipe, source))
+
+
+def output_tensors(items: list[Item], recipe, source: SourceFiles) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+    """(name, dtype, shape) of every output tensor in write order. A quantized Linear's tensors are those its format
+    writes for a stand-in weight of the same shape and dtype, quantized once per distinct (shape, dtype, per-Linear
+    granularity): the layout depends on nothing else, and the writer checks each real tensor against it."""
+    cfg = recipe.quantizer_config
+    spec, fmt = spec_of(cfg), FORMATS[recipe.export.format]
+    per_linear = getattr(cfg, "weights_for", lambda _name: None)  # FP8's per-Linear granularity changes the scales
+    seen: dict[tuple, dict[str, tuple[torch.dtype, tuple[int, ...]]]] = {}
+    out = []
+    for item in items:
+        e = source.entries[item.key]
+        if item.kind == "copy":
+            out.append((item.key, item.dtype, e.shape))
+            continue
+        key = (e.shape, item.dtype, per_linear(item.linear))
+        if key not in seen:
+            n = math.prod(e.shape)
+            i = torch.arange(n, dtype=torch.int32)
+            w = (((i % 7 + 1) * (1 - 2 * (i % 2))).reshape(e.shape) * 1e-3).to(item.dtype)  # both signs in any group
+            absmax = {n: float(w.abs().amax()) for n in item.job} if len(item.job) > 1 and spec.shares_scale(cfg) else None
+            tensors = fmt.linear_tensors(spec.quantize_weight(cfg, item.linear, w, absmax), cfg, item.linear, None)
+            seen[key] = {local: (t.dtype, tuple(t.shape)) for local, t in tensors.items()}
+        out += [(f"{item.linear}.{local}", dtype, shape) for local, (dtype, shape) in seen[key].items()]
+    return out

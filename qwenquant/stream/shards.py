@@ -1,16 +1,17 @@
-"""Output shards written as tensors arrive, holding none of them in memory: the same files `ShardWriter` writes.
+"""Output shards laid out before any tensor is computed, then filled in place by whichever worker finishes first.
 
 `ShardWriter` (qwenquant/export/writer.py) keeps a shard's tensors until the shard is full, then hands them to
-safetensors, which sorts them (dtype, widest first, then name) behind a JSON header. A shard of a big model is
-gigabytes, so `SpillingShardWriter` appends each tensor's bytes to a scratch file as it arrives, and when the shard
-is full writes the header (built as safetensors builds it) followed by the bytes copied, in safetensors' order, from
-the scratch file by the kernel. Shard boundaries, names, header and bytes equal `ShardWriter`'s for the same
-tensors in the same order (tests/stream/test_shards.py compares whole files).
+safetensors, which sorts them (its dtype order, then name) behind a JSON header. A shard of a big model is
+gigabytes, so the streaming path cannot hold one. Instead `ShardLayout` takes every output tensor's name, dtype and
+shape in write order (qwenquant/stream/plan.py knows them up front), cuts shards exactly where `ShardWriter` would,
+and builds each shard's header as safetensors builds it; `create` writes the headers and sizes the files, and
+`write` puts a tensor's bytes (or a piece of them) at their final offset with `os.pwrite`, which releases the GIL,
+so worker threads write in parallel and every byte is written once. The files, their names and the index equal
+`ShardWriter`'s for the same tensors in the same order (tests/stream/test_shards.py compares whole files).
 """
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
@@ -21,7 +22,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save
 
-from qwenquant.export.writer import ShardWriter, _umask
+from qwenquant.export.writer import _umask, final_shard_names
 from qwenquant.stream.source import DTYPE_NAMES
 
 
@@ -34,97 +35,90 @@ def safetensors_dtype_order() -> list[torch.dtype]:
     return [probe[k].dtype for k in header if k != "__metadata__"]
 
 
-@dataclass
-class Spilled:
-    name: str
+def nbytes_of(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
+    return math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+
+
+@dataclass(frozen=True)
+class Slot:
+    """Where one tensor goes: shard index and absolute byte offset in the shard file."""
+
+    shard: int
+    offset: int
+    nbytes: int
     dtype: torch.dtype
     shape: tuple[int, ...]
-    offset: int  # in the scratch file
-    nbytes: int
 
 
-class SpillingShardWriter(ShardWriter):
-    """`ShardWriter` whose pending shard lives in a scratch file (see the module doc). `add` takes a tensor,
-    `add_chunks` one tensor in pieces."""
+class ShardLayout:
+    """Shards, headers and every tensor's slot (see the module doc)."""
 
-    def __init__(self, folder: Path, max_bytes: int):
-        super().__init__(folder, max_bytes)
-        self.rank = {d: i for i, d in enumerate(safetensors_dtype_order())}
-        self.spilled: list[Spilled] = []
-        self._scratch: io.BufferedRandom | None = None
+    def __init__(self, tensors: list[tuple[str, torch.dtype, tuple[int, ...]]], max_bytes: int):
+        shards: list[list[tuple[str, torch.dtype, tuple[int, ...]]]] = []
+        pending = 0
+        for name, dtype, shape in tensors:  # ShardWriter.add's rule
+            size = nbytes_of(dtype, shape)
+            if not shards or (shards[-1] and pending + size > max_bytes):
+                shards.append([])
+                pending = 0
+            shards[-1].append((name, dtype, tuple(shape)))
+            pending += size
+        rank = {d: i for i, d in enumerate(safetensors_dtype_order())}
+        self.slots: dict[str, Slot] = {}
+        self.headers: list[bytes] = []
+        self.sizes: list[int] = []
+        self.keys: list[list[str]] = [[n for n, _, _ in shard] for shard in shards]
+        for i, shard in enumerate(shards):
+            order = sorted(shard, key=lambda t: (rank[t[1]], t[0]))
+            header: dict = {"__metadata__": {"format": "pt"}}
+            placed, at = [], 0
+            for name, dtype, shape in order:
+                n = nbytes_of(dtype, shape)
+                header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [at, at + n]}
+                placed.append((name, at, n, dtype, shape))
+                at += n
+            text = json.dumps(header, separators=(",", ":")).encode()
+            text += b" " * (-len(text) % 8)
+            start = 8 + len(text)
+            for name, begin, n, dtype, shape in placed:
+                self.slots[name] = Slot(i, start + begin, n, dtype, shape)
+            self.headers.append(struct.pack("<Q", len(text)) + text)
+            self.sizes.append(start + at)
+        self.total_bytes = sum(s.nbytes for s in self.slots.values())
+        self._fds: list[int] = []
+        self.folder: Path | None = None
 
-    def _room(self, size: int) -> None:
-        if self.spilled and self.pending_bytes + size > self.max_bytes:
-            self.flush()
-        if self._scratch is None:
-            self._scratch = open(self.folder / f"shard-{len(self.shards):05d}.scratch", "w+b")
+    def create(self, folder: Path) -> None:
+        """Write each shard's header and give the file its final size (the data is filled in by `write`)."""
+        self.folder = Path(folder)
+        for i, (header, size) in enumerate(zip(self.headers, self.sizes)):
+            path = self.folder / f"shard-{i:05d}.safetensors"
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o666 & ~_umask())
+            self._fds.append(fd)
+            os.pwrite(fd, header, 0)
+            os.ftruncate(fd, size)
 
-    def add(self, name: str, tensor: torch.Tensor) -> None:
+    def write(self, name: str, tensor: torch.Tensor, at: int = 0) -> None:
+        """Put `tensor`'s bytes in `name`'s slot, starting `at` bytes into it (a piece of a larger tensor)."""
+        slot = self.slots[name]
         t = tensor.detach().to("cpu").contiguous()
-        size = t.numel() * t.element_size()
-        self._room(size)
-        offset = self._scratch.tell()
-        if size:
-            self._scratch.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
-        self._note(Spilled(name, t.dtype, tuple(t.shape), offset, size))
+        data = memoryview(t.reshape(-1).view(torch.uint8).numpy())
+        whole = at == 0 and len(data) == slot.nbytes
+        if t.dtype != slot.dtype or whole and tuple(t.shape) != slot.shape:
+            raise RuntimeError(f"{name}: planned {slot.dtype} {list(slot.shape)}, got {t.dtype} {list(t.shape)}")
+        if at + len(data) > slot.nbytes:
+            raise RuntimeError(f"{name}: {at + len(data)} bytes do not fit its {slot.nbytes}-byte slot")
+        done = 0
+        while done < len(data):
+            done += os.pwrite(self._fds[slot.shard], data[done:], slot.offset + at + done)
 
-    def add_chunks(self, name: str, dtype: torch.dtype, shape: tuple[int, ...], chunks) -> None:
-        """One tensor given as consecutive pieces (`chunks` yields tensors of `dtype` whose bytes, in order, are
-        the tensor's), so a large tensor never sits whole in memory."""
-        nbytes = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
-        self._room(nbytes)
-        offset = self._scratch.tell()
-        for piece in chunks:
-            if piece.dtype != dtype:
-                raise TypeError(f"{name}: a {piece.dtype} piece for a {dtype} tensor")
-            self._scratch.write(memoryview(piece.contiguous().reshape(-1).view(torch.uint8).numpy()))
-        if self._scratch.tell() - offset != nbytes:
-            raise ValueError(f"{name}: pieces hold {self._scratch.tell() - offset} bytes, the shape needs {nbytes}")
-        self._note(Spilled(name, dtype, tuple(shape), offset, nbytes))
+    def close(self) -> None:
+        for fd in self._fds:
+            os.close(fd)
+        self._fds = []
 
-    def _note(self, s: Spilled) -> None:
-        self.spilled.append(s)
-        self.pending_bytes += s.nbytes
-        self.total_bytes += s.nbytes
-
-    def _header(self, order: list[Spilled]) -> bytes:
-        """The JSON header safetensors writes for these tensors, padded with spaces to a multiple of 8."""
-        header: dict = {"__metadata__": {"format": "pt"}}
-        at = 0
-        for s in order:
-            header[s.name] = {"dtype": DTYPE_NAMES[s.dtype], "shape": list(s.shape), "data_offsets": [at, at + s.nbytes]}
-            at += s.nbytes
-        text = json.dumps(header, separators=(",", ":")).encode()
-        return text + b" " * (-len(text) % 8)
-
-    def flush(self) -> None:
-        if not self.spilled:
-            return
-        order = sorted(self.spilled, key=lambda s: (self.rank[s.dtype], s.name))
-        fname = f"shard-{len(self.shards):05d}.safetensors"
-        header = self._header(order)
-        self._scratch.flush()
-        with open(self.folder / fname, "wb") as out:
-            out.write(struct.pack("<Q", len(header)) + header)
-            out.flush()
-            src, dst = self._scratch.fileno(), out.fileno()
-            for s in order:
-                done = 0
-                while done < s.nbytes:
-                    got = os.copy_file_range(src, dst, s.nbytes - done, s.offset + done)
-                    if got == 0:
-                        raise OSError(f"scratch file {self._scratch.name} ended early")
-                    done += got
-        os.chmod(self.folder / fname, 0o666 & ~_umask())
-        self._scratch.close()
-        os.unlink(self._scratch.name)
-        self._scratch = None
-        self.shards.append((fname, [s.name for s in self.spilled]))
-        self.spilled, self.pending_bytes = [], 0
-
-    def discard(self) -> None:
-        """Close and remove the scratch file (a failed run; the folder itself is removed by its owner)."""
-        if self._scratch is not None:
-            self._scratch.close()
-            Path(self._scratch.name).unlink(missing_ok=True)
-            self._scratch = None
+    def finish(self) -> list[str]:
+        """Close the files and give them their final names (and the index when there are several)."""
+        self.close()
+        return final_shard_names(self.folder, [(f"shard-{i:05d}.safetensors", keys) for i, keys in enumerate(self.keys)],
+                                 self.total_bytes)
