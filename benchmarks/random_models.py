@@ -13,6 +13,7 @@ evaluation and calibration text tokenize exactly as they do for qwen3-mini.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import sys
 import time
@@ -97,6 +98,65 @@ def build_random_qwen3(spec: str, root: str | Path, seed: int = 0, tokenizer_src
     (folder / ".complete").write_text(spec + "\n")
     n = sum(p.numel() for p in model.parameters())
     print(f"built {folder} ({n / 1e9:.3f}B parameters) in {time.perf_counter() - t:.1f}s", file=sys.stderr)
+    return folder
+
+
+def build_random_qwen3_sharded(spec: str, root: str | Path, seed: int = 0, shard_gb: float = 4.0,
+                               workers: int = 2) -> Path:
+    """Like `build_random_qwen3`, for sizes that must not be held in memory (8B is 16 GB in bf16): tensors are
+    generated one at a time on `workers` threads (tensor i from seed + i, so the bytes do not depend on timing) and
+    written into `shard_gb` shards laid out up front, named and indexed as hub checkpoints are. A separate folder
+    (`<spec dir>-sharded`) so the in-memory builder's checkpoints stay as they are."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from qwenquant.stream.shards import ShardLayout
+
+    folder = Path(root) / (spec_dirname(spec) + "-sharded")
+    if (folder / ".complete").is_file():
+        return folder
+    if folder.exists():
+        shutil.rmtree(folder)
+    t = time.perf_counter()
+    cfg = Qwen3Config(**config_for(spec))
+    with torch.device("meta"):
+        model = Qwen3ForCausalLM(cfg).to(torch.bfloat16)
+    tensors = [(n, p.dtype, tuple(p.shape)) for n, p in model.state_dict().items()
+               if not (cfg.tie_word_embeddings and n == "lm_head.weight")]
+    folder.mkdir(parents=True)
+    layout = ShardLayout(tensors, int(shard_gb * 2**30))
+    layout.create(folder)
+
+    def fill(i: int, name: str, shape: tuple[int, ...]) -> None:
+        gen = torch.Generator().manual_seed(seed + i)
+        rows = shape[0]
+        step = max(1, (64 * 2**20) // max(1, 4 * (math.prod(shape) // rows)))
+        for start in range(0, rows, step):
+            part = torch.empty((min(rows, start + step) - start, *shape[1:]))
+            if name.endswith("norm.weight"):
+                part.uniform_(0.5, 1.5, generator=gen)
+            else:
+                part.normal_(0.0, 0.02, generator=gen)
+            row_bytes = 2 * (math.prod(shape) // rows)
+            layout.write(name, part.to(torch.bfloat16), at=start * row_bytes)
+
+    with ThreadPoolExecutor(workers) as pool:
+        for f in [pool.submit(fill, i, n, s) for i, (n, _, s) in enumerate(tensors)]:
+            f.result()
+    layout.finish()
+    cfg.save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["dtype"] = "bfloat16"
+    config["architectures"] = ["Qwen3ForCausalLM"]
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    for f in TOKENIZER_FILES:
+        if (MINI / f).exists():
+            shutil.copy(MINI / f, folder / f)
+    (folder / ".complete").write_text(spec + "\n")
+    n = sum(math.prod(s) for _, _, s in tensors)
+    print(f"built {folder} ({n / 1e9:.3f}B parameters, {weight_bytes(folder) / 2**30:.2f} GiB) in "
+          f"{time.perf_counter() - t:.1f}s", file=sys.stderr)
     return folder
 
 

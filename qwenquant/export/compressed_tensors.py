@@ -37,8 +37,21 @@ def fp8_scheme(cfg, targets: list[str] | None = None, weights: str | None = None
     return QuantizationScheme(targets=targets or ["Linear"], weights=weights, input_activations=acts)
 
 
-def fp8_linear_tensors(qw: QuantizedWeight, scheme, input_scale: torch.Tensor | None) -> dict[str, torch.Tensor]:
-    """Compress one FP8 Linear with compressed-tensors from our dequantized weight and scale."""
+def fp8_linear_tensors(qw: QuantizedWeight, input_scale: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """One FP8 Linear in compressed-tensors' `float-quantized` layout: `weight_scale` (the record's scale, in its
+    dtype and shape), `weight` (the E4M3 codes)[, `input_scale` [1]]. These are, bit for bit and in this order, what
+    the library's compressor returns when given the dequantized weight and the scale (tests/export/
+    test_compressed_tensors_fp8.py checks every granularity against it); the compressor itself is not called because it
+    re-quantizes from a float32 copy of the weight (about 2 s for one 50M-weight Linear on 2 cores)."""
+    out = {"weight_scale": qw.scale, "weight": qw.q}
+    if input_scale is not None:
+        out["input_scale"] = input_scale.reshape(1).to(qw.scale.dtype)
+    return out
+
+
+def compressor_linear_tensors(qw: QuantizedWeight, scheme, input_scale: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """What compressed-tensors' own `float-quantized` compressor writes for the record (the reference
+    `fp8_linear_tensors` is tested against)."""
     from compressed_tensors.compressors import BaseCompressor
 
     compressor = BaseCompressor.load_from_registry("float-quantized")
@@ -152,7 +165,7 @@ def _linear_tensors(qw: QuantizedWeight, cfg, name: str, activation) -> dict[str
     if qw.kind != "fp8":
         return ct_packed.linear_tensors(qw)
     input_scale = activation.input_scale if activation is not None and activation.mode == "tensor" else None
-    return fp8_linear_tensors(qw, fp8_scheme(cfg, weights=cfg.weights_for(name)), input_scale)
+    return fp8_linear_tensors(qw, input_scale)
 
 
 def _quantization_config(kind: str, cfg, ignore: list[str], linears: list[str]) -> tuple[dict, None]:

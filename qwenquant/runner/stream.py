@@ -13,7 +13,6 @@ import shutil
 from pathlib import Path
 
 from qwenquant import __version__
-from qwenquant.eval.perplexity import kl_stats
 from qwenquant.export.checkpoint import write_metadata
 from qwenquant.export.model_card import render_model_card, source_license
 from qwenquant.export.writer import atomic_output_dir
@@ -81,9 +80,7 @@ def _layer_reports(plan, errors: dict[str, float], stage: str) -> list[dict]:
 
 def _report(run, tmp: Path, plan, files: list[str], checked: dict) -> dict:
     recipe, resolved, ev = run.recipe, run.resolved, run.recipe.eval
-    src_ppl, src_logp = checked["source"]
-    q_ppl, q_logp = checked["quantized"]
-    evaluation = evaluation_section(run.windows.desc, src_ppl, q_ppl, kl_stats(src_logp, q_logp), None)
+    evaluation = evaluation_section(run.windows.desc, checked["source"], checked["quantized"], checked["kl"], None)
     state = QuantState()
     state.layer_reports = _layer_reports(plan, checked["layer_errors"], spec_of(recipe.quantizer_config).name)
     verification = checked["verification"] if ev.verify else None
