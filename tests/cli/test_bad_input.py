@@ -135,28 +135,30 @@ def test_hub_id_offline_fails_fast(fp8, tmp_path, monkeypatch) -> None:
 
 # ---- calibration -------------------------------------------------------------------------------------------------
 
+CALIBRATED = ("--activations", "static")  # FP8 dynamic is data-free and reads no calibration data
+
 
 def test_empty_calibration_file(fp8, tmp_path) -> None:
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n  \n")
-    assert_fails(fp8("--calib", str(empty)), 2, "calibration data is empty", "--calib")
+    assert_fails(fp8("--calib", str(empty), *CALIBRATED), 2, "calibration data is empty", "--calib")
     assert_nothing_written(fp8.work)
 
 
 def test_missing_calibration_file(fp8, tmp_path) -> None:
-    assert_fails(fp8("--calib", str(tmp_path / "nope.txt")), 2, "nope.txt", "does not exist")
+    assert_fails(fp8("--calib", str(tmp_path / "nope.txt"), *CALIBRATED), 2, "nope.txt", "does not exist")
     assert_nothing_written(fp8.work)
 
 
 def test_builtin_calibration_missing(fp8, tmp_path, monkeypatch) -> None:
     """As in a wheel install today (the data is not packaged): a one-line error, not a FileNotFoundError."""
     monkeypatch.setattr("qwenquant.calibration.BUILTIN_DIR", tmp_path / "no-data")
-    assert_fails(fp8("--calib", "builtin"), 2, "builtin calibration data is missing", "--calib")
+    assert_fails(fp8("--calib", "builtin", *CALIBRATED), 2, "builtin calibration data is missing", "--calib")
     assert_nothing_written(fp8.work)
 
 
 def test_calibration_too_short(fp8) -> None:
-    line = assert_fails(fp8("--num-samples", "1000", "--seq-len", "2048"), 2, "too short", "--num-samples",
+    line = assert_fails(fp8("--num-samples", "1000", "--seq-len", "2048", *CALIBRATED), 2, "too short", "--num-samples",
                         "--seq-len")
     assert "1000 x 2048" in line
     assert_nothing_written(fp8.work)
@@ -167,7 +169,7 @@ def test_calibration_too_short(fp8) -> None:
     (("--seq-len", "4"), ("seq_len", ">= 8")),
 ])
 def test_bad_calibration_sizes(fp8, flags, words) -> None:
-    assert_fails(fp8(*flags), 2, *words)
+    assert_fails(fp8(*flags, *CALIBRATED), 2, *words)
     assert_nothing_written(fp8.work)
 
 
@@ -279,12 +281,15 @@ def _disk_full(monkeypatch, kind: str = "oserror-enospc") -> None:
 
     monkeypatch.setattr("qwenquant.export.writer.save_file", full)
     monkeypatch.setattr("safetensors.torch.save_file", full)
+    if kind.startswith("oserror"):  # the streaming path writes its shards with os.pwrite
+        monkeypatch.setattr("qwenquant.stream.shards.os.pwrite", full)
 
 
 @pytest.mark.parametrize("kind", list(DISK_ERRORS))
 def test_disk_full_while_writing(fp8, monkeypatch, kind) -> None:
+    """OS errors on the (default) streaming path; safetensors' own errors on the in-memory path's writer."""
     _disk_full(monkeypatch, kind)
-    assert_fails(fp8(), 5, "quota exceeded" if "edquot" in kind else "disk full", "free space")
+    assert_fails(fp8(*(["--no-stream"] if kind.startswith("safetensors") else [])), 5, "quota exceeded" if "edquot" in kind else "disk full", "free space")
     assert_nothing_written(fp8.work)
 
 

@@ -53,6 +53,8 @@ class Case:
 
     @property
     def reader(self) -> str:
+        if self.cmd == "rtn" and "--no-stream" not in self.flags:  # data-free: streamed, read back layer by layer
+            return SPEC_READER[self.fmt]
         return TRANSFORMERS if self.fmt == "compressed-tensors" and self.sym else SPEC_READER[self.fmt]
 
     def groups(self, k: int) -> int:
@@ -61,6 +63,7 @@ class Case:
 
 CASES = [
     Case("rtn"),
+    Case("rtn", ("--no-stream",)),
     Case("gptq", actorder="static"),
     Case("gptq", ("--act-order", "none")),
     Case("gptq", ("--format", "gptq"), fmt="gptq", actorder="static"),

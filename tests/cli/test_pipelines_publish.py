@@ -74,7 +74,7 @@ def test_model_card_and_provenance(fp8_run, tiny_qwen3) -> None:
     assert f"{ppl:.4f}" in card  # the card quotes the measured number, with its setup
     assert "vllm serve" in card and "from_pretrained" in card
     assert set(report["model"]["files_sha256"]) == {p.name for p in tiny_qwen3.glob("*.safetensors")}
-    assert len(report["calibration"]["sha256_token_ids"]) == 64
+    assert report["calibration"]["tokens"] == 0 and report["calibration"]["sha256_token_ids"] is None  # data-free
     assert report["environment"]["torch"] and report["command"].startswith("qwenquant fp8")
 
 

@@ -20,7 +20,8 @@ from qwenquant.model.offload import LayerStore, _is_meta
 
 # fp8 --scale-search also searches channel/block granularity per fused group: on the tiny model it writes two
 # config groups, which the offload verification must read back per Linear
-CASES = {"fp8": ["fp8"], "gptq": ["gptq", "--group-size", "64"], "fp8-search": ["fp8", "--scale-search"]}
+CASES = {"fp8": ["fp8", "--no-stream"],  # data-free FP8 streams unless told not to
+         "gptq": ["gptq", "--group-size", "64"], "fp8-search": ["fp8", "--scale-search"]}
 FILES = ("config.json", "generation_config.json", "recipe.yaml")
 
 
@@ -96,6 +97,7 @@ def test_at_most_one_decoder_layer_is_in_memory(offload_runs, case) -> None:
 def test_layerwise_evaluation_equals_the_full_model(tiny_qwen3, tmp_path) -> None:
     from qwenquant.eval.layerwise import evaluate_layerwise
     from qwenquant.eval.perplexity import next_token_logprobs, perplexity
+    from qwenquant.eval.precision import evaluation_precision
     from qwenquant.model.loader import load_model, resolve_model
     from qwenquant.model.offload import load_offloaded
     from qwenquant.state import ActivationSpec
@@ -116,7 +118,7 @@ def test_layerwise_evaluation_equals_the_full_model(tiny_qwen3, tmp_path) -> Non
              for n in resolved.adapter.linears}
     results = {}
     for label, act in (("plain", None), ("fp8 acts", specs)):
-        with activation_quantization(full, act or {}):
+        with activation_quantization(full, act or {}), evaluation_precision(full, cpu):  # float32, as layerwise
             ref_ppl, ref_logp = perplexity(full, windows, cpu), next_token_logprobs(full, windows[:2], cpu)
         with activation_quantization(lazy, act or {}):
             ppl, logp = evaluate_layerwise(lazy, store, windows, windows[:2], cpu)
@@ -150,7 +152,6 @@ def test_killed_offloaded_run_resumes_to_the_identical_checkpoint(offload_runs, 
 @pytest.mark.parametrize("flags, words", [
     (["--tasks", "piqa"], "--tasks"),
     (["--keep-sensitive", "1"], "--keep-sensitive"),
-    (["--dry-run"], "--dry-run"),
 ])
 def test_whole_model_features_are_refused(cli, tiny_args, tmp_path, flags, words) -> None:
     res = cli(["fp8", *tiny_args, "--out", tmp_path / "out", "--quiet", "--offload-dir", tmp_path / "dir", *flags])
@@ -181,8 +182,9 @@ def test_moe_offloaded_run_writes_the_identical_checkpoint(cli, tiny_args, tmp_p
             shutil.copy(MINI / f, model / f)
     args = list(tiny_args)
     args[args.index("--model") + 1] = str(model)
-    whole = cli(["fp8", *args, "--out", tmp_path / "whole", "--quiet", "--no-verify"])
-    offloaded = cli(["fp8", *args, "--out", tmp_path / "offload", "--quiet", "--offload-dir", tmp_path / "dir"])
+    whole = cli(["fp8", *args, "--out", tmp_path / "whole", "--quiet", "--no-verify", "--no-stream"])
+    offloaded = cli(["fp8", *args, "--out", tmp_path / "offload", "--quiet", "--offload-dir", tmp_path / "dir",
+                     "--no-stream"])
     assert whole.code == 0 and offloaded.code == 0, whole.err + offloaded.err
     assert_same_checkpoint(tmp_path / "whole", tmp_path / "offload", FILES[:2])  # recipes differ in eval.verify
     ra, rb = (json.loads((tmp_path / d / "qwenquant_report.json").read_text()) for d in ("whole", "offload"))
