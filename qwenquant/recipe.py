@@ -14,7 +14,8 @@ stages:            # ordered, each a one-key mapping
     | awq: {bits, group_size, symmetric, n_grid, clip, norm_mappings} | rtn: {bits, group_size, symmetric, clip, clip_search}
   - compensate: {steps, lr, samples, batch_size, rounding, norms, qk_norms, target}   # optional, after the quantizer
 export: {format, max_shard_size_mb}
-eval: {perplexity, eval_text, window, max_windows, kl_tokens, verify, verify_max_kl}
+eval: {perplexity, eval_text, window, max_windows (N | all), kl_tokens, verify, verify_max_kl, max_ppl_increase_pct,
+       tasks, task_limit, min_task_recovery_pct}
 device: auto | cpu | cuda | cuda:N
 ```
 Each config validates itself in `__post_init__` (ValueError naming the key and the allowed values). Stage configs
@@ -33,9 +34,10 @@ from typing import Any
 import yaml
 
 from qwenquant.errors import BadInputError
+from qwenquant.eval.perplexity import DEFAULT_WINDOWS
 from qwenquant.export.registry import FORMATS
 from qwenquant.stages.registry import QUANTIZERS, STAGES, spec_of, stage_name
-from qwenquant.validation import choice, percent, positive
+from qwenquant.validation import choice, count_or_all, percent, positive
 
 RECIPE_VERSION = 1
 EXPORT_FORMATS = tuple(FORMATS)
@@ -80,7 +82,7 @@ class EvalConfig:
     perplexity: bool = True
     eval_text: str = "wikitext2"  # wikitext2 | path to .txt/.raw
     window: int = 2048  # tokens per non-overlapping window (capped at the model's max positions)
-    max_windows: int | None = None  # None = the whole text
+    max_windows: int | None = DEFAULT_WINDOWS  # the first N windows, or None (`all`, also in YAML): the whole text
     kl_tokens: int = 4096  # tokens on which KL(source || quantized) and verification are measured
     verify: bool = True
     # Reloaded checkpoint vs source, mean per-token KL in nats: catches broken checkpoints (they score several
@@ -96,8 +98,7 @@ class EvalConfig:
         self.min_task_recovery_pct = percent("eval.min_task_recovery_pct", self.min_task_recovery_pct)
         positive("eval.window", self.window)
         positive("eval.kl_tokens", self.kl_tokens)
-        if self.max_windows is not None:
-            positive("eval.max_windows", self.max_windows)
+        self.max_windows = count_or_all("eval.max_windows", self.max_windows)
         if self.min_task_recovery_pct is not None and not self.tasks:
             raise ValueError("eval.min_task_recovery_pct: needs eval.tasks (--tasks)")
         if self.task_limit is not None:

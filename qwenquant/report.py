@@ -1,7 +1,8 @@
 """The run report: `qwenquant_report.json` (schema-versioned, for machines) and `REPORT.md` (for people).
 
 Schema 1, top-level keys: schema_version, qwenquant_version, created, command, model, recipe, calibration,
-evaluation {text, window, windows, kl_tokens, source, quantized, delta_ppl_pct, kl_vs_source}, verification,
+evaluation {text, window, windows, ppl_tokens, text_windows, whole_text, kl_tokens, compute_dtype, source, quantized,
+delta_ppl_pct, kl_vs_source}, verification,
 sizes {source_bytes, output_bytes, ratio}, memory {peak_host_bytes, peak_device_bytes, device}, timings_s,
 layers [{layer, <stage>: {...}, moe_routing (MoE layers with calibration): {experts path: {tokens,
 routed_tokens [per expert], experts_without_tokens}}}], environment {torch, transformers, compressed_tensors, python, platform},
@@ -28,6 +29,19 @@ def evaluation_section(eval_desc: dict, src_ppl, q_ppl, kl: dict, tasks: dict | 
     if tasks is not None:
         evaluation["tasks"] = tasks
     return evaluation
+
+
+def perplexity_setting(ev: dict) -> str:
+    """What a perplexity measured, in words: windows, window length, predicted tokens, whole text or which prefix,
+    compute dtype (for the reports of runs and the model card). Reports written before these keys existed say
+    less."""
+    if "text_windows" not in ev:
+        return f"{ev['text']}, non-overlapping windows of {ev['window']} tokens ({ev['windows']} windows)"
+    part = ("the whole text" if ev["whole_text"] else
+            f"the first {ev['windows']} of its {ev['text_windows']} windows, not the whole text (`--eval-windows all`)")
+    return (f"{ev['text']}: {ev['windows']} non-overlapping window{'s' if ev['windows'] != 1 else ''} of "
+            f"{ev['window']} tokens "
+            f"({ev['ppl_tokens']:,} predicted tokens), {part}; computed in {ev['compute_dtype']}")
 
 
 def build_report(*, recipe, resolved, files_sha256: dict, command: str, started: float, version: str,
@@ -70,7 +84,7 @@ def render_markdown(r: dict) -> str:
         "",
         "## Accuracy",
         "",
-        f"Perplexity on {ev['text']}, non-overlapping windows of {ev['window']} tokens ({ev['windows']} windows).",
+        f"Perplexity on {perplexity_setting(ev)}.",
         "",
         "| model | perplexity | tokens |",
         "|---|---|---|",

@@ -46,3 +46,23 @@ def percent(name: str, value: Any) -> float | None:
         except ValueError:
             pass
     raise ValueError(f"{name}: {value!r} is not a percentage; write a number like 1 or 1%")
+
+
+ALL = "all"
+
+
+def count_or_all(name: str, value: Any) -> int | None:
+    """A positive count written as a number or digits ("4"), or "all" / None for no limit (returned as None).
+    Anything else is a ValueError naming the key."""
+    if value is None or (isinstance(value, str) and value.strip().lower() == ALL):
+        return None
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value.strip())
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        return value
+    raise ValueError(f"{name}: {value!r} is neither a positive number nor {ALL}")
+
+
+def count_text(value: int | None) -> str:
+    """The inverse of `count_or_all` as a flag spells it (None -> "all")."""
+    return ALL if value is None else str(value)

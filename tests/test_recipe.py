@@ -1,10 +1,12 @@
-"""Recipe sections: percentages are taken as users write them, as numbers or with a % sign, in flags and YAML."""
+"""Recipe sections: percentages are taken as users write them, as numbers or with a % sign, in flags and YAML;
+perplexity windows as a count or `all`."""
 
 from __future__ import annotations
 
 import pytest
 
 from qwenquant.errors import BadInputError
+from qwenquant.eval.perplexity import DEFAULT_WINDOWS
 from qwenquant.recipe import EvalConfig, load_recipe
 
 
@@ -32,3 +34,22 @@ def test_recipe_yaml_and_flags_take_percent_signs(tmp_path, cli, mini_model) -> 
     assert res.code == 0 and "max_ppl_increase_pct: 1.0" in res.out
     res = cli(["rtn", "--model", mini_model, "--max-ppl-increase", "one", "--print-recipe"])
     assert res.code == 2 and "is not a percentage" in res.err
+
+
+def test_perplexity_windows_default_count_or_all(tmp_path, cli, mini_model) -> None:
+    """A default a CPU run affords (4 windows); `all` (None in the recipe, as recipes written before said it) is the
+    whole text."""
+    assert EvalConfig().max_windows == DEFAULT_WINDOWS == 4
+    assert EvalConfig(max_windows="all").max_windows is None and EvalConfig(max_windows=None).max_windows is None
+    assert EvalConfig(max_windows="7").max_windows == 7 and EvalConfig(max_windows=" ALL ").max_windows is None
+    for bad in (0, -2, "x", 1.5, True, "4.0"):
+        with pytest.raises(ValueError, match=r"eval.max_windows: .* is neither a positive number nor all"):
+            EvalConfig(max_windows=bad)
+    path = tmp_path / "r.yaml"
+    path.write_text("version: 1\nmodel: {id: m}\nstages:\n  - rtn: {}\neval: {max_windows: all}\n")
+    assert load_recipe(path).eval.max_windows is None
+    for flag, shown in (("all", "max_windows: null"), ("12", "max_windows: 12"), (None, "max_windows: 4")):
+        res = cli(["rtn", "--model", mini_model, *(["--eval-windows", flag] if flag else []), "--print-recipe"])
+        assert res.code == 0 and shown in res.out, res.err
+    res = cli(["rtn", "--model", mini_model, "--eval-windows", "0", "--print-recipe"])
+    assert res.code == 2 and "eval.max_windows: 0 is neither a positive number nor all" in res.err

@@ -15,7 +15,10 @@ from qwenquant.cli import app
 from qwenquant.cli.common import silence_libraries
 from qwenquant.eval.report import (DEFAULT_TASK_LIST, REPORT_JSON, REPORT_MD, EvalRequest, evaluate, prepare_eval,
                                    render_markdown, summary, write_eval_report)
+from qwenquant.eval.perplexity import DEFAULT_WINDOWS
+from qwenquant.eval.tasks import DEFAULT_BATCH_SIZE, MAX_BATCH_TOKENS
 from qwenquant.reporting import command_line
+from qwenquant.validation import count_text
 
 
 def _say(quiet: bool, msg: str) -> None:
@@ -33,11 +36,13 @@ def eval_command(
     baseline: Annotated[Optional[Path], typer.Option(help="Reference folder (e.g. the bf16 source) measured identically; adds deltas and recovery.")] = None,
     eval_text: Annotated[str, typer.Option(help="wikitext2 (WikiText-2 raw test) or a text file for perplexity.")] = "wikitext2",
     eval_window: Annotated[int, typer.Option(help="Tokens per perplexity window (capped at the model's max positions).")] = 2048,
-    eval_windows: Annotated[Optional[int], typer.Option(help="Perplexity on only the first N windows.")] = None,
+    eval_windows: Annotated[str, typer.Option(metavar="N|all", help="Perplexity on the first N windows of the text, "
+                                              "or all of them (all).")] = count_text(DEFAULT_WINDOWS),
     no_ppl: Annotated[bool, typer.Option("--no-ppl", help="Skip perplexity.")] = False,
     include_path: Annotated[Optional[Path], typer.Option(help="Folder of extra lm-eval task YAMLs.")] = None,
     tasks_dir: Annotated[Optional[Path], typer.Option(help="Local task data [default: $QWENQUANT_TASKS_DIR or ../shared/data/tasks].")] = None,
-    batch_size: Annotated[int, typer.Option(help="lm-eval batch size.")] = 8,
+    batch_size: Annotated[int, typer.Option(help="Log-likelihood requests per forward (at most "
+                                          f"{MAX_BATCH_TOKENS} padded tokens).")] = DEFAULT_BATCH_SIZE,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N.")] = "auto",
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help=f"Write {REPORT_JSON} and {REPORT_MD} into this folder.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,

@@ -17,6 +17,7 @@ from qwenquant.recipe_builder import parse_compensate_target, parse_keep_sensiti
 from qwenquant.runner.options import RunOptions
 from qwenquant.stages.compensate import CompensateStage
 from qwenquant.stages.mixed_precision import MixedPrecisionStage
+from qwenquant.validation import count_text
 
 MODEL = Group(ModelConfig, (
     Flag("id", str, "Local folder, hub id, or shorthand like Qwen3-4B (= Qwen/Qwen3-4B).", ("--model", "-m"),
@@ -38,7 +39,8 @@ DEVICE = Group(Recipe, (
 
 PERPLEXITY_TEXT = Group(EvalConfig, (
     Flag("eval_text", str, "wikitext2 (WikiText-2 test) or a text file for perplexity."),
-    Flag("max_windows", Optional[int], "Evaluate only the first N windows (quick runs).", param="eval_windows"),
+    Flag("max_windows", str, "Perplexity on the first N windows of the text, or all of them (all).",
+         param="eval_windows", metavar="N|all", to_flag=count_text),
     Flag("window", int, "Tokens per perplexity window (capped at the model's max positions).", ("--eval-window",),
          param="eval_window"),
 ), section="eval")

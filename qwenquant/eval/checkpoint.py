@@ -1,5 +1,6 @@
 """A checkpoint folder as `qwenquant eval` and `qwenquant bench` take it: checked and described before any weight
-loads, then loaded in bf16 and measured (WikiText-2 perplexity, lm-eval tasks).
+loads, then loaded in bf16 and measured (WikiText-2 perplexity, lm-eval tasks), computing in float32 on the CPU
+(`qwenquant.eval.precision`).
 
 A bf16 source, our compressed-tensors FP8/INT output or another tool's folder is loaded with
 `AutoModelForCausalLM.from_pretrained(dir, dtype=bfloat16)` (compressed-tensors folders decompress).
@@ -19,7 +20,8 @@ from typing import Callable
 import torch
 
 from qwenquant.errors import BadInputError
-from qwenquant.eval.perplexity import eval_windows, perplexity
+from qwenquant.eval.perplexity import eval_windows, perplexity, windows_setting
+from qwenquant.eval.precision import evaluation_precision
 from qwenquant.eval.tasks import TaskPlan, run_tasks
 
 
@@ -93,13 +95,14 @@ class MeasureSettings:
     batch_size: int
     ppl_text: str | None
     window: int
-    max_windows: int | None
+    max_windows: int | None  # None: every window of the text
 
 
 def measure(path: Path, flag: str, settings: MeasureSettings, quiet: bool = False,
             log: Callable[[str], None] = lambda msg: None) -> dict:
     """Load one checkpoint and measure perplexity and tasks; the model is freed before returning.
-    {perplexity: PerplexityResult dict | None, window, tasks {name: metrics}, timings_s}."""
+    {perplexity: PerplexityResult dict | None, window, setting (`windows_setting`), tasks {name: metrics},
+    timings_s}."""
     with contextlib.ExitStack() as stack:
         if quiet:  # transformers / compressed-tensors / lm-eval progress bars go to stderr
             stack.enter_context(contextlib.redirect_stderr(stack.enter_context(open(os.devnull, "w"))))
@@ -117,10 +120,13 @@ def _measure(path: Path, flag: str, s: MeasureSettings, quiet: bool, log: Callab
             t = time.time()
             cap = _max_positions(model)
             w = min(s.window, cap) if cap else s.window
-            windows = eval_windows(tokenizer, s.ppl_text, w, s.max_windows)
-            log(f"perplexity over {windows.shape[0]} windows of {w} tokens")
-            out["perplexity"] = perplexity(model, windows, s.device).to_dict()
+            text_windows = eval_windows(tokenizer, s.ppl_text, w, None)
+            windows = text_windows[: s.max_windows] if s.max_windows else text_windows
+            log(f"perplexity over {windows.shape[0]} of {text_windows.shape[0]} windows of {w} tokens")
+            with evaluation_precision(model, s.device):
+                out["perplexity"] = perplexity(model, windows, s.device).to_dict()
             out["window"] = w
+            out["setting"] = windows_setting(w, windows.shape[0], text_windows.shape[0])
             timings["perplexity"] = time.time() - t
         if s.plan is not None and s.plan.names:
             t = time.time()

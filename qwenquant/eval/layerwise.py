@@ -2,14 +2,15 @@
 
 `capture_layer0_inputs` (the pipeline's) gives layer 0's inputs and keyword arguments for every window (batch 1, as
 `perplexity()` runs them); each decoder layer is then materialized, run over every window, and released unchanged;
-the final norm and lm_head turn the last hidden states into logits. `perplexity()` and `next_token_logprobs()`
-themselves then run on a stand-in model that returns those logits, so the conventions (slicing, float32
-cross-entropy, fp16 storage of log-probs) are theirs by construction, and the numbers equal the full model's
-(tests/test_offload.py). Activation quantization hooks registered on the model's Linears by name apply as usual: the
-module objects persist across materialize/release.
+the final norm and lm_head turn the last hidden states into logits. `evaluate_windows()` (perplexity and
+next-token log-probs from one forward per window) then runs on a stand-in model that returns those logits, so the
+conventions (slicing, float32 cross-entropy, fp16 storage of log-probs) are `qwenquant.eval.perplexity`'s by
+construction, and the numbers equal the full model's (tests/runner/test_offload.py). Activation quantization hooks
+registered on the model's Linears by name apply as usual: the module objects persist across materialize/release. On the CPU everything computes in float32
+(`qwenquant.eval.precision`): each module's float32 copy exists only during its own forward.
 
-Memory: the hidden states of every evaluated window ([windows, window, hidden] in the model dtype) stay on CPU while
-the layers stream, plus one layer and the resident tensors.
+Memory: the hidden states of every evaluated window ([windows, window, hidden] in the compute dtype: float32 on the
+CPU) stay on CPU while the layers stream, plus one layer and the resident tensors.
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-from qwenquant.eval.perplexity import PerplexityResult, next_token_logprobs, perplexity
 from qwenquant.activations import capture_layer0_inputs, to_device
+from qwenquant.eval.perplexity import PerplexityResult, evaluate_windows, union_windows
+from qwenquant.eval.precision import evaluation_precision
 
 
 @torch.no_grad()
@@ -68,33 +70,22 @@ class HeadModel:
         return SimpleNamespace(logits=self.lm_head(self.norm(h)))
 
 
-def _union(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:
-    """Windows covering both sets: the longer one when the shorter is its prefix (run.py's case), else both."""
-    if a is None:
-        return b
-    long, short = (a, b) if a.shape[0] >= b.shape[0] else (b, a)
-    if torch.equal(long[: short.shape[0]], short):
-        return long
-    return torch.cat([a, b])
-
-
 @torch.no_grad()
 def evaluate_layerwise(model: nn.Module, store, ppl_windows: torch.Tensor | None, kl_windows: torch.Tensor,
                        device: torch.device, on_layer: Callable[[], None] | None = None,
                        on_step: Callable[[], None] | None = None) -> tuple[PerplexityResult | None, torch.Tensor]:
-    """(perplexity over `ppl_windows` or None, log-probs over `kl_windows`): what `perplexity()` and
-    `next_token_logprobs()` return for the full model, with one layer pass over the union of the windows."""
+    """(perplexity over `ppl_windows` or None, log-probs over `kl_windows`): what `evaluate_windows()` returns for
+    the full model, with one layer pass over the union of the windows."""
     adapter = store.adapter
-    windows = _union(ppl_windows, kl_windows)
-    hidden = final_hidden_states(model, store, windows, device, on_layer)
-    head = HeadModel(model, adapter, windows, hidden, device)
-    resident = [head.norm, head.lm_head]
-    try:
-        for m in resident:
-            m.to(device)
-        ppl = perplexity(head, ppl_windows, device, on_step=on_step) if ppl_windows is not None else None
-        logp = next_token_logprobs(head, kl_windows, device)
-    finally:
-        for m in resident:
-            m.to("cpu")
-    return ppl, logp
+    windows = union_windows(ppl_windows, kl_windows)[0]
+    with evaluation_precision(model, device):
+        hidden = final_hidden_states(model, store, windows, device, on_layer)
+        head = HeadModel(model, adapter, windows, hidden, device)
+        resident = [head.norm, head.lm_head]
+        try:
+            for m in resident:
+                m.to(device)
+            return evaluate_windows(head, ppl_windows, kl_windows, device, on_step=on_step)
+        finally:
+            for m in resident:
+                m.to("cpu")

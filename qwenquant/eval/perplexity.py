@@ -2,6 +2,9 @@
 
 Convention: WikiText-2 raw rows joined with "\\n\\n", tokenized once, split into non-overlapping windows of
 `window` tokens (the tail shorter than a window is dropped); perplexity = exp(mean token NLL over all windows).
+A run measures the first DEFAULT_WINDOWS windows unless told `all`, and its report says which (`windows_setting`).
+These functions compute in whatever dtype the model's forward does; their callers run them inside
+`qwenquant.eval.precision.evaluation_precision` (float32 on the CPU).
 """
 
 from __future__ import annotations
@@ -16,6 +19,10 @@ import torch.nn.functional as F
 
 from qwenquant.errors import BadInputError
 
+# Perplexity windows an evaluation uses unless told otherwise: the first 4 (4 x 2048 = 8,188 predicted tokens) cost
+# seconds per model on a CPU, the whole WikiText-2 test (201 windows for qwen3-mini) minutes; `all` (None) is the
+# whole text. The recipe field eval.max_windows, --eval-windows and `qwenquant eval` take this default.
+DEFAULT_WINDOWS = 4
 WIKITEXT_CANDIDATES = ("../shared/data/wikitext2/wiki.test.raw", "../../shared/data/wikitext2/wiki.test.raw")
 
 
@@ -70,6 +77,13 @@ def eval_windows(tokenizer, text: str, window: int, max_windows: int | None) -> 
     return ids[: n * window].view(n, window)
 
 
+def windows_setting(window: int, windows: int, text_windows: int) -> dict:
+    """How much of the text a perplexity measures, as reports state it: `windows` of `window` tokens
+    (`ppl_tokens` predicted tokens), out of the `text_windows` the whole text has (`whole_text`: all of them)."""
+    return {"window": window, "windows": windows, "ppl_tokens": windows * (window - 1), "text_windows": text_windows,
+            "whole_text": windows == text_windows}
+
+
 @dataclass
 class PerplexityResult:
     perplexity: float
@@ -82,29 +96,72 @@ class PerplexityResult:
         return asdict(self)
 
 
+def _window_nll(logits: torch.Tensor, row: torch.Tensor) -> float:
+    """Summed next-token NLL of one window from its logits [window, vocab] (float32 cross-entropy)."""
+    return float(F.cross_entropy(logits[:-1].float(), row[1:].to(logits.device), reduction="sum"))
+
+
+def _window_logprobs(logits: torch.Tensor, store_dtype: torch.dtype) -> torch.Tensor:
+    """[window, vocab] log-probabilities on CPU in `store_dtype` (bounded memory for KL)."""
+    return F.log_softmax(logits.float(), dim=-1).to("cpu", store_dtype)
+
+
+def _forward_logits(model, row: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return model(input_ids=row.unsqueeze(0).to(device), use_cache=False).logits[0]
+
+
+def _ppl_result(total_nll: float, windows: torch.Tensor) -> PerplexityResult:
+    tokens = windows.shape[0] * (windows.shape[1] - 1)
+    mean = total_nll / tokens
+    return PerplexityResult(float(torch.exp(torch.tensor(mean))), mean, tokens, windows.shape[0], windows.shape[1])
+
+
 @torch.no_grad()
 def perplexity(model, windows: torch.Tensor, device: torch.device, on_step: Callable[[], None] | None = None) -> PerplexityResult:
     """exp(mean NLL of next-token prediction) over non-overlapping windows."""
-    total_nll, total_tokens = 0.0, 0
+    total_nll = 0.0
     for row in windows:
-        logits = model(input_ids=row.unsqueeze(0).to(device), use_cache=False).logits[0, :-1].float()
-        nll = F.cross_entropy(logits, row[1:].to(device), reduction="sum")
-        total_nll += float(nll)
-        total_tokens += row.numel() - 1
+        total_nll += _window_nll(_forward_logits(model, row, device), row)
         if on_step:
             on_step()
-    mean = total_nll / total_tokens
-    return PerplexityResult(float(torch.exp(torch.tensor(mean))), mean, total_tokens, windows.shape[0], windows.shape[1])
+    return _ppl_result(total_nll, windows)
 
 
 @torch.no_grad()
 def next_token_logprobs(model, windows: torch.Tensor, device: torch.device, store_dtype=torch.float16) -> torch.Tensor:
     """[n_windows, window, vocab] log-probabilities, kept on CPU in `store_dtype` to bound memory."""
-    out = []
-    for row in windows:
-        logits = model(input_ids=row.unsqueeze(0).to(device), use_cache=False).logits[0].float()
-        out.append(F.log_softmax(logits, dim=-1).to("cpu", store_dtype))
-    return torch.stack(out)
+    return torch.stack([_window_logprobs(_forward_logits(model, row, device), store_dtype) for row in windows])
+
+
+def union_windows(a: torch.Tensor | None, b: torch.Tensor) -> tuple[torch.Tensor, slice | None, slice]:
+    """(windows covering both sets, rows of `a` in them, rows of `b` in them): the longer set alone when the
+    shorter is its prefix (how a run picks its perplexity and KL windows), else both stacked."""
+    if a is None:
+        return b, None, slice(0, b.shape[0])
+    na, nb = a.shape[0], b.shape[0]
+    long, short = (a, b) if na >= nb else (b, a)
+    if torch.equal(long[: short.shape[0]], short):
+        return long, slice(0, na), slice(0, nb)
+    return torch.cat([a, b]), slice(0, na), slice(na, na + nb)
+
+
+@torch.no_grad()
+def evaluate_windows(model, ppl_windows: torch.Tensor | None, kl_windows: torch.Tensor, device: torch.device,
+                     on_step: Callable[[], None] | None = None) -> tuple[PerplexityResult | None, torch.Tensor]:
+    """(`perplexity(model, ppl_windows)` or None, `next_token_logprobs(model, kl_windows)`), bit for bit, with one
+    forward per distinct window (the KL windows are a prefix of the perplexity windows in a run). `on_step` is
+    called after each forward."""
+    windows, ppl_rows, kl_rows = union_windows(ppl_windows, kl_windows)
+    total_nll, logp = 0.0, []
+    for i, row in enumerate(windows):
+        logits = _forward_logits(model, row, device)
+        if ppl_rows is not None and ppl_rows.start <= i < ppl_rows.stop:
+            total_nll += _window_nll(logits, row)
+        if kl_rows.start <= i < kl_rows.stop:
+            logp.append(_window_logprobs(logits, torch.float16))
+        if on_step:
+            on_step()
+    return (_ppl_result(total_nll, ppl_windows) if ppl_windows is not None else None), torch.stack(logp)
 
 
 def kl_stats(reference: torch.Tensor, other: torch.Tensor) -> dict:

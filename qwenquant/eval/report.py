@@ -2,9 +2,11 @@
 optionally against a baseline folder measured identically (deltas and recovery = acc / baseline acc).
 
 `eval_report.json`, schema 1: the `qwenquant.reporting` header (schema_version, qwenquant_version, created,
-command), model and baseline (`describe_checkpoint`), settings, perplexity {text, convention, window, windows,
-tokens, model, baseline, delta_ppl_pct, baseline_window (with a baseline)}, tasks {name: {lm_eval_task, model,
-baseline, delta, recovery, recovery_norm}}, timings_s, environment. `EVAL.md` renders the same for people.
+command), model and baseline (`describe_checkpoint`), settings (dtype the weights load in, compute_dtype the forwards
+run in: float32 on the CPU), perplexity {text, convention, window, windows, tokens, text_windows, whole_text (all of
+the text's windows or a prefix), model, baseline, delta_ppl_pct, baseline_window (with a baseline)}, tasks {name:
+{lm_eval_task, model, baseline, delta, recovery, recovery_norm}}, timings_s, environment. `EVAL.md` renders the same
+for people.
 """
 
 from __future__ import annotations
@@ -14,12 +16,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import torch
+
 from qwenquant.device import resolve_device
 from qwenquant.errors import BadInputError
 from qwenquant.eval.checkpoint import MeasureSettings, check_checkpoint_dir, describe_checkpoint, measure
-from qwenquant.eval.perplexity import load_eval_text
-from qwenquant.eval.tasks import DEFAULT_TASKS, NUM_FEWSHOT, parse_task_list, resolve_tasks
+from qwenquant.eval.perplexity import DEFAULT_WINDOWS, load_eval_text
+from qwenquant.eval.precision import compute_dtype_name
+from qwenquant.eval.tasks import DEFAULT_BATCH_SIZE, DEFAULT_TASKS, NUM_FEWSHOT, parse_task_list, resolve_tasks
 from qwenquant.reporting import environment_versions, report_header, write_atomic, write_json
+from qwenquant.validation import count_or_all
 
 EVAL_SCHEMA_VERSION = 1
 REPORT_JSON = "eval_report.json"
@@ -40,11 +46,11 @@ class EvalRequest:
     limit: int | None = None
     eval_text: str = "wikitext2"
     window: int = 2048
-    max_windows: int | None = None
+    max_windows: int | str | None = DEFAULT_WINDOWS  # N, or "all" / None: the whole text
     ppl: bool = True
     include_path: Path | None = None
     tasks_dir: Path | None = None
-    batch_size: int = 8
+    batch_size: int = DEFAULT_BATCH_SIZE
     device: str = "auto"
     out: Path | None = None
 
@@ -55,8 +61,10 @@ class EvalRequest:
             raise BadInputError(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.window < 2:
             raise BadInputError(f"--eval-window must be >= 2, got {self.window}")
-        if self.max_windows is not None and self.max_windows < 1:
-            raise BadInputError(f"--eval-windows must be >= 1, got {self.max_windows}")
+        try:
+            object.__setattr__(self, "max_windows", count_or_all("--eval-windows", self.max_windows))
+        except ValueError as err:
+            raise BadInputError(str(err)) from None
 
 
 @dataclass(frozen=True)
@@ -116,6 +124,7 @@ def _perplexity_section(ppl_desc: str | None, measured: dict, base_measured: dic
         return None
     ppl = {"text": ppl_desc, "convention": PPL_CONVENTION, "window": measured["window"],
            "windows": measured["perplexity"]["windows"], "tokens": measured["perplexity"]["tokens"],
+           "text_windows": measured["setting"]["text_windows"], "whole_text": measured["setting"]["whole_text"],
            "model": measured["perplexity"], "baseline": None, "delta_ppl_pct": None}
     if base_measured is not None and base_measured["perplexity"] is not None:
         ppl["baseline"] = base_measured["perplexity"]
@@ -158,6 +167,7 @@ def build_report(job: EvalJob, *, command: str, measured: dict, base_measured: d
             "batch_size": s.batch_size,
             "device": str(s.device),
             "dtype": "bfloat16",
+            "compute_dtype": compute_dtype_name(s.device, torch.bfloat16),
             "softmax_dtype": "float32",
             "tasks_dir": str(plan.tasks_dir) if plan and plan.tasks_dir else None,
             "include_path": [str(p) for p in plan.include_path] if plan else [],
@@ -210,7 +220,9 @@ def _f(v, fmt="{:+.4f}") -> str:
 def _perplexity_lines(ppl: dict) -> list[str]:
     lines = ["", "## Perplexity", "",
              f"{ppl['text']}; {ppl['convention']}; window {ppl['window']} tokens, {ppl['windows']} windows, "
-             f"{ppl['tokens']} predicted tokens.", "",
+             f"{ppl['tokens']} predicted tokens: " + ("the whole text." if ppl["whole_text"] else
+                                                       f"the first {ppl['windows']} of its {ppl['text_windows']} "
+                                                       "windows, not the whole text (`--eval-windows all`)."), "",
              "| model | perplexity | mean NLL |", "|---|---|---|",
              f"| model | {ppl['model']['perplexity']:.4f} | {ppl['model']['mean_nll']:.5f} |"]
     if ppl["baseline"] is not None:
@@ -255,7 +267,7 @@ def render_markdown(r: dict) -> str:
     s = r["settings"]
     lines = [f"# qwenquant eval: {r['model']['path']}", "",
              f"Created {r['created']} by qwenquant {r['qwenquant_version']} (lm-eval {s['lm_eval_version']}) "
-             f"on `{s['device']}`, weights loaded in {s['dtype']}.", ""]
+             f"on `{s['device']}`, weights loaded in {s['dtype']}, computed in {s['compute_dtype']}.", ""]
     q = r["model"]["quantization"]
     lines.append(f"- model: `{r['model']['path']}` ({r['model']['architecture']}, "
                  + (f"quantized: {q['quant_method']}" + (f"/{q['format']}" if q.get("format") else "") if q else "not quantized")

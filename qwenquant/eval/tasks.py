@@ -58,6 +58,10 @@ TASK_FILES = {
     "ceval": ("ceval/val", "ceval/subject_mapping.json"),
 }
 NUM_FEWSHOT = 0
+# log-likelihood batches (qwenquant/eval/loglikelihood.py): at most this many requests (--batch-size) and padded
+# tokens per forward; the token cap bounds activations and kept logits (tokens x vocab, float32)
+DEFAULT_BATCH_SIZE = 64
+MAX_BATCH_TOKENS = 4096
 
 _LM_TO_LOCAL = {v: k for k, v in LOCAL_TASKS.items()}
 
@@ -413,18 +417,24 @@ def _quiet_lm_eval(quiet: bool):
             setattr(ev, k, v)
 
 
-def run_tasks(model, tokenizer, plan: TaskPlan, limit: int | None, batch_size: int = 8, quiet: bool = True) -> dict:
-    """Evaluate an already-placed model on a resolved plan: {name: {acc, acc_stderr, acc_norm, acc_norm_stderr, n}}."""
+def run_tasks(model, tokenizer, plan: TaskPlan, limit: int | None, batch_size: int = DEFAULT_BATCH_SIZE,
+              quiet: bool = True) -> dict:
+    """Evaluate an already-placed model on a resolved plan: {name: {acc, acc_stderr, acc_norm, acc_norm_stderr, n}}.
+    Log-likelihood requests run batched (`qwenquant.eval.loglikelihood`, at most `batch_size` per forward), and on
+    the CPU every forward computes in float32 (`qwenquant.eval.precision`)."""
     import torch
     from lm_eval import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
+
+    from qwenquant.eval.loglikelihood import BatchedLM
+    from qwenquant.eval.precision import evaluation_precision
 
     if limit is not None and limit < 1:
         raise BadInputError(f"--limit must be >= 1, got {limit}")
     if batch_size < 1:
         raise BadInputError(f"--batch-size must be >= 1, got {batch_size}")
-    with _quiet_lm_eval(quiet):
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, softmax_dtype=torch.float32)
+    device = next(model.parameters()).device
+    with _quiet_lm_eval(quiet), evaluation_precision(model, device):
+        lm = BatchedLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, softmax_dtype=torch.float32)
         try:
             results = simple_evaluate(
                 model=lm, tasks=[plan.lm_names[n] for n in plan.names], num_fewshot=None, limit=limit,
@@ -448,8 +458,8 @@ def run_tasks(model, tokenizer, plan: TaskPlan, limit: int | None, batch_size: i
     return out
 
 
-def evaluate_tasks(model, tokenizer, tasks: list[str], limit: int | None, batch_size: int, device=None,
-                   include_path=None, tasks_dir=None, quiet: bool = True) -> dict[str, dict]:
+def evaluate_tasks(model, tokenizer, tasks: list[str], limit: int | None, batch_size: int = DEFAULT_BATCH_SIZE,
+                   device=None, include_path=None, tasks_dir=None, quiet: bool = True) -> dict[str, dict]:
     """Zero-shot multiple-choice accuracy of a loaded causal LM through lm-eval.
 
     `tasks` are local names (hellaswag, piqa, arc_easy, winogrande, ceval), names from `include_path` YAMLs or other

@@ -25,6 +25,7 @@ import torch
 from safetensors import safe_open
 
 from qwenquant.eval.perplexity import kl_stats, next_token_logprobs
+from qwenquant.eval.precision import evaluation_precision
 from qwenquant.export import hf_fp8
 from qwenquant.export.registry import FORMATS
 from qwenquant.model.moe import unfuse_model
@@ -87,7 +88,8 @@ def verify_checkpoint(folder: Path, model, names: list[str], reader: str, fmt: s
             with contextlib.redirect_stderr(io.StringIO()):
                 reloaded = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
                 reloaded.eval().to(device)
-                logp = next_token_logprobs(reloaded, kl_windows, device)  # the first forward decompresses weights
+                with evaluation_precision(reloaded, device):  # as the source's log-probs were computed
+                    logp = next_token_logprobs(reloaded, kl_windows, device)  # the first forward decompresses weights
         except Exception as err:  # a checkpoint the reference loader rejects fails verification
             return {"passed": False, "reason": f"transformers could not load the checkpoint ({type(err).__name__}: {err})",
                     "loader": "transformers"}
@@ -106,7 +108,8 @@ def verify_checkpoint(folder: Path, model, names: list[str], reader: str, fmt: s
             theirs[n] = read(local, config, n)
         with _swapped_weights(model, {n: theirs[n] for n in names}):
             model.to(device)
-            logp = next_token_logprobs(model, kl_windows, device)
+            with evaluation_precision(model, device):
+                logp = next_token_logprobs(model, kl_windows, device)
             model.to("cpu")
         loader = f"qwenquant spec reader for {fmt} ({read.__module__}) in the source model"
     mismatched = _compare(model, names, theirs)

@@ -52,6 +52,8 @@ def render_model_card(report: dict, license_id: str | None) -> str:
     }
     if license_id:
         meta["license"] = license_id
+    from qwenquant.report import perplexity_setting, task_table
+
     ev, v = report["evaluation"], report.get("verification")
     lines = ["---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", "",
              f"# {Path(report['model']['reference']).name} — {_scheme_name(recipe)}", "",
@@ -63,8 +65,7 @@ def render_model_card(report: dict, license_id: str | None) -> str:
                         f"quantization config's ignore list): {', '.join(f'`{g}`' for g in kept)}.", ""]
     if "source" in ev:
         lines += [
-            f"Measured by qwenquant on `{report['memory']['device']}`: perplexity on {ev['text']}, "
-            f"non-overlapping windows of {ev['window']} tokens ({ev['source']['tokens']} tokens).", "",
+            f"Measured by qwenquant on `{report['memory']['device']}`: perplexity on {perplexity_setting(ev)}.", "",
             "| model | perplexity |", "|---|---|",
             f"| source | {ev['source']['perplexity']:.4f} |",
             f"| this checkpoint | {ev['quantized']['perplexity']:.4f} ({ev['delta_ppl_pct']:+.2f}%) |", "",
@@ -79,8 +80,6 @@ def render_model_card(report: dict, license_id: str | None) -> str:
     lines += ["", f"Weights on disk: {s['output_bytes'] / 2**20:.1f} MiB (source {s['source_bytes'] / 2**20:.1f} MiB).",
               ""]
     if ev.get("tasks"):
-        from qwenquant.report import task_table
-
         lines += task_table(ev["tasks"])
         lines += ["No throughput numbers are listed because this run did not measure them.", ""]
     else:

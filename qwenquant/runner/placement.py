@@ -14,7 +14,8 @@ import torch
 
 from qwenquant.activations import activation_quantization
 from qwenquant.eval.layerwise import evaluate_layerwise
-from qwenquant.eval.perplexity import next_token_logprobs, perplexity
+from qwenquant.eval.perplexity import evaluate_windows, union_windows
+from qwenquant.eval.precision import evaluation_precision
 from qwenquant.eval.verify import verify_checkpoint, verify_offloaded
 from qwenquant.export.registry import FORMATS
 from qwenquant.model.loader import load_model
@@ -37,15 +38,15 @@ class ResidentModel:
 
     @torch.no_grad()
     def evaluate(self, model, windows, kl_windows, device, reporter: Reporter, label: str, act_specs=None):
-        """(perplexity over `windows` or None, log-probs over `kl_windows`), with activation quantization if given."""
+        """(perplexity over `windows` or None, log-probs over `kl_windows`), with activation quantization if given;
+        one forward per distinct window, in float32 on the CPU (qwenquant/eval/precision.py)."""
         with activation_quantization(model, act_specs) if act_specs else nullcontext():
             model.to(device)
             try:
-                ppl = None
-                if windows is not None:
-                    with reporter.step(f"perplexity ({label})", windows.shape[0]) as advance:
-                        ppl = perplexity(model, windows, device, on_step=advance)
-                return ppl, next_token_logprobs(model, kl_windows, device)
+                n = union_windows(windows, kl_windows)[0].shape[0]
+                what = "perplexity + KL" if windows is not None else "KL"
+                with evaluation_precision(model, device), reporter.step(f"{what} ({label})", n) as advance:
+                    return evaluate_windows(model, windows, kl_windows, device, on_step=advance)
             finally:
                 model.to("cpu")
 

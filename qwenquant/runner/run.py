@@ -23,7 +23,8 @@ from qwenquant.activations import activation_quantization
 from qwenquant.calibration import load_calibration, samples_hash
 from qwenquant.device import resolve_device
 from qwenquant.errors import BadInputError, QualityGateError, VerificationError
-from qwenquant.eval.perplexity import eval_windows, kl_stats, load_eval_text
+from qwenquant.eval.perplexity import eval_windows, kl_stats, load_eval_text, windows_setting
+from qwenquant.eval.precision import compute_dtype_name
 from qwenquant.export.checkpoint import write_checkpoint
 from qwenquant.export.format_spec import UnstorableRecord
 from qwenquant.export.model_card import render_model_card, source_license
@@ -117,9 +118,10 @@ class Run:
         all_windows = eval_windows(self.tokenizer, text, window, None)
         ppl = all_windows[: ev.max_windows] if ev.max_windows else all_windows
         kl = all_windows[: max(1, math.ceil(ev.kl_tokens / window))]
+        compute = compute_dtype_name(self.device, getattr(torch, self.recipe.model.dtype))
+        desc = {"text": text_desc} | windows_setting(window, int(ppl.shape[0]), len(all_windows))
         self.windows = EvalWindows(ppl if ev.perplexity else None, kl,
-                                   {"text": text_desc, "window": window, "windows": int(ppl.shape[0]),
-                                    "kl_tokens": int(kl.numel())})
+                                   desc | {"kl_tokens": int(kl.numel()), "compute_dtype": compute})
 
     def evaluate_source(self) -> dict:
         """Perplexity, log-probs and tasks of the source (journaled: a resumed run does not measure it again)."""

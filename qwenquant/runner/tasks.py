@@ -11,4 +11,4 @@ def evaluate_recipe_tasks(model, tokenizer, ev, device, reporter: Reporter, labe
     if not ev.tasks:
         return None
     reporter.log(f"tasks ({label}): {', '.join(ev.tasks)}")
-    return evaluate_tasks(model, tokenizer, list(ev.tasks), ev.task_limit, 8, device)
+    return evaluate_tasks(model, tokenizer, list(ev.tasks), ev.task_limit, device=device)

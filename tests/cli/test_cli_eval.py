@@ -54,11 +54,15 @@ def test_report_files(single_run, mini_model) -> None:
     assert r["settings"]["num_fewshot"] == 0 and r["settings"]["limit"] == 10
     ppl = r["perplexity"]
     assert ppl["window"] == 256 and ppl["windows"] == 1 and "GPTQ" in ppl["convention"]
+    assert ppl["tokens"] == 255 and ppl["text_windows"] > 1 and ppl["whole_text"] is False
+    assert r["settings"]["dtype"] == "bfloat16" and r["settings"]["compute_dtype"] == "float32"  # --device cpu
     summary = json.loads(single_run.out)
     assert r["tasks"]["piqa"]["model"]["acc"] == summary["tasks"]["piqa"]["acc"]
     md = (out / "EVAL.md").read_text(encoding="utf-8")
     assert md.startswith("# qwenquant eval:")
     assert "window 256 tokens" in md and "| piqa | 10 |" in md and "±" in md
+    assert f"the first 1 of its {ppl['text_windows']} windows, not the whole text" in md
+    assert "computed in float32" in md
 
 
 def test_baseline_same_model_gives_zero_deltas(cli, mini_model, tasks_dir) -> None:
