@@ -160,14 +160,15 @@ def summarize(rows: list[dict]) -> list[dict]:
         for r in rows:
             if (r["size"], r["scheme"]) == (size, scheme):
                 by_tool.setdefault(r["tool"], []).append(r)
-        line = {"size": size, "scheme": scheme, "source_gib": by_tool["floor"][0]["source_bytes"] / 2**30}
+        line = {"size": size, "scheme": scheme, "source_gib": next(iter(by_tool.values()))[0]["source_bytes"] / 2**30}
         for tool, rs in by_tool.items():
             walls = [r["wall_s"] for r in rs]
             line[f"{tool}_s"] = statistics.median(walls)
             line[f"{tool}_spread_s"] = max(walls) - min(walls)
             line[f"{tool}_anon_gib"] = max(r["peak_anon_bytes"] for r in rs) / 2**30
-        line["qwenquant_vs_floor"] = line["qwenquant_s"] / line["floor_s"]
-        if "model_free_ptq_s" in line:
+        if "qwenquant_s" in line and "floor_s" in line:
+            line["qwenquant_vs_floor"] = line["qwenquant_s"] / line["floor_s"]
+        if "model_free_ptq_s" in line and "qwenquant_s" in line:
             line["qwenquant_vs_model_free_ptq"] = line["qwenquant_s"] / line["model_free_ptq_s"]
         table.append(line)
     return table
@@ -191,7 +192,16 @@ def main() -> None:
     ap.add_argument("--root", default="/tmp/qq-real")
     ap.add_argument("--tools", default="io,floor,qwenquant,model_free_ptq")
     ap.add_argument("--name", default="real_sizes")
+    ap.add_argument("--merge", nargs="+", metavar="JSON", help="combine the rows of earlier runs' JSON files into "
+                    "--name instead of measuring")
     a = ap.parse_args()
+    if a.merge:
+        parts = [json.loads(Path(p).read_text()) for p in a.merge]
+        rows = [r for p in parts for r in p["rows"]]
+        meta = parts[0]["meta"] | {"merged_from": [Path(p).name for p in a.merge],
+                                   "repeats": sorted({p["meta"]["repeats"] for p in parts})}
+        write(a.name, summarize(rows), rows, meta)
+        return
     tools = a.tools.split(",")
     if "model_free_ptq" in tools and not LLMC_PY.exists():
         raise SystemExit(f"{LLMC_PY} missing: run benchmarks/setup_llmcompressor.sh first")
@@ -204,9 +214,13 @@ def main() -> None:
                      f"until its output is synced to disk; medians of {a.repeats} repeat(s), spread = max - min. "
                      "anon = peak anonymous memory of the process tree (GiB)."),
             "repeats": a.repeats, "cores": os.cpu_count()}
+    write(a.name, table, rows, meta)
+
+
+def write(name: str, table: list[dict], rows: list[dict], meta: dict) -> None:
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{a.name}.json").write_text(json.dumps({"meta": meta, "table": table, "rows": rows}, indent=2))
-    (RESULTS / f"{a.name}.md").write_text(markdown(table, meta))
+    (RESULTS / f"{name}.json").write_text(json.dumps({"meta": meta, "table": table, "rows": rows}, indent=2))
+    (RESULTS / f"{name}.md").write_text(markdown(table, meta))
     print(markdown(table, meta))
 
 

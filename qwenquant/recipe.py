@@ -83,7 +83,7 @@ class EvalConfig:
     eval_text: str = "wikitext2"  # wikitext2 | path to .txt/.raw
     window: int = 2048  # tokens per non-overlapping window (capped at the model's max positions)
     max_windows: int | None = DEFAULT_WINDOWS  # the first N windows, or None (`all`, also in YAML): the whole text
-    kl_tokens: int = 4096  # tokens on which KL(source || quantized) and verification are measured
+    kl_tokens: int = 4096  # tokens on which KL(source || quantized) and verification are measured; 0: no KL
     verify: bool = True
     # Reloaded checkpoint vs source, mean per-token KL in nats: catches broken checkpoints (they score several
     # nats); quality itself is gated by max_ppl_increase_pct. 3-bit INT on a small model reaches ~0.06.
@@ -97,7 +97,10 @@ class EvalConfig:
         self.max_ppl_increase_pct = percent("eval.max_ppl_increase_pct", self.max_ppl_increase_pct)
         self.min_task_recovery_pct = percent("eval.min_task_recovery_pct", self.min_task_recovery_pct)
         positive("eval.window", self.window)
-        positive("eval.kl_tokens", self.kl_tokens)
+        if self.kl_tokens != 0:
+            positive("eval.kl_tokens", self.kl_tokens)
+        elif self.verify:
+            raise ValueError("eval.kl_tokens: 0 (no KL measured) needs --no-verify: verification measures KL")
         self.max_windows = count_or_all("eval.max_windows", self.max_windows)
         if self.min_task_recovery_pct is not None and not self.tasks:
             raise ValueError("eval.min_task_recovery_pct: needs eval.tasks (--tasks)")

@@ -97,12 +97,9 @@ def render_markdown(r: dict) -> str:
             f"Change: **{ev['delta_ppl_pct']:+.3f}%**.",
         ]
     kl = ev["kl_vs_source"]
-    lines += [
-        "",
-        f"Next-token KL(source || quantized) over {kl['tokens']} tokens: mean {kl['mean_kl']:.5f} nats, "
-        f"max {kl['max_kl']:.4f}; top-1 agreement {100 * kl['top1_agreement']:.2f}%.",
-        "",
-    ]
+    lines += ["", (f"Next-token KL(source || quantized) over {kl['tokens']} tokens: mean {kl['mean_kl']:.5f} nats, "
+                   f"max {kl['max_kl']:.4f}; top-1 agreement {100 * kl['top1_agreement']:.2f}%.") if kl else
+              "Next-token KL vs the source: not measured (--kl-tokens 0).", ""]
     lines += task_table(ev.get("tasks"))
     lines += [
         "## Verification",
@@ -283,7 +280,7 @@ def summary(report: dict) -> dict:
         "source_ppl": ev.get("source", {}).get("perplexity"),
         "quantized_ppl": ev.get("quantized", {}).get("perplexity"),
         "delta_ppl_pct": ev.get("delta_ppl_pct"),
-        "mean_kl": ev["kl_vs_source"]["mean_kl"],
+        "mean_kl": (ev["kl_vs_source"] or {}).get("mean_kl"),
         "output_bytes": report["sizes"]["output_bytes"],
         "verification": None if report["verification"] is None else report["verification"]["passed"],
         "gates": report.get("gates", []),

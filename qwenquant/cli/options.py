@@ -52,6 +52,9 @@ EVAL = Group(EvalConfig, PERPLEXITY_TEXT.flags + (
          **INVERTED),
     Flag("verify_max_kl", float, "Fail if the reloaded checkpoint's mean next-token KL vs the source exceeds this "
          "(nats)."),
+    Flag("kl_tokens", int, "Tokens of the evaluation text on which the next-token KL vs the source (and "
+         "verification) is measured; 0 with --no-verify: no KL (data-free streamed runs only; with --no-ppl too, "
+         "no evaluation pass at all).", ("--kl-tokens",), metavar="N"),
     Flag("max_ppl_increase_pct", Optional[str], "Quality gate: exit 3 (after writing the report) if perplexity "
          "rises more than this many percent (1 or 1%: one percent).", ("--max-ppl-increase",),
          param="max_ppl_increase", metavar="PCT"),

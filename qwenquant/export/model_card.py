@@ -71,8 +71,11 @@ def render_model_card(report: dict, license_id: str | None) -> str:
             f"| this checkpoint | {ev['quantized']['perplexity']:.4f} ({ev['delta_ppl_pct']:+.2f}%) |", "",
         ]
     kl = ev["kl_vs_source"]
-    lines.append(f"Mean next-token KL divergence from the source over {kl['tokens']} held-out tokens: "
-                 f"{kl['mean_kl']:.5f} nats (top-1 agreement {100 * kl['top1_agreement']:.2f}%).")
+    if kl:
+        lines.append(f"Mean next-token KL divergence from the source over {kl['tokens']} held-out tokens: "
+                     f"{kl['mean_kl']:.5f} nats (top-1 agreement {100 * kl['top1_agreement']:.2f}%).")
+    else:
+        lines.append("Next-token KL divergence from the source was not measured for this checkpoint.")
     if v is not None:
         lines.append(f"Verification: reloaded with {v['loader']}, "
                      f"{'passed' if v['passed'] else 'FAILED: ' + v['reason']}.")

@@ -52,7 +52,7 @@ from qwenquant.state import QuantState
 @dataclass
 class EvalWindows:
     ppl: torch.Tensor | None  # perplexity windows (None with --no-ppl)
-    kl: torch.Tensor  # windows on which KL vs the source and verification are measured
+    kl: torch.Tensor | None  # windows on which KL vs the source and verification are measured (None: --kl-tokens 0)
     desc: dict  # text, window, windows, kl_tokens (for the report)
 
 
@@ -117,11 +117,12 @@ class Run:
         text, text_desc = load_eval_text(ev.eval_text)
         all_windows = eval_windows(self.tokenizer, text, window, None)
         ppl = all_windows[: ev.max_windows] if ev.max_windows else all_windows
-        kl = all_windows[: max(1, math.ceil(ev.kl_tokens / window))]
+        kl = all_windows[: max(1, math.ceil(ev.kl_tokens / window))] if ev.kl_tokens else None  # None: no KL
         compute = compute_dtype_name(self.device, getattr(torch, self.recipe.model.dtype))
         desc = {"text": text_desc} | windows_setting(window, int(ppl.shape[0]), len(all_windows))
         self.windows = EvalWindows(ppl if ev.perplexity else None, kl,
-                                   desc | {"kl_tokens": int(kl.numel()), "compute_dtype": compute})
+                                   desc | {"kl_tokens": int(kl.numel()) if kl is not None else 0,
+                                           "compute_dtype": compute})
 
     def evaluate_source(self) -> dict:
         """Perplexity, log-probs and tasks of the source (journaled: a resumed run does not measure it again)."""
@@ -222,6 +223,9 @@ def run_recipe(recipe: Recipe, options: RunOptions, reporter: Reporter | None = 
     run = Run(recipe, options, reporter or Reporter(quiet=True), resolve_device(recipe.device))
     with run.timed("load"):
         run.resolve()
+    if recipe.eval.kl_tokens == 0 and not (options.stream and streams(recipe)):
+        raise BadInputError("--kl-tokens 0 (no KL) applies to data-free streamed runs only; this run quantizes in "
+                            f"memory ({'; '.join(streaming_blockers(recipe) or ['--no-stream'])}): drop --kl-tokens 0")
     if options.stream and streams(recipe):
         if options.offload_dir is not None or options.resume:
             run.reporter.log("note: --offload-dir / --resume are not used: this data-free recipe streams tensor by "

@@ -61,9 +61,13 @@ def run_streamed(run) -> dict:
             write_metadata(tmp, skeleton, run.tokenizer, recipe, plan.quantized, resolved.adapter.always_ignore)
             (tmp / "recipe.yaml").write_text(recipe.to_yaml())
         n_layers = int(resolved.config["num_hidden_layers"])
-        with run.timed("verify"), reporter.step("evaluate + verify, layer by layer", n_layers) as advance:
-            checked = evaluate_and_verify(resolved, tmp, plan, recipe, run.windows.ppl, run.windows.kl, run.device,
-                                          on_layer=advance)
+        if run.windows.ppl is None and run.windows.kl is None:  # --no-ppl --kl-tokens 0 --no-verify: nothing to do
+            reporter.log("no evaluation pass: --no-ppl, --kl-tokens 0 and --no-verify")
+            checked = {"source": None, "quantized": None, "kl": None, "verification": None, "layer_errors": {}}
+        else:
+            with run.timed("verify"), reporter.step("evaluate + verify, layer by layer", n_layers) as advance:
+                checked = evaluate_and_verify(resolved, tmp, plan, recipe, run.windows.ppl, run.windows.kl,
+                                              run.device, on_layer=advance)
         shutil.rmtree(tmp / "_unused_offload", ignore_errors=True)
         report = _report(run, tmp, plan, files, checked)
     return report
@@ -74,7 +78,7 @@ def _layer_reports(plan, errors: dict[str, float], stage: str) -> list[dict]:
     for name in plan.quantized:
         i = plan.layers[name]
         local = name.split(".", 3)[3] if name.count(".") >= 3 else name
-        by_layer.setdefault(i, {})[local] = {"weight_rel_error": errors[name]}
+        by_layer.setdefault(i, {})[local] = {"weight_rel_error": errors[name]} if name in errors else {}
     return [{"layer": i, stage: by_layer[i]} for i in sorted(by_layer)]
 
 

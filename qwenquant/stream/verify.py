@@ -111,7 +111,7 @@ def evaluate_and_verify(resolved, folder: Path, plan: StreamPlan, recipe, ppl_wi
         for key, t in model.state_dict().items():  # resident tensors: embeddings, final norm, untied lm_head
             if store.layer_index(key) is None and key in checker.out.entries:
                 checker.plain(key, t)
-        windows = ppl_windows if ppl_windows is not None and ppl_windows.shape[0] >= kl_windows.shape[0] else kl_windows
+        windows = max((w for w in (ppl_windows, kl_windows) if w is not None), key=lambda w: w.shape[0])
         cache = capture_layer0_inputs(model, store.adapter, windows, 1, device)
         src, q = cache.hidden, [h.clone() for h in cache.hidden]
         act_specs = {n: s for n in plan.quantized if (s := spec_of(recipe.quantizer_config).activation_spec(
@@ -123,7 +123,7 @@ def evaluate_and_verify(resolved, folder: Path, plan: StreamPlan, recipe, ppl_wi
         heads = [HeadModel(model, store.adapter, windows, hidden, device) for hidden in (src, q)]
         result = {label: perplexity(head, ppl_windows, device) if ppl_windows is not None else None
                   for label, head in zip(("source", "quantized"), heads)}
-        result["kl"] = kl_by_window(*heads, kl_windows, device)
+        result["kl"] = kl_by_window(*heads, kl_windows, device) if kl_windows is not None else None
     finally:
         checker.close()
         store.release_all()
@@ -133,7 +133,7 @@ def evaluate_and_verify(resolved, folder: Path, plan: StreamPlan, recipe, ppl_wi
               "weights as read back")
     problems = [(checker.mismatched, "stored weights read back differ from the quantizer's"),
                 (checker.others_mismatched, "stored tensors differ from the source or are missing")]
-    result["verification"] = verdict(loader, plan.quantized, problems, result["kl"],
+    result["verification"] = verdict(loader, plan.quantized, problems, result["kl"] or {"mean_kl": 0.0},
                                      recipe.eval.verify_max_kl, {"mode": "streamed",
                                                                  "other_tensors_checked": checker.others_checked,
                                                                  "other_tensors_mismatched": checker.others_mismatched})

@@ -180,3 +180,26 @@ def test_nan_weight_is_refused_and_nothing_is_left(cli, tiny_qwen3, tmp_path) ->
     assert r.code == 2 and len(r.error_lines) == 1, r.err
     assert name in r.err and "NaN" in r.err
     assert not (tmp_path / "out").exists() and not any(p.name.startswith(".out") for p in tmp_path.iterdir())
+
+
+def test_no_evaluation_pass_when_nothing_is_asked(cli, tiny_qwen3, eval_text, tmp_path) -> None:
+    """--no-ppl --no-verify --kl-tokens 0: the checkpoint alone (a pipeline that evaluates elsewhere)."""
+    common = ["--model", str(tiny_qwen3), "--eval-text", str(eval_text), "--eval-window", "64", "--quiet"]
+    r = cli(["fp8", *common, "--out", str(tmp_path / "a"), "--no-ppl", "--no-verify", "--kl-tokens", "0"])
+    assert r.code == 0, r.err
+    report = json.loads((tmp_path / "a" / "qwenquant_report.json").read_text())
+    assert report["evaluation"]["kl_vs_source"] is None and report["verification"] is None
+    assert "verify" not in report["timings_s"] and "not measured" in (tmp_path / "a" / "REPORT.md").read_text()
+    b = cli(["fp8", *common, "--out", str(tmp_path / "b"), "--no-ppl", "--no-verify", "--no-stream"])
+    assert b.code == 0 and _digests(tmp_path / "a") == _digests(tmp_path / "b")
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["fp8", "--kl-tokens", "0"], "needs --no-verify"),
+    (["gptq", "--kl-tokens", "0", "--no-verify"], "streamed runs only"),
+    (["fp8", "--kl-tokens", "0", "--no-verify", "--no-stream"], "streamed runs only"),
+])
+def test_no_kl_is_refused_where_it_cannot_apply(cli, tiny_qwen3, tmp_path, flags, words) -> None:
+    r = cli([*flags, "--model", str(tiny_qwen3), "--out", str(tmp_path / "out"), "--quiet"])
+    assert r.code == 2 and len(r.error_lines) == 1 and words in r.error_lines[0], r.err
+    assert not (tmp_path / "out").exists()
