@@ -23,6 +23,8 @@ def _block_absmax(w: torch.Tensor, block_size: int) -> torch.Tensor:
     """Max |w| of each BxB block (the last blocks may be partial): [ceil(N/B), ceil(K/B)]."""
     n, k = w.shape
     nb, kb = math.ceil(n / block_size), math.ceil(k / block_size)
+    if n % block_size == 0 and k % block_size == 0:  # whole blocks: no padded copy
+        return w.abs().view(nb, block_size, kb, block_size).amax(dim=(1, 3))
     padded = torch.zeros(nb * block_size, kb * block_size, dtype=w.dtype, device=w.device)
     padded[:n, :k] = w.abs()
     # padded [nb*B, kb*B] -> [nb, B, kb, B]
@@ -70,10 +72,17 @@ def quantize_fp8(
     scale: torch.Tensor | None = None,
 ) -> QuantizedWeight:
     """Quantize a weight [N, K] to E4M3 with the given granularity (or a given scale)."""
+    wf = w.float()  # one float32 copy for the scale and the codes
     if scale is None:
-        scale = compute_weight_scale(w, granularity, block_size, clip_ratio, scale_dtype)
-    full = expand_scale(scale, tuple(w.shape), granularity, block_size)
-    q = (w.float() / full).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+        scale = compute_weight_scale(wf, granularity, block_size, clip_ratio, scale_dtype)
+    n, k = w.shape
+    if granularity == "block" and n % block_size == 0 and k % block_size == 0:
+        # the same division as by the expanded [N, K] scale, without materializing it: [N/B, B, K/B, B] / [N/B, 1, K/B, 1]
+        blocks = wf.view(n // block_size, block_size, k // block_size, block_size)
+        q = (blocks / scale.float()[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE).view(n, k)
+    else:
+        full = expand_scale(scale, tuple(w.shape), granularity, block_size)
+        q = (wf / full).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     return QuantizedWeight(
         kind="fp8",
         q=q,
