@@ -2,15 +2,17 @@
 torch's kernels and `os.pwrite` release the GIL), into the shard layout made up front (qwenquant/stream/shards.py).
 
 Jobs run in plan order, at most `workers` at a time; a job holds one fused group's source weights and outputs (a
-quantize job) or one piece of at most COPY_CHUNK_BYTES of a copied tensor, so memory is bounded by the workers and
-the largest fused group, whatever the model's size. Every source tensor is
+quantize job, admitted only while the jobs in flight fit WORK_BUDGET_BYTES together) or one piece of at most
+COPY_CHUNK_BYTES of a copied tensor, so memory is bounded whatever the model's size. Every source tensor is
 checked finite on the way (a broken checkpoint is bad input, refused in one line; the output folder is never
 renamed into place).
 """
 
 from __future__ import annotations
 
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import Callable
 
 import torch
@@ -24,6 +26,32 @@ from qwenquant.stream.shards import ShardLayout
 from qwenquant.stream.source import SourceFiles
 
 COPY_CHUNK_BYTES = 64 * 2**20
+# Working memory the jobs in flight may use together: a quantize job holds about WORK_FACTOR times its source bytes
+# (the weights in the model dtype, a float32 copy, the float32 quotient, codes and outputs); jobs wait until their
+# estimate fits, and a job larger than the whole budget runs alone.
+WORK_BUDGET_BYTES = 1280 * 2**20
+WORK_FACTOR = 6
+
+
+class WorkBudget:
+    """Bytes of working memory shared by the worker threads (see WORK_BUDGET_BYTES)."""
+
+    def __init__(self, total: int):
+        self.total, self.free = total, total
+        self._cond = threading.Condition()
+
+    @contextmanager
+    def hold(self, n: int):
+        n = min(n, self.total)
+        with self._cond:
+            self._cond.wait_for(lambda: self.free >= n)
+            self.free -= n
+        try:
+            yield
+        finally:
+            with self._cond:
+                self.free += n
+                self._cond.notify_all()
 
 
 def _broken(reference: str, name: str) -> BadInputError:
@@ -37,10 +65,17 @@ def all_finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(t.sum(dtype=torch.float32))) or bool(torch.isfinite(t).all())
 
 
-def quantize_job(job: tuple[str, ...], shared: bool, source: SourceFiles, layout: ShardLayout, dtype: torch.dtype,
-                 recipe, reference: str) -> None:
+def quantize_job(job: tuple[str, ...], shared: bool, budget: WorkBudget, source: SourceFiles, layout: ShardLayout,
+                 dtype: torch.dtype, recipe, reference: str) -> None:
     """Read each Linear of `job` in the model dtype, quantize it with the stage's data-free quantizer, lay it out
     in the export format and write its tensors. `shared`: the Linears share one scale (their fused group)."""
+    need = WORK_FACTOR * sum(source.entries[n + ".weight"].nbytes for n in job)
+    with budget.hold(need):
+        _quantize(job, shared, source, layout, dtype, recipe, reference)
+
+
+def _quantize(job: tuple[str, ...], shared: bool, source: SourceFiles, layout: ShardLayout, dtype: torch.dtype,
+              recipe, reference: str) -> None:
     cfg = recipe.quantizer_config
     spec, fmt = spec_of(cfg), FORMATS[recipe.export.format]
     weights = {n: source.read(n + ".weight").to(dtype) for n in job}
@@ -70,14 +105,15 @@ def copy_job(key: str, start: int, stop: int, source: SourceFiles, layout: Shard
     layout.write(key, piece, at=start * row_bytes)
 
 
-def _jobs(plan: StreamPlan, source: SourceFiles, shared: bool) -> list[tuple[Item, Callable, tuple]]:
+def _jobs(plan: StreamPlan, source: SourceFiles, shared: bool, budget: WorkBudget | None = None
+          ) -> list[tuple[Item, Callable, tuple]]:
     """(item it completes or None, function, arguments) for every job, in plan order."""
     jobs, submitted = [], set()
     for item in plan.items:
         if item.kind == "quantize":
             if item.job not in submitted:
                 submitted.add(item.job)
-                jobs.append((item, quantize_job, (item.job, shared and len(item.job) > 1)))
+                jobs.append((item, quantize_job, (item.job, shared and len(item.job) > 1, budget)))
             continue
         e = source.entries[item.key]
         rows = e.shape[0] if e.shape else 1
@@ -91,7 +127,7 @@ def stream_plan(plan: StreamPlan, source: SourceFiles, layout: ShardLayout, reci
                 workers: int, on_job: Callable[[], None] | None = None) -> int:
     """Write every output tensor of `plan` into `layout` (created) on `workers` threads; the number of jobs."""
     shared = spec_of(recipe.quantizer_config).shares_scale(recipe.quantizer_config)
-    jobs = _jobs(plan, source, shared)
+    jobs = _jobs(plan, source, shared, WorkBudget(WORK_BUDGET_BYTES))
     with ThreadPoolExecutor(max(1, workers), thread_name_prefix="qwenquant-stream") as pool:
         futures: list[Future] = []
         for item, fn, args in jobs:
