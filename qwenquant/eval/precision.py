@@ -1,8 +1,8 @@
 """The precision every evaluation computes in: float32 on the CPU, the model's own dtype on an accelerator.
 
-Why: CPUs without bf16 matrix units emulate bf16 matmuls. One 2048-token forward of qwen3-mini took 19.3 s in bf16
-and 7.5 s in float32 on the 2-core development machine (lm-eval requests: 2-6x), while a GPU computes bf16 at full
-speed. float32 is also the more exact reference: source and quantized model are both evaluated in it, so their
+Why: CPUs without bf16 matrix units emulate bf16 matmuls. One 2048-token forward of qwen3-mini took 12.0 s in bf16
+and 5.0 s in float32 on the shared 2-core development machine, and lm-eval answered 2x more requests per second
+(benchmarks/results/eval_speed.md), while a GPU computes bf16 at full speed. float32 is also the more exact reference: source and quantized model are both evaluated in it, so their
 difference is the quantization's, not bf16 rounding noise.
 
 How, without a float32 copy of the model: `compute_in_float32` hooks every module that owns bf16/fp16 parameters
