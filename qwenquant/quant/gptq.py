@@ -21,7 +21,6 @@ from qwenquant.quant.intq import (
     check_bits,
     compute_group_qparams,
     compute_qparams,
-    dequantize_codes,
     make_int_record,
     quantize_codes,
     quantize_rtn,
@@ -33,6 +32,7 @@ from qwenquant.quant.records import QuantizedWeight
 ACTORDERS = ("none", "static", "group")
 CHOLESKY_RETRIES = 3  # each retry multiplies the dampening by 10
 MIN_RETRY_DAMPENING_FRAC = 1e-4  # retry base when dampening_frac is 0
+HESSIAN_PANEL = 128  # rows of X^T X per matmul in accumulate_hessian
 
 
 @dataclass
@@ -60,7 +60,11 @@ class GPTQConfig:
 
 @torch.no_grad()
 def accumulate_hessian(H: torch.Tensor | None, x: torch.Tensor, n_seen: int) -> tuple[torch.Tensor, int]:
-    """Running mean H = 2 X^T X / n over all tokens seen, updated with x [..., K] (float32)."""
+    """Running mean H = 2 X^T X / n over all tokens seen, updated with x [..., K] (float32).
+
+    H [K, K] is symmetric, so only its upper triangle is multiplied out, in row panels of HESSIAN_PANEL rows
+    (X_p^T X[:, p0:] for panel p = [p0, p1)), and mirrored: ~(1/2 + panel / 2K) of the full product's flops, each
+    entry the same dot product over the tokens."""
     x = x.reshape(-1, x.shape[-1]).float()  # [T, K]
     t, k = x.shape
     if H is None:
@@ -70,7 +74,12 @@ def accumulate_hessian(H: torch.Tensor | None, x: torch.Tensor, n_seen: int) -> 
     n_total = n_seen + t
     H = H * (n_seen / n_total)
     x = x * math.sqrt(2.0 / n_total)
-    return H + x.T @ x, n_total
+    for p0 in range(0, k, HESSIAN_PANEL):
+        p1 = min(p0 + HESSIAN_PANEL, k)
+        panel = x[:, p0:p1].T @ x[:, p0:]  # [p1 - p0, K - p0]: rows p0..p1 of X^T X from the diagonal on
+        H[p0:p1, p0:] += panel
+        H[p1:, p0:p1] += panel[:, p1 - p0 :].T  # the mirror below the diagonal block
+    return H, n_total
 
 
 def _factor_hinv(H: torch.Tensor, dampening_frac: float) -> torch.Tensor | None:
@@ -196,8 +205,11 @@ def _quantize_rows(
     W: torch.Tensor, H: torch.Tensor, config: GPTQConfig, scale_dtype: torch.dtype,
     clip_ratio: float | torch.Tensor = 1.0,
 ) -> _Rows:
-    """The GPTQ column loop; returns the record, the loss of each output row [N] and the pre-rounding weights.
-    `clip_ratio` (float or per-row [N, 1]) shrinks every group's range before its scale is computed."""
+    """The GPTQ column loop on W [N, K] with H [K, K]; returns the record, the loss of each output row [N] and the
+    pre-rounding weights [N, K]. `clip_ratio` (float or per-row [N, 1]) shrinks every group's range before its scale
+    is computed. Per column k in quantization order, with w the column as earlier errors left it [N]:
+        q = s * (clamp(round(w / s) + z, 0, 2^b - 1) - z),   e = (w - q) / [Hinv]_kk,
+        W[:, j] -= e [Hinv]_kj  for the later columns j of the block (the later blocks: one matmul per block)."""
     _check_inputs(W, H)
     W = W.detach().float().clone()
     H = H.detach().float().clone()
@@ -226,7 +238,7 @@ def _quantize_rows(
     if Hinv is None:
         return _fallback_rtn(W, H, perm, config, scale_dtype, clip_ratio)
 
-    codes = torch.zeros(n, K, dtype=torch.int32, device=W.device)  # quantization order
+    codes = torch.empty(n, K, dtype=torch.int32, device=W.device)  # quantization order
     n_groups = K // G
     scale = torch.zeros(n, n_groups, dtype=torch.float32, device=W.device)
     zero = torch.zeros_like(scale)
@@ -235,33 +247,43 @@ def _quantize_rows(
     B = _aligned_block_size(config.block_size, G)
     natural_group = torch.arange(K, device=W.device) // G
     col_group = natural_group if perm is None or static_params is None else natural_group[perm]
-    s = z = None
+    qmax = 2**bits - 1
 
+    # In-block state is kept transposed ([b, N]: one contiguous row per column), so each column's update of the later
+    # columns is a wide contiguous outer product; every element sees the same float32 operations as in [N, b].
     for i1 in range(0, K, B):
         i2 = min(i1 + B, K)
-        W1 = W[:, i1:i2].clone()  # [N, b], receives in-block updates
-        Err1 = torch.zeros_like(W1)
+        b = i2 - i1
+        W1 = W[:, i1:i2].T.contiguous()  # [b, N], receives in-block updates
+        Err1 = torch.empty_like(W1)  # [b, N]
         Hinv1 = Hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
+        d1 = torch.diagonal(Hinv1)
+        # each column's group params [b, N]: static ones gathered once; dynamic ones filled where a group starts
+        params = static_params if static_params is not None else (scale, zero)
+        idx = col_group[i1:i2]
+        S1, Z1 = params[0][:, idx].T.contiguous(), params[1][:, idx].T.contiguous()
+        for i in range(b):
             col = i1 + i
-            g = int(col_group[col])
-            if static_params is not None:
-                s, z = static_params[0][:, g : g + 1], static_params[1][:, g : g + 1]  # [N, 1]
-            elif col % G == 0:
+            if static_params is None and col % G == 0:
                 # group starts here: params from the weight as updated by all earlier columns
-                cur = W1[:, i : i + G] if i + G <= i2 - i1 else W[:, col : col + G]
+                cur = W1[i : i + G].T if i + G <= b else W[:, col : col + G]
                 s, z = compute_qparams(cur, bits, sym, clip_ratio, scale_dtype)  # [N, 1]
+                g = col // G
                 scale[:, g : g + 1], zero[:, g : g + 1] = s, z
-            w = W1[:, i : i + 1]  # [N, 1]
-            code = quantize_codes(w, s, z, bits)
-            codes[:, col : col + 1] = code
-            pre[:, col : col + 1] = w
-            q = dequantize_codes(code, s, z)
-            d = Hinv1[i, i]
-            losses += ((w - q).squeeze(1) / d) ** 2 / 2
-            err = (w - q) / d  # [N, 1]
-            W1[:, i:] -= err @ Hinv1[i : i + 1, i:]
-            Err1[:, i : i + 1] = err
+                S1[i : i + G], Z1[i : i + G] = s.T, z.T  # to the block's end at most (groups align with blocks)
+            s, z = S1[i], Z1[i]
+            w = W1[i]  # [N]: column `col` as every earlier column's error left it
+            q = torch.round(w / s).add_(z).clamp_(0, qmax).sub_(z).mul_(s)  # fake-quantized, as intq computes it
+            err = (w - q).div_(d1[i])  # [N]
+            Err1[i] = err
+            W1[i + 1 :].sub_(Hinv1[i, i + 1 :, None] * err)  # column `col` is done: it keeps its pre-rounding value
+        # W1 now holds each column as it was rounded: the block's codes and pre-rounding weights in one go
+        W1, S1, Z1, Err1 = W1.T, S1.T, Z1.T, Err1.T.contiguous()  # back to [N, b] (Err1 in the layout it had)
+        pre[:, i1:i2] = W1
+        codes[:, i1:i2] = quantize_codes(W1, S1, Z1, bits)
+        half_sq = Err1**2 / 2
+        for i in range(b):  # loss in column order: sum_k (w_k - q_k)^2 / (2 [Hinv]_kk^2)
+            losses += half_sq[:, i]
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]  # lazy batch update of the later blocks
 
     if static_params is not None:

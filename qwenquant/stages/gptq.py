@@ -37,23 +37,43 @@ class GPTQStage(gptqq.GPTQConfig):
 
 
 def gptq_layer(ctx: LayerContext, cfg: GPTQStage) -> dict:
-    """GPTQ, true-sequential: each group (q/k/v, o, gate/up, down) sees inputs of the already quantized ones."""
+    """GPTQ, true-sequential: each group (q/k/v, o, gate/up, down) sees inputs of the already quantized ones.
+
+    Forwards: one per observation wave, each stopping at the Linears it observes. A submodule whose Linears are all
+    final is frozen (computed once per batch, then reused). When the calibration activations live on the compute
+    device (CPU runs), the inputs of a submodule's single-Linear group (o_proj, down_proj) are kept while observed,
+    so the frozen submodule (self_attn, then mlp for the propagation) is that Linear applied to them: one matmul
+    instead of recomputing the attention or gate/up (`LayerContext.linear_output_shortcut`, which checks on the
+    first batch that the submodule returns exactly that)."""
     report: dict = {}
     done: set[str] = set()
     clips, search = layer_clips(ctx, cfg, clip_key("gptq"), quantized_names(ctx, ctx.adapter.linears))  # before any Linear changes
+    ctx.float32_matmuls(list(ctx.adapter.linears))
+    kept_inputs: dict[str, dict[int, torch.Tensor]] = {}  # Linear -> batch -> its observed input (see docstring)
+    keep_inputs = ctx.device == ctx.cache.store_device
+
+    def freeze(submodule: str) -> None:
+        inside = [name for name in kept_inputs if name.startswith(submodule + ".")]
+        ctx.freeze_outputs(submodule, ctx.linear_output_shortcut(inside[0], kept_inputs.pop(inside[0]))
+                           if len(inside) == 1 else None)
+
     for wave in observation_waves(ctx.adapter):
         for submodule, linears in ctx.adapter.output_determined_by:  # final already: reuse its outputs
             if done.issuperset(linears):
-                ctx.freeze_outputs(submodule)
+                freeze(submodule)
         done.update(n for group in wave for n in group)
         groups = [g for g in (quantized_names(ctx, group) for group in wave) if g]
         if not groups:
             continue
         hessians: dict[str, dict] = {g[0]: {"H": None, "n": 0} for g in groups}
+        if keep_inputs:
+            kept_inputs.update({g[0]: {} for g in groups if len(g) == 1 and _submodule_of(g[0]) is not None})
 
         def observe(name: str, x: torch.Tensor) -> None:
             h = hessians[name]
             h["H"], h["n"] = gptqq.accumulate_hessian(h["H"], x, h["n"])
+            if name in kept_inputs:
+                kept_inputs[name][ctx.batch] = x
 
         with ctx.observe_inputs([g[0] for g in groups], observe):  # members of a group share one input
             ctx.forward()
@@ -65,7 +85,17 @@ def gptq_layer(ctx: LayerContext, cfg: GPTQStage) -> dict:
                 store_int(ctx, name, res.record, report,
                            {"gptq_loss": res.loss} | clip_report(clips[name], search.get(name)))
                 ctx.pre_rounding[name] = res.pre_rounding  # a later compensate stage tunes the rounding from here
+    # every Linear is final now: the propagation forward reuses the last kept inputs (mlp = down_proj(its input))
+    for submodule in {_submodule_of(name) for name in kept_inputs}:
+        freeze(submodule)
     return report
+
+
+def _submodule_of(linear: str) -> str | None:
+    """The direct child of the decoder layer holding `linear` directly (`mlp` for `mlp.down_proj`), else None (an
+    expert's Linear sits deeper, and a routed expert sees only some tokens)."""
+    parts = linear.split(".")
+    return parts[0] if len(parts) == 2 else None
 
 
 def observation_waves(adapter) -> list[list[tuple[str, ...]]]:
@@ -88,19 +118,24 @@ def observation_waves(adapter) -> list[list[tuple[str, ...]]]:
 
 
 def _host_bytes(cfg: GPTQStage, need) -> tuple[int, str]:
+    """H, damped H, its factors and inverse of the widest input, plus (CPU runs) the widest Linear's inputs over the
+    calibration set, kept from its observation to the propagation (gptq_layer; not kept on CUDA, where this
+    over-counts)."""
     copies, _ = need.weight_copies()
-    return copies + 5 * 4 * need.widest_input**2, "GPTQ Hessian and Cholesky factors"  # H, damped, factors, inverse
+    kept = need.calib_tokens * need.widest_input * need.dtype_bytes
+    return copies + 5 * 4 * need.widest_input**2 + kept, "GPTQ Hessian and Cholesky factors, kept Linear inputs"
 
 
 def _seconds(cfg: GPTQStage, need) -> tuple[float, str]:
-    """Per group of Linears sharing an input (q/k/v, o, gate/up, down): a Hessian over the calibration tokens, one
-    factorisation, one column loop over the stacked rows and the lazy block updates; the observation forwards stop
-    early and reuse attention outputs: about one layer forward in all."""
+    """Per group of Linears sharing an input (q/k/v, o, gate/up, down): a Hessian over the calibration tokens (its
+    upper triangle), one factorisation, one column loop over the stacked rows and the lazy block updates; the
+    observation forwards stop early and reuse attention outputs: about one layer forward in all (in float32 matmuls
+    on a CPU without native bf16 ones, faster than the probe's forward in the model dtype: an over-estimate there)."""
     probe, tokens, flops = need.probe, need.calib_tokens, need.fp32_flops
     t = need.calibration_forwards() + need.quant_pass
     for g in need.groups:
         k, rows = g[0].k, sum(l.n for l in g)
-        t += 2 * tokens * k * k / flops + (1.3 * k**3 + rows * k * k) / flops
+        t += tokens * k * (k + gptqq.HESSIAN_PANEL) / flops + (1.3 * k**3 + rows * k * k) / flops
         t += k * (probe.gptq_s_per_column + probe.gptq_s_per_column_row * rows)
     return t, ROUGH_TIME_NOTE if cfg.clip_search else ""
 

@@ -208,6 +208,100 @@ def test_accumulate_hessian_is_running_mean() -> None:
     assert torch.allclose(h.double(), 2 * flat.T @ flat / 30, atol=1e-5)
 
 
+@pytest.mark.parametrize("k", [64, 200, 384])  # below, off and on the panel width (HESSIAN_PANEL = 128)
+def test_accumulate_hessian_panels_equal_the_full_product(k: int) -> None:
+    """The upper-triangle panels and their mirror give X^T X: exactly symmetric, equal to the full product."""
+    g = torch.Generator().manual_seed(k)
+    x = torch.randn(300, k, generator=g).to(torch.bfloat16)
+    h, n = accumulate_hessian(None, x[:100], 0)
+    h, n = accumulate_hessian(h, x[100:], n)
+    xf = x.float()
+    full = (xf.T @ xf) * (2.0 / 300)
+    assert n == 300 and torch.equal(h, h.T)
+    torch.testing.assert_close(h, full, rtol=1e-5, atol=1e-6)
+
+
+def column_loop_reference(W, H, config: GPTQConfig, clip_ratio=1.0):
+    """The column loop as first written: [N, 1] columns, every step updating the rest of its block (itself
+    included) with err @ Hinv[i, i:], loss accumulated column by column; the codes, scales, zero points, losses
+    and pre-rounding weights that `_quantize_rows` must reproduce bit for bit."""
+    from qwenquant.quant.gptq import _aligned_block_size, _factor_hinv_with_retries
+    from qwenquant.quant.intq import compute_group_qparams, compute_qparams, dequantize_codes
+
+    W, H = W.detach().float().clone(), H.detach().float().clone()
+    n, K = W.shape
+    G = K if config.group_size == -1 else config.group_size
+    dead = torch.diagonal(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    static = None
+    if config.actorder == "static" or G == K:
+        clip = clip_ratio.expand(n, K // G) if isinstance(clip_ratio, torch.Tensor) else clip_ratio
+        static = compute_group_qparams(W, config.bits, G, config.symmetric, clip, torch.bfloat16)
+    perm = torch.argsort(torch.diagonal(H), descending=True) if config.actorder != "none" else None
+    if perm is not None:
+        W, H = W[:, perm], H[perm][:, perm]
+    Hinv = _factor_hinv_with_retries(H, config.dampening_frac)
+    codes, pre = torch.zeros(n, K, dtype=torch.int32), torch.empty_like(W)
+    scale, zero, losses = torch.zeros(n, K // G), torch.zeros(n, K // G), torch.zeros(n)
+    B = _aligned_block_size(config.block_size, G)
+    natural = torch.arange(K) // G
+    col_group = natural if perm is None or static is None else natural[perm]
+    for i1 in range(0, K, B):
+        i2 = min(i1 + B, K)
+        W1, Err1, Hinv1 = W[:, i1:i2].clone(), torch.zeros(n, i2 - i1), Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col, g = i1 + i, int(col_group[i1 + i])
+            if static is not None:
+                s, z = static[0][:, g : g + 1], static[1][:, g : g + 1]
+            elif col % G == 0:
+                cur = W1[:, i : i + G] if i + G <= i2 - i1 else W[:, col : col + G]
+                s, z = compute_qparams(cur, config.bits, config.symmetric, clip_ratio, torch.bfloat16)
+                scale[:, g : g + 1], zero[:, g : g + 1] = s, z
+            w = W1[:, i : i + 1]
+            code = quantize_codes(w, s, z, config.bits)
+            codes[:, col : col + 1], pre[:, col : col + 1] = code, w
+            q = dequantize_codes(code, s, z)
+            d = Hinv1[i, i]
+            losses += ((w - q).squeeze(1) / d) ** 2 / 2
+            err = (w - q) / d
+            W1[:, i:] -= err @ Hinv1[i : i + 1, i:]
+            Err1[:, i : i + 1] = err
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    if static is not None:
+        scale, zero = static
+    if perm is not None:
+        inv = torch.argsort(perm)
+        codes, pre = codes[:, inv], pre[:, inv]
+    return codes, scale, zero, losses, pre
+
+
+@pytest.mark.parametrize(
+    ("bits", "group_size", "symmetric", "actorder", "block_size", "clip"),
+    [
+        (4, 64, True, "static", 32, 1.0),
+        (4, 32, False, "none", 16, 1.0),  # groups spanning two blocks
+        (3, 64, True, "group", 128, "rows"),
+        (8, -1, False, "none", 48, 1.0),
+        (4, 128, True, "static", 128, "rows"),
+    ],
+)
+def test_column_loop_is_bit_exact(layer, bits, group_size, symmetric, actorder, block_size, clip) -> None:
+    """`_quantize_rows` keeps a block transposed, skips the update of a column by itself and takes codes, losses
+    and pre-rounding weights per block: the same float32 operations per element as the plain loop, so the same bits."""
+    from qwenquant.quant.gptq import _quantize_rows
+
+    _, w, h = layer
+    w = w.to(torch.bfloat16)
+    cfg = GPTQConfig(bits, group_size, symmetric, actorder, 0.01, block_size)
+    ratio = torch.linspace(0.8, 1.0, w.shape[0]).unsqueeze(1) if clip == "rows" else clip
+    res = _quantize_rows(w, h, cfg, torch.bfloat16, ratio)
+    codes, scale, zero, losses, pre = column_loop_reference(w, h, cfg, ratio)
+    assert torch.equal(res.record.q, codes) and torch.equal(res.pre_rounding, pre) and torch.equal(res.loss, losses)
+    assert torch.equal(res.record.scale, scale.to(torch.bfloat16)) and torch.equal(res.record.zero_point,
+                                                                                   zero.to(torch.int32))
+
+
 @pytest.mark.parametrize("actorder", ["none", "static", "group"])
 def test_shared_hessian_stack_equals_separate_runs(layer, actorder) -> None:
     """q/k/v share one input: quantizing their stacked rows once must give each exactly its separate result."""

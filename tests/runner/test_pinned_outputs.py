@@ -6,6 +6,19 @@ numbers a command writes is a change for users and needs its own reason (re-pin 
 writes the measured hashes and then fails, so a re-pin is never silent). Re-pinned since, with their reasons:
 - rtn-scale-search (issue 11): `qwenquant rtn` took no calibration flags, so its search ran on the default
   128 x 512 calibration set (3 minutes of the suite); it now takes them and runs on the small set like the others.
+- every gptq case (issue 12, point 5: GPTQ at half llm-compressor's cost): on a CPU without native bf16 matmuls
+  (torch's generic bf16 GEMM, ~10x slower than float32) the GPTQ stage computes each Linear of the layer in float32
+  and rounds to bf16 (`LayerContext.float32_matmuls`). bf16 x bf16 products are exact in float32 and both paths
+  accumulate in float32 before one rounding, so only the order of the float32 sums differs (one bf16 step in
+  ~1e-4 of the Linear outputs), and the changed bits spread from there. KL(source || checkpoint) of these cases
+  (768 tokens, 4 x 64 calibration) before -> after: gptq 0.00610 -> 0.00592, g64-asym 0.00434 -> 0.00395,
+  actorder-group 0.00642 -> 0.00656, w3 0.0290 -> 0.0298, scale-search 0.00597 -> 0.00582, compensate 0.00633 ->
+  0.00638, compensate-layer 0.00610 -> 0.00613, keep-sensitive 0.00480 -> 0.00494 (both ways: float noise; mean
+  change -0.7%); at benchmark scale (64 x 512 calibration, 16k tokens) calibration seeds 0-3 gave 3.518e-3 ->
+  3.412e-3, 3.482e-3 -> 3.538e-3, 3.394e-3 -> 3.383e-3, 3.335e-3 -> 3.328e-3 (mean 3.432e-3 -> 3.415e-3; see
+  benchmarks/results/gptq_speed.md). The other speed-ups of that change (the column loop,
+  the Hessian's triangle, reused o_proj / down_proj inputs) are bit-exact: with float32 matmuls off they wrote
+  these pins' old hashes, and 64 x 512 records bit-identical to the old code.
 
 Resume and offload runs must also hash exactly like the uninterrupted in-memory run they stand for.
 """

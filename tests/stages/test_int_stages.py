@@ -6,6 +6,7 @@ inputs have outlier channels, and AWQ's `norm_mappings: false` leaves input_laye
 from __future__ import annotations
 
 import copy
+from functools import partial
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from qwenquant.activations import capture_layer0_inputs
 from qwenquant.pipeline import run_sequential
 from qwenquant.quant import gptq as gptqq
 from qwenquant.stages.awq import AWQStage
+from qwenquant.stages.context import float32_linear, slow_reduced_matmul
 from qwenquant.stages.gptq import GPTQStage
 from qwenquant.stages.rtn import RTNStage
 
@@ -52,6 +54,16 @@ def quantize(model, adapter, ids, cfg) -> QuantState:
 
 def _out(y):
     return y[0] if isinstance(y, tuple) else y
+
+
+def as_gptq_computes(layer):
+    """`layer` computing its Linears as gptq_layer has them compute (float32 matmuls rounded to bf16 where bf16
+    matmuls take torch's slow CPU path: `LayerContext.float32_matmuls`)."""
+    if slow_reduced_matmul(next(layer.parameters()).dtype, CPU):
+        for m in layer.modules():
+            if isinstance(m, torch.nn.Linear):
+                m.forward = partial(float32_linear, m)
+    return layer
 
 
 @torch.no_grad()
@@ -119,7 +131,7 @@ def test_gptq_is_true_sequential(tiny, monkeypatch) -> None:
     # Layer 0, o_proj and down_proj: inputs recomputed from the source layer with the earlier groups quantized.
     fresh = copy.deepcopy(source)
     cache0 = capture_layer0_inputs(fresh, adapter, calib, 8, CPU)
-    layer0 = fresh.model.layers[0]
+    layer0 = as_gptq_computes(fresh.model.layers[0])
     later = ("self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj")
     unquantized = {n: hessian_of_input(layer0, n, cache0) for n in later}
     for name in adapter.linears:  # quantize group by group, checking each group's Hessian before moving on
@@ -131,14 +143,15 @@ def test_gptq_is_true_sequential(tiny, monkeypatch) -> None:
         layer0.get_submodule(name).weight.data = deq(full)
     # q/k/v of layer 0 see the unquantized model's inputs: nothing quantized comes before them
     torch.testing.assert_close(hessians["model.layers.0.self_attn.q_proj"],
-                               hessian_of_input(copy.deepcopy(source).model.layers[0], "self_attn.q_proj", cache0))
+                               hessian_of_input(as_gptq_computes(copy.deepcopy(source).model.layers[0]),
+                                                "self_attn.q_proj", cache0))
 
     # Layer 1's first group sees the outputs of the *quantized* layer 0, not of the source layer 0.
     with torch.no_grad():
         q_out = [_out(layer0(h, **kw)) for h, kw in zip(cache0.hidden, cache0.kwargs)]
-        src_layer0 = copy.deepcopy(source).model.layers[0]
+        src_layer0 = as_gptq_computes(copy.deepcopy(source).model.layers[0])
         src_out = [_out(src_layer0(h, **kw)) for h, kw in zip(cache0.hidden, cache0.kwargs)]
-    layer1 = copy.deepcopy(source).model.layers[1]
+    layer1 = as_gptq_computes(copy.deepcopy(source).model.layers[1])
     h_quantized_inputs = hessian_of_input(layer1, "self_attn.q_proj", type(cache0)(q_out, cache0.kwargs))
     h_source_inputs = hessian_of_input(layer1, "self_attn.q_proj", type(cache0)(src_out, cache0.kwargs))
     torch.testing.assert_close(hessians["model.layers.1.self_attn.q_proj"], h_quantized_inputs, rtol=1e-5, atol=1e-6)
@@ -221,3 +234,35 @@ def test_observe_inputs_stops_each_forward_after_the_last_observed_linear(tiny) 
     assert all(torch.equal(a, b) for a, b in zip(early, full))
     with pytest.raises(RuntimeError), ctx.observe_inputs(["self_attn.q_proj"], lambda *_: None):
         ctx.forward(keep_outputs=True)
+
+
+def test_gptq_shortcuts_change_no_bit(tiny, monkeypatch) -> None:
+    """With 2 calibration batches, the frozen self_attn and mlp are o_proj / down_proj applied to their kept inputs
+    from the second batch on (`LayerContext.linear_output_shortcut`): the records are bit-identical to a run in
+    which every frozen submodule runs itself, and the shortcut was really taken."""
+    from qwenquant.stages.context import LayerContext
+
+    source, adapter, calib, _ = tiny
+    taken: list[int] = []
+    real = LayerContext.linear_output_shortcut
+
+    def counting(self, linear, inputs):
+        shortcut = real(self, linear, inputs)
+
+        def wrapped(batch, run):
+            ran: list[bool] = []
+            out = shortcut(batch, lambda: ran.append(True) or run())
+            taken.extend([] if ran else [batch])
+            return out
+
+        return wrapped
+
+    monkeypatch.setattr(LayerContext, "linear_output_shortcut", counting)
+    fast = quantize(copy.deepcopy(source), adapter, calib, GPTQStage(bits=4, group_size=128))
+    assert taken == [1, 1] * 2  # self_attn and mlp of both layers, batch 1 (batch 0 checks the route)
+    monkeypatch.setattr(LayerContext, "linear_output_shortcut",
+                        lambda self, linear, inputs: lambda batch, run: run())  # always the submodule itself
+    slow = quantize(copy.deepcopy(source), adapter, calib, GPTQStage(bits=4, group_size=128))
+    assert list(fast.records) == list(slow.records)
+    for name, rec in fast.records.items():
+        assert torch.equal(rec.q, slow.records[name].q) and torch.equal(rec.scale, slow.records[name].scale), name
