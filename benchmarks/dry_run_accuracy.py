@@ -16,7 +16,10 @@ stage in the JSON. Models: the trained qwen3-mini (../shared) and shape-true ran
 `benchmarks/random_models.py` (real shapes incl. the 151936-token vocabulary; random weights: accuracy numbers from
 them mean nothing, memory and time do). The 0.6B cases use quick settings (8 x 256 calibration tokens, one
 perplexity window); the ones that verify use a recipe with eval.kl_tokens 2048 so that the run's KL statistics
-(5 x tokens x vocab x 4 B, see qwenquant/estimate/memory.py) fit this 24 GiB machine beside other work.
+(5 x tokens x vocab x 4 B, see qwenquant/estimate/memory.py) fit this 24 GiB machine beside other work. The
+--offload-dir cases run Qwen3-8B's widths (one decoder layer: its 12288-wide MLP and GPTQ Hessians, the untied
+151936 x 4096 embedding and lm_head) and a 4-layer 1.7B, the largest that finish in minutes here, with SMALL_8B's
+settings; fp8 and rtn with their defaults take the data-free streaming path.
 
 The machine is shared: the load average before each dry run and each real run is recorded; times measured under a
 different load than the probe saw differ by that much (the probe takes the fastest of a few calls).
@@ -45,6 +48,11 @@ from random_models import build_random_qwen3  # noqa: E402
 
 MINI = "/work/shared/models/qwen3-mini"
 QUICK = ["--num-samples", "8", "--seq-len", "256", "--eval-windows", "1"]
+OFFLOAD = "{offload}"  # replaced by a folder under --work
+# shape-true 8B layers on the 2-core box: a bf16 layer forward costs ~0.03-0.06 s per token and the 151936 x 4096
+# lm_head ~0.1-0.2 s per token, so these runs use few calibration tokens and one 512-token window for everything
+SMALL_8B = {"calibration": {"num_samples": 4, "seq_len": 128}, "eval": {"window": 512, "max_windows": 1,
+                                                                          "kl_tokens": 512}}
 
 # name, model (a path or a random_models spec prefixed "random:"), argv after the model (a recipe: ("run", {...}))
 CASES = [
@@ -57,6 +65,16 @@ CASES = [
     ("0.6b rtn w4 (verify, kl_tokens 2048)", "random:0.6b",
      ["run", {"stages": [{"rtn": {"bits": 4, "group_size": 128}}],
               "eval": {"max_windows": 1, "kl_tokens": 2048}}]),
+    # --offload-dir at Qwen3-8B widths (one decoder layer; the untied 151936-row embedding and lm_head): the
+    # commands `qwenquant fp8 --activations static --smooth` and `qwenquant gptq` run as recipes for SMALL_8B's
+    # evaluation settings
+    ("8b:1 layer fp8 static smooth (offload)", "random:8b:layers=1",
+     ["run", {"stages": [{"smooth": {}}, {"fp8": {"activations": "static"}}]} | SMALL_8B,
+      "--offload-dir", OFFLOAD]),
+    ("1.7b:4 layers gptq w4 (offload)", "random:1.7b:layers=4",
+     ["run", {"stages": [{"gptq": {"bits": 4, "group_size": 128}}]} | SMALL_8B, "--offload-dir", OFFLOAD]),
+    ("8b:1 layer gptq w4 (offload)", "random:8b:layers=1",
+     ["run", {"stages": [{"gptq": {"bits": 4, "group_size": 128}}]} | SMALL_8B, "--offload-dir", OFFLOAD]),
 ]
 
 COLUMNS = (
@@ -93,10 +111,12 @@ def _recipe_file(body: dict, folder: Path) -> Path:
 
 
 def case_argv(argv: list, model: str, out: Path, work: Path) -> list[str]:
-    """The qwenquant argument list of a case (its recipe written to `work` when it has one)."""
+    """The qwenquant argument list of a case (its recipe written to `work` when it has one; OFFLOAD becomes a
+    folder under `work`)."""
+    rest = [str(work / "offload") if a == OFFLOAD else a for a in argv[2 if argv[0] == "run" else 1:]]
     if argv[0] == "run":
-        return ["run", str(_recipe_file(argv[1], work)), "--model", model, "--out", str(out), "--device", "cpu"]
-    return [argv[0], "--model", model, *argv[1:], "--out", str(out), "--device", "cpu"]
+        return ["run", str(_recipe_file(argv[1], work)), "--model", model, *rest, "--out", str(out), "--device", "cpu"]
+    return [argv[0], "--model", model, *rest, "--out", str(out), "--device", "cpu"]
 
 
 def _dry_run(args: list[str], timeout_s: float) -> tuple[dict | None, float, str]:

@@ -11,7 +11,6 @@ import typer
 
 from qwenquant.cli.flags import Given, Group, with_groups
 from qwenquant.cli.options import DEVICE, OUTPUT, QUANTIZE_GROUPS, RUN
-from qwenquant.errors import BadInputError
 from qwenquant.model.loader import default_output_name
 from qwenquant.recipe import Recipe
 from qwenquant.recipe_builder import quantize_recipe
@@ -63,10 +62,7 @@ def execute(ctx: typer.Context, recipe: Recipe, given: Given, suffix: str) -> No
     argv = (ctx.obj or {}).get("argv", sys.argv[1:])
     options = RunOptions(**run, command=command_line(argv))
     if given["dry_run"]:
-        if options.offload_dir is not None:
-            raise BadInputError("--dry-run does not model --offload-dir yet; run --dry-run without it (its host "
-                                "memory estimate is then the in-memory upper bound)")
-        return estimate_only(recipe, options.out, options.overwrite, given["json_out"])
+        return estimate_only(recipe, options, given["json_out"])
     reporter = Reporter(quiet=given["quiet"] or given["json_out"])
     silence_libraries()  # our own progress display replaces theirs
     report = run_recipe(recipe, options, reporter)
@@ -86,13 +82,14 @@ def print_summary(report: dict, out: Path, reporter, quiet: bool, json_out: bool
         reporter.console.print(f"[green]wrote {out}[/green]: {ppl}mean KL {s['mean_kl']:.5f} nats; see {out}/REPORT.md")
 
 
-def estimate_only(recipe: Recipe, out: Path, overwrite: bool, json_out: bool) -> None:
-    """--dry-run: print the resource estimate (rich tables, or one JSON document with --json) and raise a
-    ResourceError (exit 5, one line) when the run would not fit; the estimate rides along in the --json error."""
+def estimate_only(recipe: Recipe, options: RunOptions, json_out: bool) -> None:
+    """--dry-run: print the resource estimate of the run `options` describe (rich tables, or one JSON document with
+    --json) and raise a ResourceError (exit 5, one line) when the run would not fit; the estimate rides along in the
+    --json error."""
     from qwenquant.estimate import estimate_run, fits_or_raise, print_estimate
 
     silence_libraries()
-    est = estimate_run(recipe, out, overwrite)
+    est = estimate_run(recipe, options.out, options.overwrite, options.offload_dir, options.stream)
     if json_out:
         if est.ok:
             print(json.dumps(est.to_dict()))

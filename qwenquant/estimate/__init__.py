@@ -17,6 +17,15 @@ benchmarks/results/dry_run_accuracy.md).
 
 Everything is a pure function of (facts, recipe, probe) except `model_facts` (reads headers), `eval_tokens` (reads
 the evaluation text), the availability functions and `estimate_run`, which puts them together.
+
+Before download: a folder holding only config.json is sized from the architecture (every tensor's shape from
+qwenquant/model/qwen3.py `checkpoint_shapes`, its dtype from config.json), a hub id not in the local cache from its
+config.json and the safetensors headers read from the hub; the estimate says so in its notes and in
+`model.sizes_from`. Without a tokenizer the evaluation text's tokens are estimated from its length (a note too).
+With --offload-dir the phases hold the resident tensors and one decoder layer instead of the model
+(`memory._offload_phases`, `time._offload_io`); the layer files need disk at the offload folder. A data-free recipe
+(qwenquant.stream.eligibility.streams) takes the streaming path unless --no-stream: no calibration, no model
+(`stream.py`).
 """
 
 from __future__ import annotations
@@ -40,7 +49,9 @@ from qwenquant.estimate.size import OutputSize, linear_output_tensors, output_si
 from qwenquant.estimate.time import time_estimate
 from qwenquant.export.writer import check_output_dir
 from qwenquant.model.loader import DTYPES, resolve_model
-from qwenquant.preflight import check_layout, check_mixed_precision, check_not_source, needs_calibration
+from qwenquant.model.offload import check_offload_dir
+from qwenquant.preflight import check_layout, check_mixed_precision, check_not_source, check_offload, needs_calibration
+from qwenquant.stream.eligibility import streaming_blockers, streams
 
 __all__ = ["Available", "Estimate", "LinearInfo", "ModelFacts", "OutputSize", "Phase", "RunShape", "TensorInfo",
            "Traits", "available_device_bytes", "available_host_bytes", "build_estimate", "current_rss_bytes",
@@ -51,18 +62,28 @@ __all__ = ["Available", "Estimate", "LinearInfo", "ModelFacts", "OutputSize", "P
 PROCESS_BASE_EXTRA = 200 * 2**20  # RSS a run has beyond this process's imports: tokenizer, eval text, allocator
 
 
-def estimate_run(recipe, out: Path, overwrite: bool = False) -> Estimate:
-    """The --dry-run of a run of `recipe` into `out`: the same checks before any work, then the estimate.
+def estimate_run(recipe, out: Path, overwrite: bool = False, offload_dir: Path | None = None,
+                 stream: bool = True) -> Estimate:
+    """The --dry-run of a run of `recipe` into `out` (`offload_dir`: --offload-dir; `stream`: False for
+    --no-stream): the same checks before any work, then the estimate.
 
-    Reads config.json, the safetensors headers and the tokenizer/evaluation text; writes nothing; downloads
-    nothing (a hub id must be in the local cache)."""
+    Reads config.json, the safetensors headers and the tokenizer/evaluation text; writes nothing and downloads no
+    weight: a folder without weights is sized from config.json alone, a hub id not in the local cache from its
+    config.json and safetensors headers read from the hub (qwenquant/model/hub.py)."""
     out = Path(out)
     check_output_dir(out, overwrite)
+    if offload_dir is not None:
+        check_offload(recipe)
+        local = Path(recipe.model.id).expanduser()
+        check_offload_dir(offload_dir, out, local if local.is_dir() else None)
     device = resolve_device(recipe.device)
     resolved = resolve_model(recipe.model.id, recipe.model.revision, download=False)
     check_not_source(out, resolved.path)
     check_layout(recipe, resolved.config)
     check_mixed_precision(recipe, resolved.adapter, resolved.config)
+    if recipe.eval.kl_tokens == 0 and not (stream and streams(recipe)):  # refused as qwenquant/runner/run.py does
+        raise BadInputError("--kl-tokens 0 (no KL) applies to data-free streamed runs only; this run quantizes in "
+                            f"memory ({'; '.join(streaming_blockers(recipe) or ['--no-stream'])}): drop --kl-tokens 0")
     facts = model_facts(resolved)
     if not facts.linears:
         raise BadInputError(f"--model {recipe.model.id}: no decoder Linear weights found in the safetensors headers")
@@ -77,7 +98,21 @@ def estimate_run(recipe, out: Path, overwrite: bool = False) -> Estimate:
     shape = run_shape(recipe, facts, text_tokens, needs_calibration(recipe), note)
     rates = probe.run_probe(facts.config, recipe, device, DTYPES[recipe.model.dtype], shape.calib_tokens or 2048,
                             shape.window, shape.seq_len)
+    traits = run_traits(recipe, offload=offload_dir is not None, stream=stream)
+    est = build_estimate(recipe, facts, shape, rates, device, base_rss, _available(device, out, offload_dir), traits)
+    if offload_dir is not None and traits.stream:
+        est.notes.append("--offload-dir is not used: this data-free recipe streams tensor by tensor (--no-stream "
+                         "quantizes it layer by layer with --offload-dir)")
+    return est
+
+
+def _available(device, out: Path, offload_dir: Path | None) -> Available:
+    """Free host and device memory now, free disk at the output's folder and (--offload-dir) at the offload folder."""
     host, host_source = available_host_bytes()
     disk, disk_path = free_disk_bytes(out)
-    avail = Available(host, host_source, available_device_bytes(device), disk, disk_path)
-    return build_estimate(recipe, facts, shape, rates, device, base_rss, avail, run_traits(recipe))
+    offload_disk, offload_path, same = None, None, False
+    if offload_dir is not None:
+        offload_disk, offload_path = free_disk_bytes(Path(offload_dir).expanduser() / "layers")
+        same = offload_path.stat().st_dev == disk_path.stat().st_dev
+    return Available(host, host_source, available_device_bytes(device), disk, disk_path, offload_disk, offload_path,
+                     same)

@@ -85,12 +85,17 @@ class StageNeed:
         return self.weights * self.probe.quant_s_per_weight + len(self.facts.linears) * self.probe.quant_s_per_linear
 
     @property
+    def layer_scale(self) -> float:
+        """An average decoder layer's Linear weights over the probed layer's (a dense layer built from the config;
+        MoE layers hold every expert)."""
+        probe_layer = max(self.facts.layer_linear_params(0), 1)
+        return self.facts.linear_params / max(self.layers, 1) / probe_layer
+
+    @property
     def token_s(self) -> float:
         """One average decoder layer's forward per token without attention, every weight (MoE: every expert)
-        seeing it (the probe measured a dense layer built from the config: scaled to this model's layers)."""
-        probe_layer = max(self.facts.layer_linear_params(0), 1)
-        avg_layer = self.facts.linear_params / max(self.layers, 1)
-        return self.probe.layer_s_per_token * (avg_layer / probe_layer)
+        seeing it, in the model dtype (calibration forwards)."""
+        return self.probe.layer_s_per_token * self.layer_scale
 
     @property
     def act_quant_s_per_token(self) -> float:

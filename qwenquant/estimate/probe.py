@@ -2,7 +2,7 @@
 
 It times the operations a run spends its time in, at (or scaled down from) the model's real shapes and with the
 run's own code: one real Qwen3 decoder layer built from config.json with random weights (forward in the model
-dtype), causal attention, an fp32 matmul (Hessians, AWQ searches), the recipe's quantizer (its `probe_quantize`:
+dtype, and in the evaluation's compute dtype when that differs: float32 on the CPU), causal attention, an fp32 matmul (Hessians, AWQ searches), the recipe's quantizer (its `probe_quantize`:
 qwenquant/stages/spec.py), the exporter of the chosen format, the log-softmax / KL over the vocabulary, and what
 each stage of the recipe measures for its own time (its `probe`, with a `ProbeKit`: GPTQ's column loop, AWQ's clip
 search, the FP8 activation simulation). Every number is a rate (seconds per token, per element, ...) that the
@@ -19,6 +19,7 @@ from functools import partial
 
 import torch
 
+from qwenquant.eval.precision import compute_dtype
 from qwenquant.export.registry import FORMATS
 from qwenquant.model.qwen3 import linear_shapes
 from qwenquant.stages.registry import STAGES, spec_of
@@ -48,6 +49,13 @@ class Probe:
     gptq_s_per_column: float = 0.0  # GPTQ column loop: seconds per column ...
     gptq_s_per_column_row: float = 0.0  # ... plus this per column x output row
     awq_clip_s_per_weight: float = 0.0  # AWQ clip search per weight (at min(512, tokens) sampled tokens)
+    # evaluation forwards compute in `eval_dtype` (qwenquant/eval/precision.py: float32 on the CPU for a bf16/fp16
+    # model): the layer and lm_head rates timed in it; None when it is the model dtype (the rates above apply)
+    eval_dtype: str | None = None
+    eval_layer_s_per_token: float | None = None
+    eval_layer_s_per_call: float | None = None
+    eval_attn_s_per_token2: float | None = None
+    eval_lm_head_s_per_token: float | None = None
     scaled_from: dict = field(default_factory=dict)  # how a too-large layer was narrowed for the probe
     parts_s: dict = field(default_factory=dict)  # wall time of each part of the probe
     load_avg: float | None = None  # 1-minute load average when the probe ran (a busy machine: slower rates)
@@ -56,6 +64,13 @@ class Probe:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def eval_rates(self) -> tuple[float, float, float, float]:
+        """(layer s/token, layer s/call, attention s/token^2, lm_head s/token) of an evaluation forward."""
+        if self.eval_dtype is None:
+            return self.layer_s_per_token, self.layer_s_per_call, self.attn_s_per_token2, self.lm_head_s_per_token
+        return (self.eval_layer_s_per_token, self.eval_layer_s_per_call, self.eval_attn_s_per_token2,
+                self.eval_lm_head_s_per_token)
 
 
 def _sync(device: torch.device) -> None:
@@ -104,7 +119,10 @@ def narrowed_config(config: dict, cap: int = LAYER_PARAMS_CAP) -> tuple[dict, fl
 def _build_layer(config: dict, dtype: torch.dtype, device: torch.device):
     """A real Qwen3 decoder layer (and its rotary embedding) with random N(0, 0.02) weights."""
     from transformers import Qwen3Config
-    from transformers.models.qwen3.modeling_qwen3 import Qwen3DecoderLayer, Qwen3RotaryEmbedding
+    from transformers.models.qwen3.modeling_qwen3 import (
+        Qwen3DecoderLayer,
+        Qwen3RotaryEmbedding,
+    )
 
     keys = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
             "rms_norm_eps", "max_position_embeddings", "rope_parameters", "rope_theta", "rope_scaling",
@@ -268,6 +286,7 @@ def run_probe(config: dict, recipe, device: torch.device, dtype: torch.dtype, ca
     layer_tok, layer_call, attn, scaled = timed("layer", lambda: _layer_rates(config, dtype, device, window,
                                                                               largest_call))
     gflops_model = timed("lm_head", lambda: _matmul_gflops(min(vocab, 16384), hidden, dtype, device, tokens=512))
+    eval_rates = timed("evaluation", lambda: _eval_rates(config, dtype, device, window))
     fp32 = timed("fp32_matmul", lambda: _matmul_gflops(n, k, torch.float32, device))
     logits_rate, kl_rate = timed("logits", lambda: _logits_rates(vocab, dtype, device))
     w = _weight_slice(n, k, dtype, device)
@@ -298,4 +317,19 @@ def run_probe(config: dict, recipe, device: torch.device, dtype: torch.dtype, ca
         cpus=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         seconds=time.perf_counter() - started,
         **rates,
+        **eval_rates,
     )
+
+
+def _eval_rates(config: dict, dtype: torch.dtype, device: torch.device, window: int) -> dict:
+    """The evaluation's own layer and lm_head rates when it computes in another dtype than the model's (float32 on
+    the CPU: qwenquant.eval.precision.compute_dtype), one window per forward; {} when it does not."""
+    eval_dtype = compute_dtype(device, dtype)
+    if eval_dtype == dtype:
+        return {}
+    per_token, per_call, attn, _ = _layer_rates(config, eval_dtype, device, window, window)
+    gflops = _matmul_gflops(min(int(config["vocab_size"]), 16384), int(config["hidden_size"]), eval_dtype, device,
+                            tokens=512)
+    return {"eval_dtype": str(eval_dtype).removeprefix("torch."), "eval_layer_s_per_token": per_token,
+            "eval_layer_s_per_call": per_call, "eval_attn_s_per_token2": attn,
+            "eval_lm_head_s_per_token": 2 * int(config["hidden_size"]) * int(config["vocab_size"]) / (gflops * 1e9)}

@@ -1,11 +1,13 @@
-"""The estimate for people: rich tables of sizes, memory (with the peak phase's parts), disk, time per stage, and
-the verdict."""
+"""The estimate for people: where the sizes come from (before download), rich tables of sizes, memory (with the
+peak phase's parts), disk, time per stage, the dominant stage, the streaming line, and the verdict."""
 
 from __future__ import annotations
 
+from qwenquant.estimate.facts import HUB_HEADERS_NOTE, NO_WEIGHTS_NOTE
 from qwenquant.estimate.result import Estimate, gib
 
 FIT_MARK = {True: "[green]fits[/green]", False: "[red]does not fit[/red]", None: ""}
+SIZES_NOTES = {"config.json": NO_WEIGHTS_NOTE, "hub safetensors headers": HUB_HEADERS_NOTE}
 
 
 def secs(s: float) -> str:
@@ -40,6 +42,10 @@ def _resources_table(est: Estimate):
     else:
         table.add_row("peak device memory", "-", "computing on the CPU: device memory is host memory")
     table.add_row("disk", gib(d["need_bytes"]), f"{gib(d['free_bytes'])} free at {d['path']} {FIT_MARK[est.fits['disk']]}")
+    if d["offload_path"] is not None:
+        where = ("on the output's disk (in the disk row)" if d["offload_same_disk"]
+                 else f"{gib(d['offload_free_bytes'])} free at {d['offload_path']}")
+        table.add_row("--offload-dir layer files", gib(d["offload_bytes"]), where)
     return table
 
 
@@ -68,8 +74,17 @@ def print_estimate(est: Estimate, console=None) -> None:
     console.print(f"[bold]qwenquant --dry-run[/bold]: {est.model['reference']} ({est.model['architecture']}, "
                   f"{est.model['num_layers']} layers, {est.model['parameters'] / 1e9:.3f}B parameters, "
                   f"{est.model['dtype']}) -> {est.recipe['scheme']}, {est.recipe['format']}, on {est.recipe['device']}")
+    if est.model["sizes_from"] in SIZES_NOTES:  # before download: say so before any number
+        console.print(f"[bold]{SIZES_NOTES[est.model['sizes_from']]}[/bold]", highlight=False)
     console.print(_resources_table(est))
     console.print(_times_table(est))
+    dom = est.dominant_stage
+    console.print(f"dominant: {dom['label']} {100 * dom['share']:.0f}% ({secs(dom['seconds'])})", highlight=False)
+    if est.streaming is not None:
+        st = est.streaming
+        console.print(f"data-free streaming: time ~ reading source + writing output at disk speed "
+                      f"({gib(st['read_bytes'])} read + {gib(st['write_bytes'])} written, about "
+                      f"{secs(st['seconds'])})", highlight=False)
     for note in est.notes:
         console.print(f"note: {note}", highlight=False)
     if est.ok:

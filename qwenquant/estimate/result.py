@@ -7,11 +7,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from qwenquant.errors import ResourceError
-from qwenquant.estimate.facts import ModelFacts, RunShape
+from qwenquant.estimate.facts import MODEL_DTYPE_BYTES, ModelFacts, RunShape
 from qwenquant.estimate.memory import Phase, Traits, journal_bytes, memory_phases
 from qwenquant.estimate.need import missing_costs
 from qwenquant.estimate.size import OutputSize, output_size
-from qwenquant.estimate.time import time_estimate
+from qwenquant.estimate.stream import stream_phases, stream_time_estimate
+from qwenquant.estimate.time import dominant_stage, streaming_time, time_estimate
 from qwenquant.stages.registry import STAGES
 
 GiB = 2**30
@@ -32,6 +33,8 @@ class Estimate:
     reasons: list[str]
     notes: list[str]
     probe: dict
+    dominant_stage: dict  # the longest part of the run (time.dominant_stage)
+    streaming: dict | None = None  # the data-free streaming path's reads and writes (time.streaming_time), or None
 
     @property
     def ok(self) -> bool:
@@ -66,6 +69,9 @@ class Available:
     device: int | None
     disk: int
     disk_path: Path
+    offload_disk: int | None = None  # --offload-dir: free bytes where the layer files go (None without it)
+    offload_path: Path | None = None
+    offload_same_disk: bool = False  # the offload folder is on the output's filesystem (one budget for both)
 
 
 @dataclass(frozen=True)
@@ -82,7 +88,30 @@ class Peaks:
                    max(phases, key=lambda p: p.device_total) if cuda else None)
 
 
-def _reasons(peaks: Peaks, avail: Available, device, disk_need: int) -> list[str]:
+@dataclass(frozen=True)
+class DiskNeed:
+    """Bytes the run writes: the output folder with the run journal, and the --offload-dir layer files."""
+
+    out: int
+    journal: int
+    offload: int
+
+    def at_out(self, avail: Available) -> int:
+        return self.out + self.journal + (self.offload if avail.offload_same_disk else 0)
+
+
+def _disk_reasons(avail: Available, need: DiskNeed) -> list[str]:
+    reasons = []
+    if need.at_out(avail) > avail.disk:
+        reasons.append(f"the output needs about {gib(need.at_out(avail))} on disk but {avail.disk_path} has "
+                       f"{gib(avail.disk)} free")
+    if avail.offload_disk is not None and not avail.offload_same_disk and need.offload > avail.offload_disk:
+        reasons.append(f"--offload-dir needs about {gib(need.offload)} for the decoder layers but "
+                       f"{avail.offload_path} has {gib(avail.offload_disk)} free")
+    return reasons
+
+
+def _reasons(peaks: Peaks, avail: Available, device, disk: DiskNeed) -> list[str]:
     """Why the run would not fit (empty: it fits)."""
     reasons = []
     if avail.host is not None and peaks.need > avail.host:
@@ -92,15 +121,13 @@ def _reasons(peaks: Peaks, avail: Available, device, disk_need: int) -> list[str
     if peaks.device is not None and avail.device is not None and peaks.device.device_total > avail.device:
         reasons.append(f"estimated peak device memory {gib(peaks.device.device_total)} (during {peaks.device.name}) "
                        f"exceeds the {gib(avail.device)} free on {device}")
-    if disk_need > avail.disk:
-        reasons.append(f"the output needs about {gib(disk_need)} on disk but {avail.disk_path} has {gib(avail.disk)} free")
-    return reasons
+    return reasons + _disk_reasons(avail, disk)
 
 
 def _notes(recipe, facts: ModelFacts, shape: RunShape, out: OutputSize, probe, peak: Phase,
            stage_notes: list[str]) -> list[str]:
     """What qualifies the estimate: guesses it had to make, parts it leaves out, how the probe ran."""
-    notes = [n for n in (out.note, shape.text_note) if n] + stage_notes + missing_costs(recipe)
+    notes = facts.notes + [n for n in (out.note, shape.text_note) if n] + stage_notes + missing_costs(recipe)
     if probe.load_avg is not None and probe.cpus and probe.load_avg > probe.cpus:
         notes.append(f"the machine was busy during the probe (load average {probe.load_avg:.1f} on {probe.cpus} CPUs): "
                      "the times scale with how busy it is while the run goes on")
@@ -141,35 +168,54 @@ def _sizes(facts: ModelFacts, out: OutputSize) -> dict:
             "ratio": out.safetensors_bytes / facts.source_bytes if facts.source_bytes else None}
 
 
+def _disk_need(recipe, facts: ModelFacts, shape: RunShape, out: OutputSize, traits: Traits) -> DiskNeed:
+    offload = (facts.params - facts.resident_params) * MODEL_DTYPE_BYTES[recipe.model.dtype] if traits.offload else 0
+    return DiskNeed(out.folder_bytes, journal_bytes(recipe, facts, shape, traits), offload)
+
+
+def _disk(need: DiskNeed, avail: Available) -> dict:
+    return {"need_bytes": need.at_out(avail), "journal_bytes": need.journal, "free_bytes": avail.disk,
+            "path": str(avail.disk_path), "offload_bytes": need.offload if avail.offload_path else None,
+            "offload_free_bytes": avail.offload_disk, "offload_same_disk": avail.offload_same_disk,
+            "offload_path": str(avail.offload_path) if avail.offload_path else None}
+
+
 def build_estimate(recipe, facts: ModelFacts, shape: RunShape, probe, device, base_rss: int, avail: Available,
                    traits: Traits) -> Estimate:
     """Combine sizes, memory phases and times into an Estimate and decide whether the run fits."""
     cuda = getattr(device, "type", "cpu") == "cuda"
     out = output_size(recipe, facts)
-    phases = memory_phases(recipe, facts, shape, out, base_rss, traits, cuda)
+    if traits.stream:
+        phases = stream_phases(recipe, facts, shape, base_rss, cuda, MODEL_DTYPE_BYTES[recipe.model.dtype])
+        timings, stage_notes = stream_time_estimate(recipe, facts, shape, out, probe)
+    else:
+        phases = memory_phases(recipe, facts, shape, out, base_rss, traits, cuda)
+        timings, stage_notes = time_estimate(recipe, facts, shape, out, probe, traits)
     peaks = Peaks.of(phases, cuda)
-    timings, stage_notes = time_estimate(recipe, facts, shape, out, probe, traits)
-    journal = journal_bytes(recipe, facts, shape, traits)
-    disk_need = out.folder_bytes + journal
+    disk = _disk_need(recipe, facts, shape, out, traits)
     dev_fits = None
     if peaks.device is not None and avail.device is not None:
         dev_fits = peaks.device.device_total <= avail.device
     return Estimate(
         model={"reference": facts.reference, "path": facts.path, "architecture": facts.architecture,
                "num_layers": facts.num_layers, "parameters": facts.params, "source_bytes": facts.source_bytes,
-               "dtype": recipe.model.dtype, "tied_embeddings": facts.tied, "vocab_size": facts.vocab},
+               "dtype": recipe.model.dtype, "tied_embeddings": facts.tied, "vocab_size": facts.vocab,
+               "sizes_from": facts.sizes_from},
         recipe={"stages": [type(s).__name__ for s in recipe.stages], "scheme": scheme(recipe),
                 "format": recipe.export.format, "device": str(device)},
         run={"calibration_tokens": shape.calib_tokens, "seq_len": shape.seq_len, "eval_window": shape.window,
              "ppl_windows": shape.ppl_windows, "kl_tokens": shape.kl_tokens, "eval_text_tokens": shape.text_tokens,
-             "verify": recipe.eval.verify, "records_in_journal": traits.journal},
+             "verify": recipe.eval.verify, "records_in_journal": traits.journal, "offload": traits.offload,
+             "streamed": traits.stream},
         sizes=_sizes(facts, out),
         memory=_memory(phases, peaks, avail, device),
-        disk={"need_bytes": disk_need, "journal_bytes": journal, "free_bytes": avail.disk, "path": str(avail.disk_path)},
+        disk=_disk(disk, avail),
         timings_s=timings,
         fits={"host": avail.host is None or peaks.need <= avail.host, "device": dev_fits,
-              "disk": disk_need <= avail.disk},
-        reasons=_reasons(peaks, avail, device, disk_need),
+              "disk": not _disk_reasons(avail, disk)},
+        reasons=_reasons(peaks, avail, device, disk),
         notes=_notes(recipe, facts, shape, out, probe, peaks.host, stage_notes),
         probe=probe.to_dict(),
+        dominant_stage=dominant_stage(timings),
+        streaming=streaming_time(facts, out) if traits.stream else None,
     )

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from qwenquant.estimate.facts import DTYPE_BYTES, FLOAT_DTYPES, MODEL_DTYPE_BYTES, ModelFacts
+from qwenquant.estimate.facts import DTYPE_BYTES, FLOAT_DTYPES, MODEL_DTYPE_BYTES, ModelFacts, header_bytes
 from qwenquant.export.registry import FORMATS
 from qwenquant.stages.registry import spec_of
 
@@ -29,16 +29,6 @@ def kept_linears(recipe, facts: ModelFacts) -> tuple[set[str], str]:
 def linear_output_tensors(recipe, n: int, k: int, dtype_bytes: int) -> dict[str, int]:
     """Bytes of each tensor one quantized Linear [N, K] gets in the checkpoint (the format's own count)."""
     return FORMATS[recipe.export.format].tensor_bytes(recipe.record_kind, recipe.quantizer_config, n, k, dtype_bytes)
-
-
-def _header_bytes(entries: list[tuple[str, int, int]]) -> int:
-    """Approximate safetensors header size for (name, ndim, bytes) entries (JSON with shapes and offsets)."""
-    total = 8 + 32  # length prefix, {"__metadata__":{"format":"pt"}}
-    offset = 0
-    for name, ndim, nbytes in entries:
-        total += len(name) + 44 + ndim * 6 + 2 * len(str(offset + nbytes))
-        offset += nbytes
-    return total + 8  # padding to 8 bytes
 
 
 def _shards(entries: list[tuple[str, int, int]], shard_bytes: int) -> list[list[tuple[str, int, int]]]:
@@ -92,7 +82,7 @@ def output_size(recipe, facts: ModelFacts) -> OutputSize:
             entries.append((name, len(t.shape), nbytes))
             other += nbytes
     shards = _shards(entries, recipe.export.max_shard_size_mb * 2**20)
-    header = sum(_header_bytes(g) for g in shards)
+    header = sum(header_bytes(g) for g in shards)
     index = 0 if len(shards) == 1 else sum(len(e[0]) + 40 for e in entries)
     total = q_bytes + other + header
     return OutputSize(total, q_bytes, other, header, len(entries), len(shards), len(quantized), len(kept),

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +12,7 @@ import torch
 from safetensors import safe_open
 
 from qwenquant.errors import BadInputError
+from qwenquant.model import hub
 from qwenquant.model.moe import unfuse_experts
 from qwenquant.model.qwen3 import ArchAdapter, adapter_for, supported_architectures
 
@@ -29,7 +29,8 @@ class ResolvedModel:
     path: Path
     config: dict
     adapter: ArchAdapter
-    weight_files: list[Path]
+    weight_files: list[Path]  # empty only for --dry-run (download=False) of a folder or hub id without local weights
+    hub_headers: dict[str, dict[str, dict]] | None = None  # --dry-run of a hub id not cached: {file: safetensors header}
 
 
 def hub_id_for(reference: str) -> str:
@@ -44,20 +45,15 @@ def default_output_name(reference: str, suffix: str) -> str:
     return f"{Path(reference.rstrip('/')).name}-{suffix}"
 
 
-def _download(repo_id: str, revision: str | None, download: bool = True) -> Path:
+def _download(repo_id: str, revision: str | None) -> Path:
     from huggingface_hub import snapshot_download
 
-    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes") or not download
+    offline = hub.offline()
     try:
-        path = snapshot_download(
-            repo_id,
-            revision=revision,
-            allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.py"],
-            local_files_only=offline,
-        )
+        path = snapshot_download(repo_id, revision=revision, allow_patterns=hub.CACHED_PATTERNS,
+                                 local_files_only=offline)
     except Exception as err:  # hub errors come in many classes; all mean the same thing to the user
-        how = ("it is not in the local cache and --dry-run downloads nothing" if not download else
-               "HF_HUB_OFFLINE is set and it is not in the local cache" if offline else f"{type(err).__name__}")
+        how = "HF_HUB_OFFLINE is set and it is not in the local cache" if offline else f"{type(err).__name__}"
         raise BadInputError(
             f"cannot get model {repo_id!r} from the hub ({how}): download it where the hub is reachable "
             "(huggingface-cli download) or pass a local directory with --model"
@@ -67,9 +63,13 @@ def _download(repo_id: str, revision: str | None, download: bool = True) -> Path
 
 def resolve_model(reference: str, revision: str | None = None, download: bool = True) -> ResolvedModel:
     """Find the model's files and check config.json and safetensors headers before loading any weight.
-    `download=False`: a hub id must already be in the local cache (--dry-run writes nothing)."""
+
+    `download=False` (--dry-run, which sizes a run before anything large is downloaded): a hub id not in the local
+    cache gets only its config.json and its safetensors headers from the hub (`ResolvedModel.hub_headers`), and a
+    folder without weights is accepted (`weight_files` empty: the estimate derives the tensors from config.json).
+    A real run refuses a folder without weights."""
     local = Path(reference).expanduser()
-    repo_id = None
+    repo_id, hub_headers = None, None
     if local.exists():
         if not local.is_dir():
             raise BadInputError(f"--model {reference}: not a directory; pass a model folder or a hub id")
@@ -78,7 +78,7 @@ def resolve_model(reference: str, revision: str | None = None, download: bool = 
         raise BadInputError(f"--model {reference}: no such directory; check the path")
     else:
         repo_id = hub_id_for(reference)
-        path = _download(repo_id, revision, download)
+        path, hub_headers = (_download(repo_id, revision), None) if download else hub.sizing_source(repo_id, revision)
     config_file = path / "config.json"
     if not config_file.is_file():
         raise BadInputError(f"--model {reference}: no config.json in {path}; point --model at a Hugging Face model folder")
@@ -99,11 +99,11 @@ def resolve_model(reference: str, revision: str | None = None, download: bool = 
         method = config["quantization_config"].get("quant_method")
         raise BadInputError(f"--model {reference}: already quantized ({method}); start from the bf16 checkpoint")
     weight_files = sorted(path.glob("*.safetensors"))
-    if not weight_files:
+    if not weight_files and (download or any(path.glob("*.bin"))):  # .bin weights: the run would refuse them
         raise BadInputError(f"--model {reference}: no *.safetensors files in {path}; convert .bin weights first")
     for f in weight_files:
         check_safetensors_header(f)
-    return ResolvedModel(reference, repo_id, path, config, adapter, weight_files)
+    return ResolvedModel(reference, repo_id, path, config, adapter, weight_files, hub_headers)
 
 
 def file_sha256(path: Path, chunk: int = 1 << 24) -> str:

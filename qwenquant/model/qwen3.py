@@ -85,6 +85,10 @@ class ArchAdapter:
     final_norm: str = "model.norm"
     lm_head: str = "lm_head"
     rotary: str = "model.rotary_emb"
+    embed: str = "model.embed_tokens"
+    # Linears that get a bias when config.json's `bias_key` is true (Qwen3: attention_bias, false in every release)
+    biased: tuple[str, ...] = ()
+    bias_key: str = "attention_bias"
 
     def fused_group_of(self, linear: str) -> tuple[str, ...]:
         """The Linears sharing `linear`'s scheme and ignore status in an engine (a singleton when unfused)."""
@@ -137,6 +141,7 @@ QWEN3 = ArchAdapter(
     ),
     norms=("input_layernorm", "post_attention_layernorm"),
     head_norms=("self_attn.q_norm", "self_attn.k_norm"),
+    biased=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"),
     output_determined_by=(
         ("self_attn", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")),
     ),
@@ -216,9 +221,8 @@ def adapter_for(architecture: str) -> ArchAdapter | None:
 def linear_shapes(config: dict) -> dict[str, tuple[int, int]]:
     """(out_features, in_features) of each decoder Linear, from config.json alone (no weights loaded)."""
     hidden = config["hidden_size"]
-    head_dim = config.get("head_dim") or hidden // config["num_attention_heads"]
-    q = config["num_attention_heads"] * head_dim
-    kv = config["num_key_value_heads"] * head_dim
+    q = config["num_attention_heads"] * head_dim(config)
+    kv = config["num_key_value_heads"] * head_dim(config)
     inter = config["intermediate_size"]
     shapes = {
         "self_attn.q_proj": (q, hidden),
@@ -241,3 +245,45 @@ def linear_shapes(config: dict) -> dict[str, tuple[int, int]]:
         g, u, d = (f"{moe.experts}.*.{p}" for p in moe.projections)
         shapes |= {g: (e_inter, hidden), u: (e_inter, hidden), d: (hidden, e_inter)}
     return shapes
+
+
+def head_dim(config: dict) -> int:
+    """Width of one attention head (config.json's head_dim; hidden / heads when it has none)."""
+    return int(config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"])
+
+
+def checkpoint_shapes(config: dict) -> dict[str, tuple[int, ...]]:
+    """Full name -> shape of every tensor a checkpoint of this architecture stores, from config.json alone (sizing a
+    run before the weights are downloaded), in the model's state-dict order: the embedding, each decoder layer (its
+    Linears with their biases, head norms, norms, an MoE layer's router and per-expert projections as on disk), the
+    final norm, and lm_head unless tied to the embedding."""
+    adapter = next((a for a in map(adapter_for, config.get("architectures") or []) if a is not None), None)
+    if adapter is None:
+        raise ValueError(f"checkpoint_shapes: architecture {config.get('architectures')} is not supported")
+    hidden, vocab = int(config["hidden_size"]), int(config["vocab_size"])
+    linears = linear_shapes(config)
+    bias = bool(config.get(adapter.bias_key, False))
+    shapes: dict[str, tuple[int, ...]] = {f"{adapter.embed}.weight": (vocab, hidden)}
+    for i, layer in enumerate(adapter.layers(config, int(config["num_hidden_layers"]))):
+        prefix = f"{adapter.layers_path}.{i}."
+        for name in layer.linears:
+            n, k = linears[_expert_pattern(name, layer.moe)]
+            shapes[f"{prefix}{name}.weight"] = (n, k)
+            if bias and name in layer.biased:
+                shapes[f"{prefix}{name}.bias"] = (n,)
+        shapes |= {f"{prefix}{name}.weight": (head_dim(config),) for name in layer.head_norms}
+        for router in layer.unquantized:
+            shapes[f"{prefix}{router}.weight"] = (layer.moe.num_experts(config), hidden)
+        shapes |= {f"{prefix}{name}.weight": (hidden,) for name in layer.norms}
+    shapes[f"{adapter.final_norm}.weight"] = (hidden,)
+    if not config.get("tie_word_embeddings", False):
+        shapes[f"{adapter.lm_head}.weight"] = (vocab, hidden)
+    return shapes
+
+
+def _expert_pattern(name: str, moe: MoESpec | None) -> str:
+    """`mlp.experts.7.gate_proj` -> `mlp.experts.*.gate_proj` (the key `linear_shapes` gives every expert)."""
+    head = f"{moe.experts}." if moe is not None else None
+    if head is None or not name.startswith(head):
+        return name
+    return head + "*." + name[len(head):].split(".", 1)[1]

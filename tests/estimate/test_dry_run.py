@@ -16,9 +16,10 @@ import qwenquant.estimate as estimate
 import qwenquant.estimate.probe as probe_mod
 
 JSON_KEYS = {"ok", "dry_run", "model", "recipe", "run", "sizes", "memory", "disk", "timings_s", "fits", "reasons",
-             "notes", "probe"}
+             "notes", "probe", "dominant_stage", "streaming"}
 TIMING_KEYS = {"startup", "load", "calibration_data", "eval_source", "quantize", "eval_quantized", "export", "verify",
                "report", "stages", "total"}
+STREAM_TIMING_KEYS = {"startup", "load", "quantize_and_write", "verify", "report", "stages", "total"}  # runner/stream.py
 
 
 def _fixed_probe(*_args, **_kwargs) -> probe_mod.Probe:
@@ -65,9 +66,10 @@ def test_dry_run_prints_estimate_and_writes_nothing(cli, tiny_args, tmp_path) ->
     res = _dry(cli, "fp8", tiny_args, work / "out")
     assert res.code == 0, res.err[-2000:]
     assert _listing(tmp_path) == before
-    assert "propagate" not in res.out  # FP8 dynamic is data-free: no calibration phase
-    for words in ("peak host memory", "output safetensors", "eval_source", "total", "fits"):
+    for words in ("peak host memory", "output safetensors", "quantize_and_write", "total", "fits", "dominant: ",
+                  "data-free streaming: time ~ reading source + writing output at disk speed"):
         assert words in res.out, words
+    assert "propagate" not in res.out  # FP8 dynamic is data-free: no calibration phase
     assert not res.error_lines
 
 
@@ -79,16 +81,56 @@ def test_json_has_documented_keys(cli, tiny_args, tmp_path, quick_probe, cmd, fl
     data = json.loads(res.out)  # the whole of stdout is one JSON document
     assert JSON_KEYS <= set(data), sorted(set(data))
     assert data["ok"] is True and data["dry_run"] is True and data["reasons"] == []
-    assert TIMING_KEYS <= set(data["timings_s"]), sorted(data["timings_s"])
-    assert cmd in data["timings_s"]["stages"]
+    streamed = data["run"]["streamed"]
+    assert streamed == (cmd in ("fp8", "rtn"))  # data-free with their defaults
+    assert (STREAM_TIMING_KEYS if streamed else TIMING_KEYS) <= set(data["timings_s"]), sorted(data["timings_s"])
+    assert data["timings_s"]["stages"] == {} if streamed else cmd in data["timings_s"]["stages"]
     assert data["timings_s"]["total"] > 0
     mem = data["memory"]
-    assert mem["peak_host_bytes"] > mem["peak_host_breakdown"]["model"] > 0
+    if streamed:  # no model is built: the workers' jobs, then the layer-streamed verification
+        assert mem["peak_host_bytes"] >= mem["host_phases"]["quantize_and_write"] > mem["host_phases"]["load"] > 0
+    else:
+        assert mem["peak_host_bytes"] > mem["peak_host_breakdown"]["model"] > 0
     assert mem["peak_device_bytes"] is None and mem["device"] == "cpu"  # CPU: device memory is host memory
     assert set(data["fits"]) == {"host", "device", "disk"} and data["fits"]["host"] and data["fits"]["disk"]
     assert data["sizes"]["output_bytes"] > 0 and data["sizes"]["quantized_linears"] == 14
     assert data["disk"]["free_bytes"] > data["disk"]["need_bytes"] > data["sizes"]["output_bytes"]
     assert not (tmp_path / "out").exists()
+    dominant, timings = data["dominant_stage"], data["timings_s"]
+    parts = {k: v for k, v in timings.items() if isinstance(v, float) and k not in ("quantize", "total")}
+    parts |= timings["stages"]
+    assert dominant["name"] == max(parts, key=parts.get) and dominant["seconds"] == parts[dominant["name"]]
+    assert dominant["share"] == pytest.approx(dominant["seconds"] / timings["total"])
+    assert data["model"]["sizes_from"] == "safetensors headers"
+
+
+@pytest.mark.parametrize("cmd,flags,data_free", [("fp8", (), True), ("fp8", ("--weights", "block"), True),
+                                                 ("fp8", ("--activations", "none"), True), ("rtn", (), True),
+                                                 ("fp8", ("--activations", "static"), False), ("gptq", (), False)],
+                         ids=["fp8-dynamic", "fp8-block", "fp8-weight-only", "rtn", "fp8-static", "gptq"])
+def test_data_free_recipes_have_no_calibration_phase(cli, tiny_args, tmp_path, quick_probe, cmd, flags,
+                                                     data_free) -> None:
+    """Recipes the data-free streaming path takes (qwenquant.stream.eligibility.streams) are charged no capture,
+    propagation or calibration data, and get the streaming line's bytes; calibrated ones keep them."""
+    res = _dry(cli, cmd, tiny_args, tmp_path / "out", "--json", *flags)
+    assert res.code == 0, res.err[-2000:]
+    data = json.loads(res.out)
+    stages = data["timings_s"]["stages"]
+    if data_free:
+        assert data["run"]["calibration_tokens"] == 0 and data["run"]["streamed"] and stages == {}
+        assert "calibration_data" not in data["timings_s"] and "quantize_and_write" in data["timings_s"]
+        assert data["streaming"]["read_bytes"] == data["sizes"]["source_bytes"]
+        assert data["streaming"]["write_bytes"] == data["sizes"]["output_bytes"] and data["streaming"]["seconds"] > 0
+        assert data["disk"]["journal_bytes"] == 0  # the streaming path keeps no run journal
+        # --no-stream: the layer-by-layer path, still without calibration
+        res = _dry(cli, cmd, tiny_args, tmp_path / "out", "--json", "--no-stream", *flags)
+        in_memory = json.loads(res.out)
+        assert in_memory["run"]["streamed"] is False and in_memory["streaming"] is None
+        assert in_memory["run"]["calibration_tokens"] == 0 and in_memory["timings_s"]["calibration_data"] == 0.0
+        assert cmd in in_memory["timings_s"]["stages"] and "propagate" not in in_memory["timings_s"]["stages"]
+    else:
+        assert data["run"]["calibration_tokens"] == 4 * 64 and stages["propagate"] > 0
+        assert data["streaming"] is None and data["run"]["streamed"] is False
 
 
 SIZE_CASES = [
@@ -154,19 +196,6 @@ def test_unreadable_model_errors_as_usual(cli, tiny_args, tiny_qwen3, tmp_path, 
     assert res.code == 2 and "no such directory" in res.error_lines[0]
 
 
-def test_hub_id_not_cached_downloads_nothing(cli, tiny_args, tmp_path, quick_probe, monkeypatch) -> None:
-    import huggingface_hub.constants as hf_constants
-
-    home = tmp_path / "hf-home"
-    monkeypatch.setenv("HF_HOME", str(home))
-    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(home / "hub"))
-    args = list(tiny_args)
-    args[args.index("--model") + 1] = "Qwen3-4B"
-    res = _dry(cli, "fp8", args, tmp_path / "out")
-    assert res.code == 2 and "not in the local cache" in res.error_lines[0]
-    assert not home.exists() or not any((home / "hub").rglob("*.safetensors"))
-
-
 def test_eval_text_shorter_than_a_window_is_refused(cli, tiny_args, tmp_path, quick_probe) -> None:
     short = tmp_path / "short.txt"
     short.write_text("Only a few words here.\n")
@@ -219,3 +248,59 @@ def test_kl_statistics_dominate_large_vocabularies() -> None:
     peak = max(phases, key=lambda p: p.host_total)
     assert peak.host["KL statistics"] == 5 * 4 * 4096 * vocab
     assert peak.name in ("verify (KL)", "report")
+
+
+def test_offload_dir_is_estimated_layer_by_layer(cli, tiny_args, tiny_qwen3, tmp_path, quick_probe) -> None:
+    """--offload-dir: the phases hold the resident tensors and one decoder layer instead of the model, the layer
+    files need disk, and the dry run creates nothing (not even DIR)."""
+    from safetensors import safe_open
+
+    in_memory = json.loads(_dry(cli, "gptq", tiny_args, tmp_path / "out", "--json").out)
+    res = _dry(cli, "gptq", tiny_args, tmp_path / "out", "--json", "--offload-dir", str(tmp_path / "off"))
+    assert res.code == 0, res.err[-2000:]
+    data = json.loads(res.out)
+    assert data["run"]["offload"] is True and not (tmp_path / "off").exists() and not (tmp_path / "out").exists()
+    with safe_open(str(tiny_qwen3 / "model.safetensors"), "pt") as f:
+        layers = sum(f.get_slice(k).get_shape()[0] * (f.get_slice(k).get_shape()[1:] or [1])[0] * 2
+                     for k in f.keys() if k.startswith("model.layers."))
+        resident = sum(2 * f.get_slice(k).get_shape()[0] * (f.get_slice(k).get_shape()[1:] or [1])[0]
+                       for k in f.keys() if not k.startswith("model.layers."))
+    assert data["disk"]["offload_bytes"] == layers and data["disk"]["offload_same_disk"] is True
+    assert data["disk"]["need_bytes"] == in_memory["disk"]["need_bytes"] + layers
+    parts = data["memory"]["peak_host_breakdown"]
+    assert "model" not in parts and "resident tensors (embeddings, norm, lm_head)" in parts
+    process, process_in_memory = parts["process"], in_memory["memory"]["peak_host_breakdown"]["process"]
+    quantize = data["memory"]["host_phases"]["quantize"] - process
+    assert quantize < in_memory["memory"]["host_phases"]["quantize"] - process_in_memory  # one layer, not the model
+    assert data["timings_s"]["stages"]["offload"] > 0
+    phase = {p: v for p, v in data["memory"]["host_phases"].items()}
+    assert set(phase) == {"load", "eval_source", "quantize", "eval_quantized", "export", "verify", "verify (KL)", "report"}
+    assert phase["load"] == process + resident
+
+
+def test_offload_dir_refusals_match_the_run(cli, tiny_args, tmp_path, quick_probe) -> None:
+    res = _dry(cli, "gptq", tiny_args, tmp_path / "out", "--offload-dir", str(tmp_path / "off"), "--keep-sensitive", "1")
+    assert res.code == 2 and len(res.error_lines) == 1 and "--offload-dir drop it" in res.error_lines[0]
+    res = _dry(cli, "gptq", tiny_args, tmp_path / "out", "--offload-dir", str(tmp_path / "out" / "off"))
+    assert res.code == 2 and len(res.error_lines) == 1 and "inside --out" in res.error_lines[0]
+
+
+def test_offload_dir_with_a_data_free_recipe_says_it_is_not_used(cli, tiny_args, tmp_path, quick_probe) -> None:
+    res = _dry(cli, "rtn", tiny_args, tmp_path / "out", "--json", "--offload-dir", str(tmp_path / "off"))
+    data = json.loads(res.out)
+    assert data["run"]["streamed"] is True and data["run"]["offload"] is False and data["disk"]["offload_bytes"] == 0
+    assert any(n.startswith("--offload-dir is not used") for n in data["notes"])
+
+
+def test_kl_tokens_zero(cli, tiny_args, tmp_path, quick_probe) -> None:
+    """--kl-tokens 0: no KL windows in a streamed estimate (with --no-ppl no evaluation pass at all); refused in one
+    line, as the run refuses it, for a run that quantizes in memory."""
+    res = _dry(cli, "fp8", tiny_args, tmp_path / "out", "--json", "--kl-tokens", "0", "--no-verify")
+    data = json.loads(res.out)
+    assert data["run"]["kl_tokens"] == 0 and "verify (KL)" in data["memory"]["host_phases"]
+    res = _dry(cli, "fp8", tiny_args, tmp_path / "out", "--json", "--kl-tokens", "0", "--no-verify", "--no-ppl")
+    data = json.loads(res.out)
+    assert "verify" not in data["timings_s"] and set(data["memory"]["host_phases"]) == {"load", "quantize_and_write",
+                                                                                        "report"}
+    res = _dry(cli, "gptq", tiny_args, tmp_path / "out", "--kl-tokens", "0", "--no-verify")
+    assert res.code == 2 and len(res.error_lines) == 1 and "drop --kl-tokens 0" in res.error_lines[0]
