@@ -79,7 +79,8 @@ def print_summary(report: dict, out: Path, reporter, quiet: bool, json_out: bool
         s = summary(report)
         ppl = (f"perplexity {s['source_ppl']:.3f} -> {s['quantized_ppl']:.3f} ({s['delta_ppl_pct']:+.2f}%), "
                if s["source_ppl"] else "")
-        reporter.console.print(f"[green]wrote {out}[/green]: {ppl}mean KL {s['mean_kl']:.5f} nats; see {out}/REPORT.md")
+        kl = f"mean KL {s['mean_kl']:.5f} nats" if s["mean_kl"] is not None else "KL not measured"
+        reporter.console.print(f"[green]wrote {out}[/green]: {ppl}{kl}; see {out}/REPORT.md")
 
 
 def estimate_only(recipe: Recipe, options: RunOptions, json_out: bool) -> None:
