@@ -15,7 +15,7 @@ from qwenquant.errors import BadInputError
 from qwenquant.recipe import CalibrationConfig, EvalConfig, ExportConfig, ModelConfig, Recipe, validate
 from qwenquant.stages.compensate import COMPENSATE_TARGETS
 from qwenquant.stages.fp8 import FP8Stage
-from qwenquant.stages.registry import STAGES
+from qwenquant.stages.registry import STAGES, spec_of
 from qwenquant.stages.smooth import SmoothStage
 
 SECTIONS = {"model": ModelConfig, "calibration": CalibrationConfig, "export": ExportConfig, "eval": EvalConfig}
@@ -71,6 +71,16 @@ def quantize_recipe(settings: Mapping[str, Mapping], device: str = Recipe.device
         return Recipe(stages=_fp8_scale_search(stages, sections["export"]), device=device, **sections)
 
     return validate(build)
+
+
+def output_tag(recipe: Recipe, scheme: str) -> str:
+    """The suffix of a quantize command's default output folder ./<model>-<suffix>: `scheme` (`FP8`, `W4A16-GPTQ`),
+    each stage's `tag` (what differs from its command's defaults) and a format other than compressed-tensors, so
+    different recipes run one after another write different folders (`qwen3-mini-FP8-BLOCK-hf-fp8`)."""
+    parts = [scheme] + [spec_of(stage).tag(stage) for stage in recipe.stages]
+    if recipe.export.format != ExportConfig.format:
+        parts.append(recipe.export.format)
+    return "-".join(p for p in parts if p)
 
 
 def _fp8_scale_search(stages: list, export: ExportConfig) -> list:

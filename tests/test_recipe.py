@@ -53,3 +53,29 @@ def test_perplexity_windows_default_count_or_all(tmp_path, cli, mini_model) -> N
         assert res.code == 0 and shown in res.out, res.err
     res = cli(["rtn", "--model", mini_model, "--eval-windows", "0", "--print-recipe"])
     assert res.code == 2 and "eval.max_windows: 0 is neither a positive number nor all" in res.err
+
+
+def test_default_output_names_differ_by_what_the_flags_changed():
+    """./<model>-<tag>: the command's defaults keep the short name (`qwenquant fp8 --model Qwen3-4B` writes
+    ./Qwen3-4B-FP8); every change a README command makes shows in the name, so they do not collide."""
+    from qwenquant.recipe_builder import output_tag, quantize_recipe
+
+    def tag(scheme, **settings):
+        return output_tag(quantize_recipe(settings), scheme)
+
+    assert tag("FP8", fp8={}) == "FP8"
+    assert tag("W4A16-GPTQ", gptq={}) == "W4A16-GPTQ" and tag("W4A16-AWQ", awq={}) == "W4A16-AWQ"
+    names = [tag("FP8", fp8={"weights": "block"}, export={"format": "hf-fp8"}),
+             tag("FP8", fp8={"activations": "none"}),
+             tag("FP8", fp8={"weights": "tensor", "activations": "static"}, smooth={}),
+             tag("FP8", fp8={"activations": "static", "clip_search": True}, smooth={}),
+             tag("W4A16-GPTQ", gptq={}, export={"format": "gptq"}),
+             tag("W4A16-GPTQ", gptq={}, mixed_precision={"keep_sensitive": 2}),
+             tag("W4A16-GPTQ", gptq={}, compensate={}),
+             tag("W4A16-GPTQ", gptq={"clip_search": True}),
+             tag("W4A16-GPTQ", gptq={"group_size": -1, "symmetric": False}),
+             tag("W4A16-AWQ", awq={"clip": False, "group_size": 64}),
+             tag("W4A16-RTN", rtn={}, mixed_precision={"keep_sensitive": "auto"}, eval={"max_ppl_increase_pct": 1})]
+    assert names == ["FP8-BLOCK-hf-fp8", "FP8-WEIGHT-ONLY", "FP8-SMOOTH-TENSOR-STATIC", "FP8-SMOOTH-STATIC-SEARCH",
+                     "W4A16-GPTQ-gptq", "W4A16-GPTQ-KEEP2", "W4A16-GPTQ-COMP", "W4A16-GPTQ-SEARCH",
+                     "W4A16-GPTQ-CH-ASYM", "W4A16-AWQ-G64-NOCLIP", "W4A16-RTN-KEEPAUTO"]

@@ -13,7 +13,7 @@ from qwenquant.cli.flags import Given, Group, with_groups
 from qwenquant.cli.options import DEVICE, OUTPUT, QUANTIZE_GROUPS, RUN
 from qwenquant.model.loader import default_output_name
 from qwenquant.recipe import Recipe
-from qwenquant.recipe_builder import quantize_recipe
+from qwenquant.recipe_builder import output_tag, quantize_recipe
 from qwenquant.reporting import command_line
 from qwenquant.runner.options import RunOptions
 
@@ -30,9 +30,9 @@ def quantize_command(*scheme: Group):
 
 def quantize(ctx: typer.Context, given: Given, suffix: str) -> None:
     """The body of a quantize command: the recipe its flags describe, executed (output folder default
-    ./<model>-<suffix>)."""
+    ./<model>-<suffix>-<what the flags changed>, `output_tag`)."""
     recipe = quantize_recipe(given.sections(), **given.settings(DEVICE))
-    execute(ctx, recipe, given, suffix)
+    execute(ctx, recipe, given, output_tag(recipe, suffix))
 
 
 def silence_libraries() -> None:
@@ -80,7 +80,7 @@ def print_summary(report: dict, out: Path, reporter, quiet: bool, json_out: bool
         ppl = (f"perplexity {s['source_ppl']:.3f} -> {s['quantized_ppl']:.3f} ({s['delta_ppl_pct']:+.2f}%), "
                if s["source_ppl"] else "")
         kl = f"mean KL {s['mean_kl']:.5f} nats" if s["mean_kl"] is not None else "KL not measured"
-        reporter.console.print(f"[green]wrote {out}[/green]: {ppl}{kl}; see {out}/REPORT.md")
+        reporter.console.print(f"[green]wrote {out}[/green]: {ppl}{kl}; see {out}/REPORT.md", soft_wrap=True)
 
 
 def estimate_only(recipe: Recipe, options: RunOptions, json_out: bool) -> None:

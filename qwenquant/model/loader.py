@@ -53,10 +53,11 @@ def _download(repo_id: str, revision: str | None) -> Path:
         path = snapshot_download(repo_id, revision=revision, allow_patterns=hub.CACHED_PATTERNS,
                                  local_files_only=offline)
     except Exception as err:  # hub errors come in many classes; all mean the same thing to the user
-        how = "HF_HUB_OFFLINE is set and it is not in the local cache" if offline else f"{type(err).__name__}"
+        how = ("HF_HUB_OFFLINE is set and it is not in the local cache" if offline
+               else f"hub unreachable or no such repository: {type(err).__name__}")
         raise BadInputError(
             f"cannot get model {repo_id!r} from the hub ({how}): download it where the hub is reachable "
-            "(huggingface-cli download) or pass a local directory with --model"
+            f"(`hf download {repo_id}`; it lands in the cache qwenquant reads) or pass a local directory with --model"
         ) from err
     return Path(path)
 

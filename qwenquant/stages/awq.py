@@ -10,7 +10,7 @@ import torch
 from qwenquant.quant import awq as awqq
 from qwenquant.stages.context import LayerContext
 from qwenquant.stages.fold import fold_mapping
-from qwenquant.stages.int_weights import (check_group_size, check_int_fields, int_label, int_probe_quantize,
+from qwenquant.stages.int_weights import (check_group_size, check_int_fields, int_label, int_probe_quantize, int_tag,
                                           int_record_bytes)
 from qwenquant.stages.observe import quantized_names, sample_inputs, store_int
 from qwenquant.stages.spec import StageSpec
@@ -114,6 +114,10 @@ def _probe(cfg: AWQStage, kit) -> dict[str, float]:
     return {"awq_clip_s_per_weight": t / ws.numel()}
 
 
+def _tag(cfg: AWQStage) -> str:
+    return "-".join(filter(None, [int_tag(default_symmetric=False)(cfg), "" if cfg.clip else "NOCLIP"]))
+
+
 SPEC = StageSpec("awq", AWQStage, "quantizer", awq_layer, record_kind="int", check_linear=check_group_size,
                  host_bytes=_host_bytes, seconds=_seconds, record_bytes=int_record_bytes, label=int_label,
-                 probe_quantize=int_probe_quantize, probe=_probe)
+                 probe_quantize=int_probe_quantize, probe=_probe, tag=_tag)

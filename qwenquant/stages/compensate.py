@@ -258,4 +258,4 @@ def _seconds(cfg: CompensateStage, need) -> tuple[float, str]:
 
 SPEC = StageSpec("compensate", CompensateStage, "refine", compensate_layer,
                  float_copy=lambda cfg: True, float_path=lambda cfg: cfg.target == "float",
-                 host_bytes=_host_bytes, seconds=_seconds)
+                 host_bytes=_host_bytes, seconds=_seconds, tag=lambda cfg: "COMP")

@@ -172,6 +172,12 @@ def _label(cfg: FP8Stage) -> str:
     return f"weights={cfg.weights} activations={cfg.activations}"
 
 
+def _tag(cfg: FP8Stage) -> str:
+    parts = [cfg.weights.upper()] if cfg.weights != "channel" else []
+    parts += {"static": ["STATIC"], "none": ["WEIGHT-ONLY"]}.get(cfg.activations, [])
+    return "-".join(parts + (["SEARCH"] if cfg.clip_search else []))
+
+
 def _probe_quantize(cfg: FP8Stage, w: torch.Tensor, dtype: torch.dtype):
     qw = fp8q.quantize_fp8(w, cfg.weights, cfg.block_size, scale_dtype=dtype)
     qw.dequantize(dtype)
@@ -196,4 +202,4 @@ SPEC = StageSpec("fp8", FP8Stage, "quantizer", fp8_layer, record_kind="fp8", che
                  resolve=_resolve, host_bytes=_host_bytes, seconds=_seconds, record_bytes=_record_bytes, label=_label,
                  probe_quantize=_probe_quantize, probe=_probe, uses_calibration=lambda cfg: not _data_free(cfg),
                  data_free=_data_free, quantize_weight=quantize_weight,
-                 shares_scale=lambda cfg: cfg.weights == "tensor", activation_spec=_activation_spec)
+                 shares_scale=lambda cfg: cfg.weights == "tensor", activation_spec=_activation_spec, tag=_tag)

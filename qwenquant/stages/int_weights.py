@@ -84,6 +84,17 @@ def int_label(cfg) -> str:
     return f"w{cfg.bits} g{cfg.group_size} {'sym' if cfg.symmetric else 'asym'}"
 
 
+def int_tag(default_symmetric: bool):
+    """The `tag` of an INT quantizer whose command defaults to group 128 and `default_symmetric`: the group size
+    (`G64`, `CH` per channel), `SYM`/`ASYM` off that default, `SEARCH` with clip search."""
+    def tag(cfg) -> str:
+        parts = [] if cfg.group_size == 128 else ["CH" if cfg.group_size == -1 else f"G{cfg.group_size}"]
+        if cfg.symmetric != default_symmetric:
+            parts.append("SYM" if cfg.symmetric else "ASYM")
+        return "-".join(parts + (["SEARCH"] if getattr(cfg, "clip_search", False) else []))
+    return tag
+
+
 def int_probe_quantize(cfg, w: torch.Tensor, dtype: torch.dtype):
     """Round-to-nearest with the stage's grid, its dequantize and error: the per-weight work of an INT pass."""
     qw = intq.quantize_rtn(w.float(), cfg.bits, cfg.group_size, cfg.symmetric, scale_dtype=dtype)

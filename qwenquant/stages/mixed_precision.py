@@ -78,4 +78,5 @@ def _kept_linears(cfg: MixedPrecisionStage, facts) -> tuple[set[str], str]:
 
 SPEC = StageSpec("mixed_precision", MixedPrecisionStage, "plan", mixed_precision_layer,
                  uses_calibration=lambda cfg: cfg.keep is None,  # ranking groups needs data; a keep list does not
-                 host_bytes=_host_bytes, seconds=_seconds, kept_linears=_kept_linears)
+                 host_bytes=_host_bytes, seconds=_seconds, kept_linears=_kept_linears,
+                 tag=lambda cfg: f"KEEP{cfg.keep_sensitive}".upper() if cfg.keep is None else "KEEP")

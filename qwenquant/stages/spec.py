@@ -38,6 +38,8 @@ instead of knowing it:
   - `kept_linears(cfg, facts) -> (names, note)`: (plan stages) full names of the Linears left in the source dtype
     (`facts`: `qwenquant.estimate.facts.ModelFacts`); a note when the run chooses them and this is a guess;
   - `label(cfg) -> str`: (quantizers) the scheme's settings as the estimate's title shows them (`w4 g128 sym`);
+  - `tag(cfg) -> str`: what the stage adds to a quantize command's default output folder name, ./<model>-<scheme>-
+    <tags> (`BLOCK-STATIC`, `SMOOTH`, `G64`); "" where the stage is at its command's defaults;
   - `probe_quantize(cfg, w, dtype) -> QuantizedWeight`: (quantizers) one round-to-nearest pass over a weight with its
     dequantize and error: the per-weight work the speed probe times as the quantizer's cost;
   - `probe(cfg, kit) -> {rate: value}`: rates only this stage's `seconds` uses, measured with the probe's kit
@@ -98,6 +100,7 @@ class StageSpec:
     quantize_weight: Callable[..., Any] | None = None
     shares_scale: Callable[[Any], bool] = _never
     activation_spec: Callable[[Any, str], Any] = lambda _cfg, _name: None
+    tag: Callable[[Any], str] = lambda _cfg: ""
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
