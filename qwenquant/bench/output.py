@@ -13,7 +13,7 @@
 - weights {tensor_bytes (exact bytes of every parameter/buffer), measured_bytes (CUDA allocator, or host RSS delta
   on CPU, over the load), measured_kind (cuda-allocator | host-rss), measured_note, decode_read_bytes_batch1}
 - kv_cache {dtype: bf16|fp8, bytes_per_token, scales}; bandwidth {bytes_per_s, buffer_bytes, repeats, method}
-- points [{batch, context, status: ok | oom | skipped, error (not ok), prefill_s, prefill_tokens_per_s, ttft_s,
+- points [{batch, context, status: ok | oom | skipped | too_long (beyond max_position_embeddings), error (not ok), prefill_s, prefill_tokens_per_s, ttft_s,
   decode_s, decode_steps, decode_tokens_per_s, itl_ms_mean, itl_ms_p50, itl_ms_p90, compiled, max_cache_len, note,
   memory {kind, weights_bytes (exact), weights_measured_bytes, kv_cache_bytes (exact), peak_bytes, workspace_bytes
   (peak - weights measured at load - KV), peak_reserved_bytes (CUDA) |

@@ -54,17 +54,19 @@ class BenchSettings:
         self.batch_sizes, self.contexts = sorted(set(self.batch_sizes)), sorted(set(self.contexts))
 
 
-def check_contexts(settings: BenchSettings, max_positions: int | None, device: torch.device) -> None:
-    """Refuse contexts the model cannot attend over (prompt + generated tokens > max_position_embeddings)."""
+def contexts_too_long(settings: BenchSettings, max_positions: int | None, device: torch.device) -> tuple[list[int], str]:
+    """The contexts the model cannot attend over (prompt + generated tokens > max_position_embeddings) and why.
+    Refused (BadInputError) when no context fits; otherwise those points are recorded as `too_long` and the others
+    run (the default grid, 1024,8192,32768, on a model with 4096 positions runs 1024)."""
     if not max_positions:
-        return
+        return [], ""
     extra = settings.decode_tokens + warmup_steps(device, settings.compile)
     too_long = [c for c in settings.contexts if c + extra > max_positions]
-    if too_long:
-        raise BadInputError(
-            f"--context {','.join(map(str, too_long))}: the model supports {max_positions} positions "
-            f"(max_position_embeddings) and each point also generates {extra} tokens; "
-            f"use contexts <= {max_positions - extra}")
+    why = (f"the model supports {max_positions} positions (max_position_embeddings) and each point also generates "
+           f"{extra} tokens; use contexts <= {max_positions - extra}")
+    if too_long and len(too_long) == len(settings.contexts):
+        raise BadInputError(f"--context {','.join(map(str, too_long))}: {why}")
+    return too_long, why
 
 
 def _is_oom(err: BaseException) -> bool:
@@ -112,11 +114,16 @@ def run_point(loaded, settings: BenchSettings, batch: int, context: int, device:
 
 
 def run_grid(loaded, settings: BenchSettings, device: torch.device, probe: MemoryProbe, weights: tuple[int, int],
-             kv_per_token: int, bandwidth: float, advance=lambda: None) -> list[dict]:
-    """Every (batch, context) point, smallest first; OOM records the point and skips the ones that contain it."""
+             kv_per_token: int, bandwidth: float, advance=lambda: None, too_long=(), why: str = "") -> list[dict]:
+    """Every (batch, context) point, smallest first; OOM records the point and skips the ones that contain it;
+    contexts longer than the model attends over (`too_long`, reason `why`) are recorded, not run."""
     points, failed = [], []
     for batch in settings.batch_sizes:
         for context in settings.contexts:
+            if context in too_long:
+                points.append({"batch": batch, "context": context, "status": "too_long", "error": why})
+                advance()
+                continue
             if any(batch >= b and context >= c for b, c in failed):
                 points.append({"batch": batch, "context": context, "status": "skipped",
                                "error": "skipped: at least as large as a point that ran out of memory"})
@@ -149,7 +156,9 @@ def run_bench(folder: Path, settings: BenchSettings, device: torch.device, repor
     """Load `folder` with kernel modules, run the grid, and return the result document (bench.output schema)."""
     started = time.time()
     raw = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
-    check_contexts(settings, (raw.get("text_config") or raw).get("max_position_embeddings"), device)
+    too_long, why = contexts_too_long(settings, (raw.get("text_config") or raw).get("max_position_embeddings"), device)
+    if too_long and reporter is not None:
+        reporter.log(f"warning: --context {','.join(map(str, too_long))} not run: {why}")
     probe = MemoryProbe(device)
     probe.settle()
     before_load = probe.current()
@@ -172,10 +181,10 @@ def run_bench(folder: Path, settings: BenchSettings, device: torch.device, repor
     if reporter is not None:
         with reporter.step(f"bench {Path(folder).name}", total) as advance:
             points = run_grid(loaded, settings, device, probe, (weight_exact, weights_measured), kv_per_token,
-                              bandwidth["bytes_per_s"], advance)
+                              bandwidth["bytes_per_s"], advance, too_long, why)
     else:
         points = run_grid(loaded, settings, device, probe, (weight_exact, weights_measured), kv_per_token,
-                          bandwidth["bytes_per_s"])
+                          bandwidth["bytes_per_s"], too_long=too_long, why=why)
     generated = {f"{p['batch']}x{p['context']}": p.pop("_generated") for p in points if "_generated" in p}
     result = build_document(loaded, settings, device, points, bandwidth, (weight_exact, weights_measured, probe.kind),
                             load_s, command, started)

@@ -226,6 +226,18 @@ def test_bench_bad_input(cli, checkpoint, tmp_path) -> None:
     assert res.code == 2 and "not a qwenquant bench folder" in res.error_lines[0] and (other / "keep.txt").exists()
 
 
+def test_contexts_beyond_the_model_are_recorded_and_the_others_run(cli, checkpoint, tmp_path) -> None:
+    """The default grid (1024,8192,32768) on a model with fewer positions runs what fits: a newcomer's
+    `qwenquant bench OUT` on qwen3-mini (4096 positions) measures 1024 and says why 8192 and 32768 did not run."""
+    folder = checkpoint("fp8-dynamic")
+    res = cli(["bench", folder, "--device", "cpu", "--batch-sizes", "1", "--context", "16,600", "--decode-tokens", "2",
+               "--out", tmp_path / "b", "--json"])
+    assert res.code == 0, res.err
+    points = {p["context"]: p for p in json.loads((tmp_path / "b" / "qwenquant_bench.json").read_text())["points"]}
+    assert points[16]["status"] == "ok" and points[600]["status"] == "too_long"
+    assert "512 positions" in points[600]["error"] and "too_long" in (tmp_path / "b" / "BENCH.md").read_text()
+
+
 def test_out_of_memory_points_are_recorded_and_smaller_ones_continue(cli, checkpoint, tmp_path, monkeypatch) -> None:
     folder = checkpoint("w4-ct")
     real = runner.measure_point
