@@ -4,6 +4,7 @@
     python benchmarks/gptq_speed.py                              # 3 alternating reps: results/gptq_speed.{json,md}
     python benchmarks/gptq_speed.py --before HEAD~1 --reps 4     # also time the qwenquant of a git revision
     python benchmarks/gptq_speed.py --reps 1 --name gptq_speed_smoke --num-samples 8 --seq-len 256
+    python benchmarks/gptq_speed.py --reps 5 --kl-seeds 1,2 --profile   # + KL of both tools on seeds 1, 2; a profile
 
 What is compared: GPTQ W4A16, group 128, symmetric, act-order static, dampening 0.01, block 128 (llm-compressor's
 W4A16 preset; the settings of `int4_methods.py --timing-reps`), on qwen3-mini in bf16 on the CPU, one torch
@@ -63,9 +64,18 @@ def worker(args) -> int:
     ids = torch.load(args.calib_ids)
     stages = [GPTQStage(bits=BITS, group_size=GROUP, symmetric=True, actorder="static", dampening_frac=0.01)]
     state = QuantState()
+    profiler = None
+    if args.profile:
+        import cProfile
+
+        profiler = cProfile.Profile()
+        profiler.enable()
     cpu, t = time.process_time(), time.perf_counter()
     run_sequential(model, resolved.adapter, ids, stages, torch.device("cpu"), state)
     wall, cpu = time.perf_counter() - t, time.process_time() - cpu
+    if profiler is not None:
+        profiler.disable()
+        Path(args.profile).write_text(json.dumps(profile_rows(profiler, wall)))
     digest = hashlib.sha256()
     for name in sorted(state.records):
         r = state.records[name]
@@ -80,6 +90,25 @@ def worker(args) -> int:
     return 0
 
 
+def profile_rows(profiler, wall: float, top: int = 14) -> dict:
+    """Where a run's time went: qwenquant's functions by cumulative time, and the functions (torch ops included)
+    by own time, each with its share of the run's wall time (cProfile's overhead included)."""
+    import pstats
+
+    stats = pstats.Stats(profiler).stats  # (file, line, name) -> (calls, ncalls, tottime, cumtime, callers)
+
+    def row(key, value):
+        file, line, name = key
+        where = file.split("/qwenquant/")[-1] if "/qwenquant/" in file else Path(file).name if file != "~" else ""
+        return {"function": f"{where}:{line} {name}" if where else name, "calls": value[1], "own_s": value[2],
+                "cumulative_s": value[3], "cumulative_share": value[3] / wall}
+
+    ours = sorted(((k, v) for k, v in stats.items() if "/qwenquant/" in k[0]), key=lambda kv: -kv[1][3])
+    own = sorted(stats.items(), key=lambda kv: -kv[1][2])
+    return {"wall_s": wall, "by_cumulative": [row(k, v) for k, v in ours[:top]],
+            "by_own_time": [row(k, v) for k, v in own[:top]]}
+
+
 # -- driver ----------------------------------------------------------------------------------------------------------
 
 
@@ -87,11 +116,14 @@ def _log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def run_ours(tree: Path, model: str, calib_path: Path, threads: int, out: Path, weights: Path | None) -> dict:
+def run_ours(tree: Path, model: str, calib_path: Path, threads: int, out: Path, weights: Path | None,
+             profile: Path | None = None) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--tree", str(tree), "--model", model,
            "--calib-ids", str(calib_path), "--threads", str(threads), "--out", str(out)]
     if weights is not None:
         cmd += ["--weights", str(weights)]
+    if profile is not None:
+        cmd += ["--profile", str(profile)]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH="")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(tree), check=False)
     if proc.returncode != 0:
@@ -121,6 +153,8 @@ def main(argv=None) -> int:
     p.add_argument("--calib-ids", default=None, help=argparse.SUPPRESS)
     p.add_argument("--out", default=None, help=argparse.SUPPRESS)
     p.add_argument("--weights", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--profile", nargs="?", const="1", default=None, help="one more qwenquant run under cProfile, untimed: where the time "
+                   "went, in the results (worker: the JSON file to write)")
     p.add_argument("--model", default="/work/shared/models/qwen3-mini")
     p.add_argument("--num-samples", type=int, default=64)
     p.add_argument("--seq-len", type=int, default=512)
@@ -200,9 +234,18 @@ def main(argv=None) -> int:
 
     # more calibration seeds: KL of each qwenquant tree (not timed for the table)
     by_seed: dict[str, dict[str, float]] = {tool: {"0": quality[tool]["mean_kl"]} for tool in tools}
+    if "llm-compressor" in quality:
+        by_seed["llm-compressor"] = {"0": quality["llm-compressor"]["mean_kl"]}
     for seed in [int(x) for x in args.kl_seeds.split(",") if x.strip()]:
         ids_path = work / f"calib_n{args.num_samples}_l{args.seq_len}_s{seed}.pt"
-        torch.save(h.calibration(seed).clone(), ids_path)
+        seed_ids = h.calibration(seed).clone()
+        torch.save(seed_ids, ids_path)
+        if "llm-compressor" in by_seed:
+            _, _, seed_out, _ = llmc_quantize(h.resolved.path, seed_ids, seed, "gptq", BITS, args.threads, work,
+                                              f"-kl-s{seed}")
+            by_seed["llm-compressor"][str(seed)] = h.evaluate_external("llm-compressor", seed_out,
+                                                                       full_ppl=False)["mean_kl"]
+            _log(f"llm-compressor seed {seed}: mean KL {by_seed['llm-compressor'][str(seed)]:.6f}")
         for tool, tree in tools.items():
             weights = work / f"{tool.replace('@', '-')}-s{seed}-weights.pt"
             run_ours(tree, args.model, ids_path, args.threads, work / f"{tool}-s{seed}.json", weights)
@@ -212,6 +255,13 @@ def main(argv=None) -> int:
             by_seed[tool][str(seed)] = h._metrics(*h._evaluate(model, None, full_ppl=False))["mean_kl"]
             del model
             _log(f"{tool} seed {seed}: mean KL {by_seed[tool][str(seed)]:.6f}")
+
+    profile = None
+    if args.profile:
+        prof_path = work / "qwenquant-profile.json"
+        run_ours(REPO, args.model, calib_path, args.threads, work / "qwenquant-profiled.json", None, prof_path)
+        profile = json.loads(prof_path.read_text())
+        _log(f"profiled run: wall {profile['wall_s']:.1f}s under cProfile")
 
     summary: dict[str, dict] = {}
     for tool in names:
@@ -244,6 +294,17 @@ def main(argv=None) -> int:
             + (f"{ratio['wall_ratio_of_medians']:.2f}x, {ratio['cpu_ratio_of_medians']:.2f}x" if ratio else "-")
             + f" | {s.get('mean_kl', float('nan')):.4e} | {s.get('top1', float('nan')):.4f} |")
     table = "\n".join(lines)
+    profile_table = ""
+    if profile:
+        profile_table = "\n".join(
+            [f"Where qwenquant's time went (one more run under cProfile, wall {profile['wall_s']:.1f} s with the "
+             "profiler's overhead; cumulative time of qwenquant's functions, share of that wall):", "",
+             "| function | calls | cumulative s | share |", "|---|---:|---:|---:|"]
+            + [f"| `{r['function']}` | {r['calls']} | {r['cumulative_s']:.2f} | {100 * r['cumulative_share']:.0f}% |"
+               for r in profile["by_cumulative"]]
+            + ["", "Own time (torch ops included):", "", "| function | calls | own s | share |", "|---|---:|---:|---:|"]
+            + [f"| `{r['function']}` | {r['calls']} | {r['own_s']:.2f} | {100 * r['own_s'] / profile['wall_s']:.0f}% |"
+               for r in profile["by_own_time"]])
     seeds_table = ""
     if any(len(v) > 1 for v in by_seed.values()):
         seeds = list(next(iter(by_seed.values())))
@@ -268,7 +329,8 @@ def main(argv=None) -> int:
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{args.name}.json").write_text(json.dumps({"meta": meta, "summary": summary, "ratios": ratios,
-                                                       "kl_by_seed": by_seed, "runs": runs}, indent=1,
+                                                       "kl_by_seed": by_seed, "runs": runs,
+                                                       "profile": profile}, indent=1,
                                                       default=str) + "\n")
     (out / f"{args.name}.md").write_text("\n".join([
         f"# {args.name}", "",
@@ -284,8 +346,9 @@ def main(argv=None) -> int:
          "spread = max - min"),
         f"- quality: {h.meta()['kl_convention']} = {int(h.kl_windows.numel())} tokens", "",
         table, "", *notes, "",
-        *(["KL from the source of the qwenquant trees over more calibration seeds (same KL tokens):", "", seeds_table,
-           ""] if seeds_table else [])]))
+        *(["KL from the source over more calibration seeds (same KL tokens; each tool quantized once more per seed, "
+           "not timed):", "", seeds_table, ""] if seeds_table else []),
+        *([profile_table, ""] if profile_table else [])]))
     _log(f"wrote {out / (args.name + '.json')} and {out / (args.name + '.md')}")
     return 0
 
