@@ -10,8 +10,8 @@ import torch
 from qwenquant.quant import awq as awqq
 from qwenquant.stages.context import LayerContext
 from qwenquant.stages.fold import fold_mapping
-from qwenquant.stages.int_weights import (check_group_size, check_int_fields, int_label, int_probe_quantize, int_tag,
-                                          int_record_bytes)
+from qwenquant.stages.int_weights import (check_group_size, check_int_fields, int_label, int_probe_quantize,
+                                          int_record_bytes, int_serving_scheme, int_tag)
 from qwenquant.stages.observe import quantized_names, sample_inputs, store_int
 from qwenquant.stages.spec import StageSpec
 from qwenquant.validation import boolean, positive
@@ -120,4 +120,5 @@ def _tag(cfg: AWQStage) -> str:
 
 SPEC = StageSpec("awq", AWQStage, "quantizer", awq_layer, record_kind="int", check_linear=check_group_size,
                  host_bytes=_host_bytes, seconds=_seconds, record_bytes=int_record_bytes, label=int_label,
-                 probe_quantize=int_probe_quantize, probe=_probe, tag=_tag)
+                 probe_quantize=int_probe_quantize, probe=_probe, tag=_tag,
+                 serving_scheme=int_serving_scheme)

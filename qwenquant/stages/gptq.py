@@ -10,7 +10,8 @@ import torch
 from qwenquant.quant import gptq as gptqq
 from qwenquant.stages.context import LayerContext
 from qwenquant.stages.int_weights import (check_clip_fields, check_group_size, check_int_fields, clip_key, int_label,
-                                          int_probe_quantize, int_tag, int_record_bytes, resolve_clip)
+                                          int_probe_quantize, int_record_bytes, int_serving_scheme, int_tag,
+                                          resolve_clip)
 from qwenquant.stages.observe import clip_report, quantized_names, store_int
 from qwenquant.stages.per_layer_search import layer_clips
 from qwenquant.stages.spec import ROUGH_TIME_NOTE, StageSpec
@@ -164,4 +165,5 @@ def _probe(cfg: GPTQStage, kit) -> dict[str, float]:
 
 SPEC = StageSpec("gptq", GPTQStage, "quantizer", gptq_layer, record_kind="int", check_linear=check_group_size, resolve=resolve_clip("gptq"),
                  host_bytes=_host_bytes, seconds=_seconds, record_bytes=_record_bytes, label=int_label,
-                 probe_quantize=int_probe_quantize, probe=_probe, tag=int_tag(default_symmetric=True))
+                 probe_quantize=int_probe_quantize, probe=_probe, tag=int_tag(default_symmetric=True),
+                 serving_scheme=int_serving_scheme)

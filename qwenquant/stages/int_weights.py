@@ -95,6 +95,10 @@ def int_tag(default_symmetric: bool):
     return tag
 
 
+def int_serving_scheme(cfg) -> str:
+    return f"w{cfg.bits}a16"
+
+
 def int_probe_quantize(cfg, w: torch.Tensor, dtype: torch.dtype):
     """Round-to-nearest with the stage's grid, its dequantize and error: the per-weight work of an INT pass."""
     qw = intq.quantize_rtn(w.float(), cfg.bits, cfg.group_size, cfg.symmetric, scale_dtype=dtype)

@@ -10,7 +10,7 @@ import torch
 from qwenquant.quant import intq
 from qwenquant.stages.context import LayerContext
 from qwenquant.stages.int_weights import (ClippedIntStage, check_group_size, clip_key, int_label, int_probe_quantize,
-                                          int_record_bytes, int_tag, resolve_clip)
+                                          int_record_bytes, int_serving_scheme, int_tag, resolve_clip)
 from qwenquant.stages.observe import clip_report, quantized_names, store_int
 from qwenquant.stages.per_layer_search import layer_clips
 from qwenquant.stages.spec import ROUGH_TIME_NOTE, StageSpec
@@ -56,4 +56,5 @@ SPEC = StageSpec("rtn", RTNStage, "quantizer", rtn_layer, record_kind="int", che
                  uses_calibration=lambda cfg: cfg.clip_search, resolve=resolve_clip("rtn"),
                  host_bytes=_host_bytes, seconds=_seconds, record_bytes=int_record_bytes, label=int_label,
                  probe_quantize=int_probe_quantize, data_free=lambda cfg: not cfg.clip_search,
-                 quantize_weight=quantize_weight, tag=int_tag(default_symmetric=True))
+                 quantize_weight=quantize_weight, tag=int_tag(default_symmetric=True),
+                 serving_scheme=int_serving_scheme)

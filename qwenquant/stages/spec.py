@@ -38,6 +38,8 @@ instead of knowing it:
   - `kept_linears(cfg, facts) -> (names, note)`: (plan stages) full names of the Linears left in the source dtype
     (`facts`: `qwenquant.estimate.facts.ModelFacts`); a note when the run chooses them and this is a guess;
   - `label(cfg) -> str`: (quantizers) the scheme's settings as the estimate's title shows them (`w4 g128 sym`);
+  - `serving_scheme(cfg) -> str`: (quantizers) the scheme an engine runs the checkpoint with, a key of
+    `qwenquant.targets.SCHEME_NEEDS` (`fp8-w8a8`, `w4a16`, ...): which GPUs can run it (`--target`);
   - `tag(cfg) -> str`: what the stage adds to a quantize command's default output folder name, ./<model>-<scheme>-
     <tags> (`BLOCK-STATIC`, `SMOOTH`, `G64`); "" where the stage is at its command's defaults;
   - `probe_quantize(cfg, w, dtype) -> QuantizedWeight`: (quantizers) one round-to-nearest pass over a weight with its
@@ -101,6 +103,7 @@ class StageSpec:
     shares_scale: Callable[[Any], bool] = _never
     activation_spec: Callable[[Any, str], Any] = lambda _cfg, _name: None
     tag: Callable[[Any], str] = lambda _cfg: ""
+    serving_scheme: Callable[[Any], str] | None = None
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
