@@ -7,6 +7,8 @@ where Hinv is the upper Cholesky factor of (H + lambda I)^-1, lambda = dampening
 Column blocks of `block_size` defer the update of later columns (lazy batch updates).
 Act-order quantizes columns by descending diag(H): "group" forms groups in that order (g_idx needed),
 "static" keeps natural groups k // G with qparams computed up front (no g_idx in the checkpoint).
+The grid is the INT grid of `GPTQConfig` unless a `ColumnGrid` is given (NVFP4: quant/nvfp4.py `gptq_grid`): the
+same loop then asks it for each group's parameters, each column's rounding and the final record.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -56,6 +59,22 @@ class GPTQConfig:
             raise ValueError(f"dampening_frac must be a finite number >= 0, got {self.dampening_frac}")
         if self.block_size <= 0:
             raise ValueError(f"block_size must be positive, got {self.block_size}")
+
+
+@dataclass(frozen=True)
+class ColumnGrid:
+    """A grid other than INT for the column loop, as pure functions (the group size is the grid's own):
+    - `qparams(w [..., G]) -> (scale, zero)` each [..., 1] float32: a group's parameters from its weights;
+    - `fake(w, scale, zero) -> w_hat` float32 (broadcast): the rounding of weights under those parameters;
+    - `record(pre [N, K], scale [N, K/G], zero [N, K/G]) -> QuantizedWeight`: the record of the pre-rounding
+      weights (natural column order) under the groups' parameters, whose dequantization equals `fake` of them;
+    - `rtn(W [N, K]) -> QuantizedWeight`: round-to-nearest, when no dampening makes H positive definite."""
+
+    group_size: int
+    qparams: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+    fake: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+    record: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], QuantizedWeight]
+    rtn: Callable[[torch.Tensor], QuantizedWeight]
 
 
 @torch.no_grad()
@@ -177,13 +196,17 @@ def quantize_weights_shared(
     config: GPTQConfig,
     scale_dtype: torch.dtype = torch.bfloat16,
     clip_ratios: list[float] | None = None,
+    grid: ColumnGrid | None = None,
 ) -> list[GPTQResult]:
     """GPTQ for several Linears reading the same input (one H), e.g. q/k/v: rows are independent in GPTQ, so
-    quantizing the stacked rows once gives each Linear exactly its own result, with one column loop instead of many."""
+    quantizing the stacked rows once gives each Linear exactly its own result, with one column loop instead of many.
+    `grid`: a non-INT grid (then `clip_ratios` must be None)."""
     clip: float | torch.Tensor = 1.0
     if clip_ratios is not None and any(r != 1.0 for r in clip_ratios):  # one ratio per Linear -> per row [N, 1]
         clip = torch.cat([torch.full((w.shape[0], 1), float(r)) for w, r in zip(Ws, clip_ratios)]).to(H.device)
-    res = _quantize_rows(torch.cat([w.detach().float() for w in Ws]), H, config, scale_dtype, clip)
+    if grid is not None and not isinstance(clip, float):
+        raise ValueError("GPTQ: clip ratios apply to the INT grid only")
+    res = _quantize_rows(torch.cat([w.detach().float() for w in Ws]), H, config, scale_dtype, clip, grid)
     out, start = [], 0
     for w in Ws:
         rows = slice(start, start + w.shape[0])
@@ -196,25 +219,26 @@ def split_rows(record: QuantizedWeight, rows: slice) -> QuantizedWeight:
     """The record of output rows `rows` (codes, scales and zero points are per row; g_idx is per column)."""
     from dataclasses import replace
 
-    zp = record.zero_point[rows].clone() if record.zero_point is not None else None
+    zp = record.zero_point[rows].clone() if record.zero_point is not None else None  # (nvfp4: global_scale shared)
     return replace(record, q=record.q[rows].clone(), scale=record.scale[rows].clone(), zero_point=zp,
                    g_idx=record.g_idx.clone() if record.g_idx is not None else None)
 
 
 def _quantize_rows(
     W: torch.Tensor, H: torch.Tensor, config: GPTQConfig, scale_dtype: torch.dtype,
-    clip_ratio: float | torch.Tensor = 1.0,
+    clip_ratio: float | torch.Tensor = 1.0, grid: ColumnGrid | None = None,
 ) -> _Rows:
     """The GPTQ column loop on W [N, K] with H [K, K]; returns the record, the loss of each output row [N] and the
     pre-rounding weights [N, K]. `clip_ratio` (float or per-row [N, 1]) shrinks every group's range before its scale
     is computed. Per column k in quantization order, with w the column as earlier errors left it [N]:
         q = s * (clamp(round(w / s) + z, 0, 2^b - 1) - z),   e = (w - q) / [Hinv]_kk,
-        W[:, j] -= e [Hinv]_kj  for the later columns j of the block (the later blocks: one matmul per block)."""
+        W[:, j] -= e [Hinv]_kj  for the later columns j of the block (the later blocks: one matmul per block).
+    With a `grid`, its `qparams` / `fake` / `record` replace the INT formulas (q = grid.fake(w, s, z))."""
     _check_inputs(W, H)
     W = W.detach().float().clone()
     H = H.detach().float().clone()
     n, K = W.shape
-    G = resolve_group_size(K, config.group_size)
+    G = resolve_group_size(K, grid.group_size if grid is not None else config.group_size)
     bits, sym = config.bits, config.symmetric
 
     # dead inputs (never active): any weight works, make it 0 and keep H invertible
@@ -226,7 +250,8 @@ def _quantize_rows(
     static_params = None
     if config.actorder == "static" or G == K:
         group_clip = clip_ratio.expand(n, K // G) if isinstance(clip_ratio, torch.Tensor) else clip_ratio
-        static_params = compute_group_qparams(W, bits, G, sym, group_clip, scale_dtype)  # [N, n_groups] x2
+        static_params = (compute_group_qparams(W, bits, G, sym, group_clip, scale_dtype) if grid is None  # [N, n_groups] x2
+                         else tuple(p.squeeze(-1) for p in grid.qparams(W.view(n, K // G, G))))
 
     perm = None
     if config.actorder != "none":
@@ -236,7 +261,7 @@ def _quantize_rows(
 
     Hinv = _factor_hinv_with_retries(H, config.dampening_frac)
     if Hinv is None:
-        return _fallback_rtn(W, H, perm, config, scale_dtype, clip_ratio)
+        return _fallback_rtn(W, H, perm, config, scale_dtype, clip_ratio, grid)
 
     codes = torch.empty(n, K, dtype=torch.int32, device=W.device)  # quantization order
     n_groups = K // G
@@ -267,20 +292,25 @@ def _quantize_rows(
             if static_params is None and col % G == 0:
                 # group starts here: params from the weight as updated by all earlier columns
                 cur = W1[i : i + G].T if i + G <= b else W[:, col : col + G]
-                s, z = compute_qparams(cur, bits, sym, clip_ratio, scale_dtype)  # [N, 1]
+                s, z = (compute_qparams(cur, bits, sym, clip_ratio, scale_dtype) if grid is None  # [N, 1]
+                        else grid.qparams(cur))
                 g = col // G
                 scale[:, g : g + 1], zero[:, g : g + 1] = s, z
                 S1[i : i + G], Z1[i : i + G] = s.T, z.T  # to the block's end at most (groups align with blocks)
             s, z = S1[i], Z1[i]
             w = W1[i]  # [N]: column `col` as every earlier column's error left it
-            q = torch.round(w / s).add_(z).clamp_(0, qmax).sub_(z).mul_(s)  # fake-quantized, as intq computes it
+            if grid is None:
+                q = torch.round(w / s).add_(z).clamp_(0, qmax).sub_(z).mul_(s)  # fake-quantized, as intq computes it
+            else:
+                q = grid.fake(w, s, z)
             err = (w - q).div_(d1[i])  # [N]
             Err1[i] = err
             W1[i + 1 :].sub_(Hinv1[i, i + 1 :, None] * err)  # column `col` is done: it keeps its pre-rounding value
         # W1 now holds each column as it was rounded: the block's codes and pre-rounding weights in one go
         W1, S1, Z1, Err1 = W1.T, S1.T, Z1.T, Err1.T.contiguous()  # back to [N, b] (Err1 in the layout it had)
         pre[:, i1:i2] = W1
-        codes[:, i1:i2] = quantize_codes(W1, S1, Z1, bits)
+        if grid is None:  # (a grid's record derives its codes from `pre` at the end)
+            codes[:, i1:i2] = quantize_codes(W1, S1, Z1, bits)
         half_sq = Err1**2 / 2
         for i in range(b):  # loss in column order: sum_k (w_k - q_k)^2 / (2 [Hinv]_kk^2)
             losses += half_sq[:, i]
@@ -288,6 +318,9 @@ def _quantize_rows(
 
     if static_params is not None:
         scale, zero = static_params
+    if grid is not None:
+        pre = pre if perm is None else pre[:, torch.argsort(perm)]
+        return _Rows(grid.record(pre, scale, zero), losses, pre)
     g_idx = None
     if perm is not None:
         inv = torch.argsort(perm)
@@ -302,7 +335,7 @@ def _quantize_rows(
 
 def _fallback_rtn(
     W: torch.Tensor, H: torch.Tensor, perm: torch.Tensor | None, config: GPTQConfig, scale_dtype: torch.dtype,
-    clip_ratio: float | torch.Tensor = 1.0,
+    clip_ratio: float | torch.Tensor = 1.0, grid: ColumnGrid | None = None,
 ) -> _Rows:
     """RTN in natural order when no dampening makes H positive definite.
 
@@ -316,8 +349,11 @@ def _fallback_rtn(
     if perm is not None:
         inv = torch.argsort(perm)
         W, H = W[:, inv], H[inv][:, inv]
-    if isinstance(clip_ratio, torch.Tensor):  # per row [N, 1] -> per group
+    if grid is not None:
+        record = grid.rtn(W)
+    elif isinstance(clip_ratio, torch.Tensor):  # per row [N, 1] -> per group
         clip_ratio = clip_ratio.expand(W.shape[0], W.shape[1] // resolve_group_size(W.shape[1], config.group_size))
-    record = quantize_rtn(W, config.bits, config.group_size, config.symmetric, clip_ratio, scale_dtype)
+    if grid is None:
+        record = quantize_rtn(W, config.bits, config.group_size, config.symmetric, clip_ratio, scale_dtype)
     E = W - record.dequantize()  # [N, K]
     return _Rows(record, 0.5 * (E.pow(2) * torch.diagonal(H).clamp(min=0)).sum(dim=1), W)

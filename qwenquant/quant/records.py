@@ -6,6 +6,9 @@ Conventions (one place, so algorithms and writers agree):
 - INT (`kind="int"`): `q` holds unsigned codes in [0, 2**bits - 1] as int32 [N, K]; `zero_point` [N, K/G] holds
   unsigned zero points (symmetric: always 2**(bits-1)); `scale` [N, K/G]; w_hat = (q - z[g_idx]) * scale[g_idx]
   where column k belongs to group g_idx[k] (k // G without act-order). Channel-wise = one group of size K.
+- NVFP4 (`kind="nvfp4"`, quant/nvfp4.py): `q` holds 4-bit E2M1 codes as uint8 [N, K] (bit 3 sign, bits 0-2 the
+  index of the magnitude in E2M1_VALUES); `scale` float8_e4m3fn [N, K/16]; `global_scale` float32 [1] = g;
+  w_hat = e2m1(q) * (scale / g), the division and the product in float32.
 - `scale` is stored in the model dtype (bf16 for Qwen3); codes were computed with that rounded scale, so
   dequantization in float32 reproduces exactly what an engine computes from the checkpoint.
 """
@@ -21,7 +24,7 @@ import torch
 class QuantizedWeight:
     """One Linear's quantized weight."""
 
-    kind: str  # "fp8" | "int"
+    kind: str  # "fp8" | "int" | "nvfp4"
     q: torch.Tensor
     scale: torch.Tensor
     granularity: str  # fp8: tensor | channel | block ; int: group | channel
@@ -32,6 +35,7 @@ class QuantizedWeight:
     g_idx: torch.Tensor | None = None  # int: [K] group of each input column (act-order), else None
     actorder: str | None = None  # int: None | "static" | "group" (how g_idx was produced)
     block_size: int | None = None  # fp8 block granularity
+    global_scale: torch.Tensor | None = None  # nvfp4: float32 [1], the per-tensor g (scale / g is the group's step)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -50,10 +54,23 @@ class QuantizedWeight:
         if self.kind == "fp8":  # w_hat = q * scale
             return (self.q.float() * expand_scale(self.scale, tuple(self.q.shape), self.granularity,
                                                   self.block_size)).to(dtype)
+        if self.kind == "nvfp4":  # w_hat = e2m1(q) * (scale / g)
+            step = self.scale.float() / self.global_scale.float().to(self.scale.device)
+            return (e2m1_values(self.q) * step.repeat_interleave(self.group_size or 16, dim=1)).to(dtype)
         g = self.group_index()
         scale = self.scale.float()[:, g]  # [N, K]
         zero = self.zero_point.float()[:, g] if self.zero_point is not None else 2 ** (self.bits - 1)
         return ((self.q.float() - zero) * scale).to(dtype)
+
+
+E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)  # magnitude of E2M1 codes 0..7
+
+
+def e2m1_values(codes: torch.Tensor) -> torch.Tensor:
+    """The float32 values of 4-bit E2M1 codes (uint8 in [0, 15]: bit 3 the sign, bits 0-2 the magnitude index)."""
+    table = torch.tensor(E2M1_VALUES, dtype=torch.float32, device=codes.device)
+    mag = table[(codes & 7).long()]
+    return torch.where((codes & 8) != 0, -mag, mag)
 
 
 def expand_scale(scale: torch.Tensor, shape: tuple[int, int], granularity: str, block_size: int | None) -> torch.Tensor:
