@@ -10,32 +10,12 @@ projections, not measurements.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
 
 import torch
 
 PROJECTION_LABEL = "projection, not measured"
 # Reserve kept free for the CUDA context, allocator slack and activations when projecting the max context.
 PROJECTION_RESERVE_BYTES = 1 << 30
-
-
-@dataclass(frozen=True)
-class GpuSpec:
-    """Published figures of a GPU (vendor spec sheets: memory bandwidth in 1e9 bytes/s, memory in GiB)."""
-
-    name: str
-    bandwidth_gb_s: float
-    memory_gib: float
-    compute_capability: str
-    fp8_compute: bool  # SM89+: FP8 tensor cores (W8A8); older GPUs run FP8 checkpoints weight-only
-
-
-CONSUMER_GPUS = (
-    GpuSpec("RTX 4090", 1008.0, 24.0, "8.9", True),   # 384-bit GDDR6X at 21 Gbps
-    GpuSpec("RTX 3090", 936.0, 24.0, "8.6", False),   # 384-bit GDDR6X at 19.5 Gbps
-    GpuSpec("A10G", 600.0, 24.0, "8.6", False),       # AWS G5 instances
-    GpuSpec("RTX 3060 12GB", 360.0, 12.0, "8.6", False),  # 192-bit GDDR6 at 15 Gbps
-)
 
 
 def _sync(device: torch.device) -> None:
@@ -71,22 +51,28 @@ def bound_tokens_per_s(bytes_per_step: int, bandwidth: float, batch: int) -> flo
 
 
 def project_gpus(weight_bytes: int, weight_read_bytes: int, kv_per_token: int, context: int, max_positions: int | None,
-                 efficiency: float | None, reserve_bytes: int = PROJECTION_RESERVE_BYTES) -> list[dict]:
-    """Batch-1 decode tokens/s bound and max context on each consumer GPU, from this run's measured bytes.
+                 efficiency: float | None, serving_scheme: str | None,
+                 reserve_bytes: int = PROJECTION_RESERVE_BYTES) -> list[dict]:
+    """Batch-1 decode tokens/s bound and max context on each projected GPU (`qwenquant.targets.PROJECTED`), from
+    this run's measured bytes, and whether that GPU runs the checkpoint's `serving_scheme` (None: bf16, every GPU).
 
     `efficiency` (measured tokens/s / measured bound on a GPU) scales the bound into an expected figure; it is
     None when this run did not measure on a GPU (CPU efficiency says nothing about GPUs).
     """
     from qwenquant.bench.memory import max_context
+    from qwenquant.targets import GPU_BY_KEY, PROJECTED, target_runs
 
     rows = []
     step = bytes_per_decode_step(weight_read_bytes, kv_per_token, 1, context)
-    for gpu in CONSUMER_GPUS:
+    for gpu in (GPU_BY_KEY[key] for key in PROJECTED):
         memory = int(gpu.memory_gib * 2**30)
         bound = bound_tokens_per_s(step, gpu.bandwidth_gb_s * 1e9, 1)
         fits = weight_bytes + reserve_bytes + kv_per_token * context <= memory
+        cannot = target_runs(gpu.key, serving_scheme) if serving_scheme else None
         rows.append({
-            **asdict(gpu),
+            "key": gpu.key, "name": gpu.name, "bandwidth_gb_s": gpu.bandwidth_gb_s, "memory_gib": gpu.memory_gib,
+            "compute_capability": gpu.compute_capability, "serving_scheme": serving_scheme or "bf16",
+            "runs_scheme": cannot is None, "runs_note": cannot or "",
             "label": PROJECTION_LABEL,
             "context": context,
             "weights_fit": weight_bytes + reserve_bytes <= memory,

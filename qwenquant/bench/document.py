@@ -93,7 +93,7 @@ def build_document(loaded, settings, device: torch.device, points: list[dict], b
                                  ("; expected = bound x this GPU's measured fraction of its bound" if efficiency else
                                   "; no expected figure: this run did not measure on a GPU"),
                         "gpus": bw.project_gpus(weight_exact, decode_read_bytes(loaded.model, 1), kv_per_token, ctx,
-                                                max_positions, efficiency)},
+                                                max_positions, efficiency, serving_scheme(scheme_name(loaded)))},
     }
 
 

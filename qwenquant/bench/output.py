@@ -22,8 +22,8 @@
   max_context {batch: tokens}}
 - kv_saving (with --kv-cache fp8): {per_token_bf16_bytes, per_token_fp8_bytes, at [{context, batch, bf16_bytes,
   fp8_bytes, saved_bytes}]} (computed from bytes per token)
-- projections {label: "projection, not measured", context, basis, gpus [{name, bandwidth_gb_s, memory_gib,
-  compute_capability, fp8_compute, label, context, weights_fit, fits_at_context, decode_bound_tokens_per_s,
+- projections {label: "projection, not measured", context, basis, gpus [{key, name, bandwidth_gb_s, memory_gib,
+  compute_capability, serving_scheme, runs_scheme, runs_note (why not, qwenquant.targets), label, context, weights_fit, fits_at_context, decode_bound_tokens_per_s,
   decode_expected_tokens_per_s, max_context_batch1, reserve_bytes}]}
 - plots [file names]
 """
@@ -109,11 +109,13 @@ def render_markdown(r: dict) -> str:
     pr = r["projections"]
     lines += ["", f"## Consumer GPUs ({pr['label']})", "", f"{pr['basis']}; context {pr['context']} tokens, batch 1; "
               "published bandwidth and memory.", "",
-              "| GPU | GB/s | GiB | FP8 compute | decode bound tok/s | expected tok/s | weights fit | max context (batch 1) |",
+              "| GPU | GB/s | GiB | runs this scheme | decode bound tok/s | expected tok/s | weights fit | max context "
+              "(batch 1) |",
               "|---|---|---|---|---|---|---|---|"]
     for g in pr["gpus"]:
+        runs = f"yes ({g['serving_scheme']})" if g["runs_scheme"] else f"no: {g['runs_note']}"
         lines.append(f"| {g['name']} (projection) | {g['bandwidth_gb_s']:.0f} | {g['memory_gib']:.0f} | "
-                     f"{'yes' if g['fp8_compute'] else 'no (FP8 runs weight-only)'} | {g['decode_bound_tokens_per_s']:.1f} | "
+                     f"{runs} | {g['decode_bound_tokens_per_s']:.1f} | "
                      f"{_num(g['decode_expected_tokens_per_s'])} | {'yes' if g['weights_fit'] else 'no'} | {g['max_context_batch1']:,} |")
     lines += [""] + [f"![{p}]({p})" for p in r.get("plots", [])] + [""]
     return "\n".join(lines)

@@ -190,8 +190,12 @@ def test_cli_bench_on_cpu_writes_json_md_png(cli, checkpoint, tmp_path) -> None:
     assert r["kv_saving"]["at"][-1]["context"] == 512 and r["kv_saving"]["at"][-1]["saved_bytes"] == 256 * 512
     assert r["max_context"]["computed"] and r["max_context"]["max_context"]["1"] > 0
     gpus = r["projections"]["gpus"]
-    assert [g["name"] for g in gpus] == ["RTX 4090", "RTX 3090", "A10G", "RTX 3060 12GB"]
+    assert [g["name"] for g in gpus] == ["RTX 4090", "RTX 3090", "A10G", "RTX 3060 12GB", "RTX 5090", "T4"]
     assert all(g["label"] == "projection, not measured" and g["decode_expected_tokens_per_s"] is None for g in gpus)
+    # FP8 W8A8 needs FP8 tensor cores (sm89+): the Ada and Blackwell cards run it, Ampere and Turing do not
+    assert {g["key"]: g["runs_scheme"] for g in gpus} == {"rtx4090": True, "rtx3090": False, "a10g": False,
+                                                         "rtx3060": False, "rtx5090": True, "t4": False}
+    assert all(g["serving_scheme"] == "fp8-w8a8" for g in gpus) and "8.9+; T4 is 7.5" in gpus[-1]["runs_note"]
     md = (out / "BENCH.md").read_text()
     assert "CPU numbers are not GPU numbers" in md and "projection, not measured" in md and "| 2 | 32 |" in md
     res = cli(["bench", folder, *FAST_BENCH, "--out", out, "--quiet"])  # a previous bench folder is replaced
