@@ -33,19 +33,34 @@ GROUP_SIZE = 16
 E2M1_MAX = 6.0
 E4M3_MAX = float(torch.finfo(torch.float8_e4m3fn).max)  # 448.0
 ZERO_SCALE = 0.125  # what a group scale rounding to 0 becomes (compressed-tensors: the smallest E4M3 "eps")
-# magnitude thresholds and whether a value equal to the threshold goes up (ties to the even code)
+# magnitude thresholds between consecutive E2M1 values, and whether a value equal to one goes up (ties to the even
+# code); as `bucketize` boundaries (it counts the boundaries strictly below a value) a tie going up sits one float32
+# step below its threshold
 _THRESHOLDS = ((0.25, False), (0.75, True), (1.25, False), (1.75, True), (2.5, False), (3.5, True), (5.0, False))
+
+
+def _boundaries(device) -> torch.Tensor:
+    t = torch.tensor([t for t, _ in _THRESHOLDS], dtype=torch.float32, device=device)
+    up = torch.tensor([u for _, u in _THRESHOLDS], device=device)
+    return torch.where(up, torch.nextafter(t, torch.zeros_like(t)), t)
+
+
+def _magnitude_index(x: torch.Tensor) -> torch.Tensor:
+    """Index (int64) of the nearest E2M1 magnitude to |x| (float32), ties to the even index, |x| > 6 -> 7."""
+    return torch.bucketize(x.float().abs(), _boundaries(x.device))
 
 
 def e2m1_codes(x: torch.Tensor) -> torch.Tensor:
     """4-bit E2M1 codes (uint8, same shape) of x, rounded to the nearest E2M1 value (ties to even, |x| > 6
     saturates): bit 3 = sign of x (signbit, so -0.0 and negatives that round to 0 keep it), bits 0-2 = magnitude
     index."""
-    a = x.float().abs()
-    idx = torch.zeros(x.shape, dtype=torch.uint8, device=x.device)
-    for t, up in _THRESHOLDS:
-        idx += (a >= t if up else a > t).to(torch.uint8)
-    return idx | (torch.signbit(x.float()).to(torch.uint8) << 3)
+    return _magnitude_index(x).to(torch.uint8) | (torch.signbit(x.float()).to(torch.uint8) << 3)
+
+
+def e2m1_round(x: torch.Tensor) -> torch.Tensor:
+    """x rounded to E2M1 values (float32): e2m1_values(e2m1_codes(x)) in fewer passes."""
+    table = torch.tensor(E2M1_VALUES, dtype=torch.float32, device=x.device)
+    return torch.copysign(table[_magnitude_index(x)], x.float())
 
 
 def global_scale(absmax: float | torch.Tensor) -> torch.Tensor:
@@ -112,7 +127,7 @@ def fake_quantize(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     groups = _groups(x)
     g = g.float().reshape(1).to(x.device)
     e = effective_scale(group_scales(groups, g), g).unsqueeze(-1)
-    return (e2m1_values(e2m1_codes(groups / e)) * e).flatten(-2)
+    return (e2m1_round(groups / e) * e).flatten(-2)
 
 
 def fake_quantize_activation(x: torch.Tensor, input_global_scale: torch.Tensor) -> torch.Tensor:
@@ -133,7 +148,7 @@ def gptq_grid(g: torch.Tensor) -> ColumnGrid:
 
     def fake(w: torch.Tensor, s: torch.Tensor, _z: torch.Tensor) -> torch.Tensor:
         e = effective_scale(s, g)
-        return e2m1_values(e2m1_codes(w / e)) * e
+        return e2m1_round(w / e) * e
 
     def record(pre: torch.Tensor, scale: torch.Tensor, _zero: torch.Tensor) -> QuantizedWeight:
         e = effective_scale(scale, g).repeat_interleave(GROUP_SIZE, dim=1)  # [N, K]

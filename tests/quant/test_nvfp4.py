@@ -44,6 +44,8 @@ def test_e2m1_rounding_matches_float64_reference_including_ties() -> None:
     ours = nvfp4.e2m1_values(nvfp4.e2m1_codes(x)).double()
     assert torch.equal(ours, ref_round_e2m1(x))
     assert nvfp4.e2m1_values(nvfp4.e2m1_codes(ties)).tolist() == [0.0, 1.0, 1.0, 2.0, 2.0, 4.0, 4.0, 6.0, 6.0]
+    fast = nvfp4.e2m1_round(x)  # the one-pass rounding the GPTQ loop and the activation simulation use
+    assert torch.equal(fast, ours.float()) and torch.equal(torch.signbit(fast), torch.signbit(x))
 
 
 def test_codes_are_sign_and_magnitude_index() -> None:
