@@ -256,6 +256,12 @@ def _seconds(cfg: CompensateStage, need) -> tuple[float, str]:
     return need.layers * per_layer + cfg.steps * need.quant_pass, ROUGH_TIME_NOTE
 
 
-SPEC = StageSpec("compensate", CompensateStage, "refine", compensate_layer,
+def _check(cfg: CompensateStage, quantizer: str) -> None:
+    """The tuning (quant/compensate.py) moves FP8 and INT scales and INT rounding, not NVFP4's two-level scales."""
+    if quantizer == "nvfp4":
+        raise ValueError("compensate: not available with the nvfp4 quantizer (it tunes FP8 and INT grids only)")
+
+
+SPEC = StageSpec("compensate", CompensateStage, "refine", compensate_layer, check=_check,
                  float_copy=lambda cfg: True, float_path=lambda cfg: cfg.target == "float",
                  host_bytes=_host_bytes, seconds=_seconds, tag=lambda cfg: "COMP")

@@ -38,7 +38,21 @@ class GPTQStage(gptqq.GPTQConfig):
 
 
 def gptq_layer(ctx: LayerContext, cfg: GPTQStage) -> dict:
+    """GPTQ on the INT grid of `cfg`, true-sequential (`sequential_gptq`), with the stage's per-Linear clip ratios."""
+    clips, search = layer_clips(ctx, cfg, clip_key("gptq"), quantized_names(ctx, ctx.adapter.linears))  # before any Linear changes
+
+    def solve(group: list[str], weights: list[torch.Tensor], H: torch.Tensor) -> list[tuple[gptqq.GPTQResult, dict]]:
+        results = gptqq.quantize_weights_shared(weights, H, cfg, scale_dtype=weights[0].dtype,
+                                                clip_ratios=[clips[n] for n in group])
+        return [(res, clip_report(clips[n], search.get(n))) for n, res in zip(group, results)]
+
+    return sequential_gptq(ctx, solve)
+
+
+def sequential_gptq(ctx: LayerContext, solve) -> dict:
     """GPTQ, true-sequential: each group (q/k/v, o, gate/up, down) sees inputs of the already quantized ones.
+    `solve(group, weights, H) -> [(GPTQResult, report extras)]` quantizes one group of Linears sharing an input
+    (names relative to the layer, their weights, the Hessian of that input): the grid is the caller's.
 
     Forwards: one per observation wave, each stopping at the Linears it observes. A submodule whose Linears are all
     final is frozen (computed once per batch, then reused). When the calibration activations live on the compute
@@ -48,7 +62,6 @@ def gptq_layer(ctx: LayerContext, cfg: GPTQStage) -> dict:
     first batch that the submodule returns exactly that)."""
     report: dict = {}
     done: set[str] = set()
-    clips, search = layer_clips(ctx, cfg, clip_key("gptq"), quantized_names(ctx, ctx.adapter.linears))  # before any Linear changes
     ctx.float32_matmuls(list(ctx.adapter.linears))
     kept_inputs: dict[str, dict[int, torch.Tensor]] = {}  # Linear -> batch -> its observed input (see docstring)
     keep_inputs = ctx.device == ctx.cache.store_device
@@ -80,11 +93,8 @@ def gptq_layer(ctx: LayerContext, cfg: GPTQStage) -> dict:
             ctx.forward()
         for group in groups:
             weights = [ctx.linear(name).weight.data for name in group]
-            results = gptqq.quantize_weights_shared(weights, hessians[group[0]]["H"], cfg, scale_dtype=weights[0].dtype,
-                                                    clip_ratios=[clips[n] for n in group])
-            for name, res in zip(group, results):
-                store_int(ctx, name, res.record, report,
-                           {"gptq_loss": res.loss} | clip_report(clips[name], search.get(name)))
+            for name, (res, extra) in zip(group, solve(list(group), weights, hessians[group[0]]["H"])):
+                store_int(ctx, name, res.record, report, {"gptq_loss": res.loss} | extra)
                 ctx.pre_rounding[name] = res.pre_rounding  # a later compensate stage tunes the rounding from here
     # every Linear is final now: the propagation forward reuses the last kept inputs (mlp = down_proj(its input))
     for submodule in {_submodule_of(name) for name in kept_inputs}:
