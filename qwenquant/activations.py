@@ -12,7 +12,6 @@ import torch
 from torch import nn
 
 from qwenquant.model.qwen3 import ArchAdapter
-from qwenquant.quant.fp8 import fake_quantize_activation
 from qwenquant.state import ActivationSpec
 
 
@@ -87,8 +86,9 @@ def capture_layer0_inputs(
 @contextmanager
 def activation_quantization(model: nn.Module, specs: dict[str, ActivationSpec], prefix: str = "",
                             straight_through: bool = False) -> Iterator[None]:
-    """Simulate FP8 activation quantization on the inputs of the given Linears (names relative to `model`,
-    after stripping `prefix`) for the duration of the block; hooks are always removed.
+    """Simulate activation quantization (`ActivationSpec.quantize`: FP8, or INT8 per token) on the inputs of the
+    given Linears (names relative to `model`, after stripping `prefix`) for the duration of the block; hooks are
+    always removed.
     `straight_through`: gradients pass the quantization unchanged (for error-compensation fine-tuning)."""
     handles = []
     try:
@@ -98,7 +98,7 @@ def activation_quantization(model: nn.Module, specs: dict[str, ActivationSpec], 
             module = model.get_submodule(name[len(prefix):])
 
             def hook(_m, args, spec=spec):
-                x = fake_quantize_activation(args[0], spec.mode, spec.input_scale, spec.group_size)
+                x = spec.quantize(args[0])
                 if straight_through:
                     x = args[0] + (x - args[0]).detach()
                 return (x, *args[1:])

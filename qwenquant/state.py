@@ -8,16 +8,30 @@ from dataclasses import dataclass, field
 
 import torch
 
+from qwenquant.quant import int8 as int8q
+from qwenquant.quant.fp8 import fake_quantize_activation
 from qwenquant.quant.records import QuantizedWeight
 
 
 @dataclass
 class ActivationSpec:
-    """How a quantized Linear's input is quantized at inference: mode token | group | tensor."""
+    """How a quantized Linear's input is quantized at inference: mode token | group | tensor, into `dtype` fp8
+    (E4M3) or int8 (symmetric, dynamic per token only)."""
 
     mode: str
     input_scale: torch.Tensor | None = None
     group_size: int = 128
+    dtype: str = "fp8"
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("fp8", "int8") or (self.dtype == "int8" and self.mode != "token"):
+            raise ValueError(f"activation spec: {self.dtype} {self.mode} activations are not simulated")
+
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        """x as the engine's kernel sees it after quantizing it (simulated in float32, returned in x's dtype)."""
+        if self.dtype == "int8":
+            return int8q.fake_quantize_tokens(x)
+        return fake_quantize_activation(x, self.mode, self.input_scale, self.group_size)
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """compressed-tensors FP8 (`float-quantized`) layout, built with the compressed-tensors library itself.
 
-INT weight-only records go through `ct_packed` (pack-quantized). Both produce per-Linear tensors with local
-names (`weight`, `weight_scale`, `input_scale`, ...) and the config.json `quantization_config`.
+INT weight-only records go through `ct_packed` (pack-quantized), INT8 W8A8 records through `ct_int8`
+(int-quantized). All produce per-Linear tensors with local names (`weight`, `weight_scale`, `input_scale`, ...)
+and the config.json `quantization_config`.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import re
 
 import torch
 
-from qwenquant.export import ct_packed
+from qwenquant.export import ct_int8, ct_packed
 from qwenquant.export.format_spec import ExportFormat, int_actorder
 from qwenquant.quant.records import QuantizedWeight
 
@@ -125,7 +126,8 @@ def config_for_linear(config: dict, name: str) -> dict:
     return config if key is None else {**config, "config_groups": {key: groups[key]}}
 
 
-# -- the registry entry: FP8 as float-quantized (this module), INT as pack-quantized (ct_packed) -------------------
+# -- the registry entry: FP8 as float-quantized (this module), INT as pack-quantized (ct_packed), INT8 W8A8 as
+# int-quantized (ct_int8) ------------------------------------------------------------------------------------------
 
 
 def _check_stage(kind: str, cfg) -> None:
@@ -135,7 +137,7 @@ def _check_stage(kind: str, cfg) -> None:
 
 
 def _check_linear(kind: str, cfg, name: str, n: int, k: int) -> str | None:
-    if kind != "int":
+    if kind != "int":  # fp8 and int8 (one unpacked byte per weight) store any shape
         return None
     if (k * cfg.bits) % 32:
         return (f"{name}: {k} input features x {cfg.bits} bits do not fill whole int32 words; "
@@ -147,6 +149,8 @@ def _check_linear(kind: str, cfg, name: str, n: int, k: int) -> str | None:
 
 
 def _tensor_bytes(kind: str, cfg, n: int, k: int, dtype_bytes: int) -> dict[str, int]:
+    if kind == "int8":
+        return ct_int8.tensor_bytes(n, k, dtype_bytes)
     if kind == "fp8":
         blocks = math.ceil(n / cfg.block_size) * math.ceil(k / cfg.block_size)
         out = {"weight": n * k, "weight_scale": {"tensor": 1, "channel": n, "block": blocks}[cfg.weights] * dtype_bytes}
@@ -162,6 +166,8 @@ def _tensor_bytes(kind: str, cfg, n: int, k: int, dtype_bytes: int) -> dict[str,
 
 
 def _linear_tensors(qw: QuantizedWeight, cfg, name: str, activation) -> dict[str, torch.Tensor]:
+    if qw.kind == "int8":
+        return ct_int8.linear_tensors(qw)
     if qw.kind != "fp8":
         return ct_packed.linear_tensors(qw)
     input_scale = activation.input_scale if activation is not None and activation.mode == "tensor" else None
@@ -169,6 +175,8 @@ def _linear_tensors(qw: QuantizedWeight, cfg, name: str, activation) -> dict[str
 
 
 def _quantization_config(kind: str, cfg, ignore: list[str], linears: list[str]) -> tuple[dict, None]:
+    if kind == "int8":
+        return ct_int8.quantization_config(ignore), None
     if kind == "fp8":
         return fp8_quantization_config(cfg, ignore, linears), None
     return ct_packed.quantization_config(cfg.bits, cfg.group_size, cfg.symmetric, int_actorder(cfg), ignore), None
@@ -179,6 +187,8 @@ def _reload_with(kind: str, cfg, moe: bool) -> str:
     experts: those are verified with the spec readers."""
     if kind == "fp8":
         return "spec-reader" if moe and cfg.weights == "block" else "transformers"
+    if kind == "int8":
+        return "transformers"
     return "transformers" if cfg.symmetric else "spec-reader"
 
 
@@ -186,8 +196,11 @@ def _read_linear(tensors: dict[str, torch.Tensor], config: dict, name: str) -> t
     config = config_for_linear(config, name)
     if config.get("format") == "float-quantized":
         return read_linear(tensors, config)
+    if config.get("format") == ct_int8.FORMAT:
+        return ct_int8.read_linear(tensors, config)
     return ct_packed.read_linear(tensors, config)
 
 
-EXPORT_FORMAT = ExportFormat("compressed-tensors", ("fp8", "int"), _check_stage, _tensor_bytes, _linear_tensors,
-                             _quantization_config, _reload_with, _read_linear, check_linear=_check_linear)
+EXPORT_FORMAT = ExportFormat("compressed-tensors", ("fp8", "int", "int8"), _check_stage, _tensor_bytes,
+                             _linear_tensors, _quantization_config, _reload_with, _read_linear,
+                             check_linear=_check_linear)

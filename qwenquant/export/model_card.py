@@ -32,6 +32,8 @@ def _scheme_name(recipe: dict) -> str:
         if name == "fp8":
             acts = {"dynamic": "dynamic activations", "static": "static activations", "none": "weight-only"}[cfg["activations"]]
             return f"FP8 E4M3, {cfg['weights']} weight scales, {acts}"
+        if name == "int8":
+            return f"INT8 W8A8 (per-channel weights, {cfg['method'].upper()}; dynamic per-token activations)"
         if name in ("gptq", "awq", "rtn"):
             group = "per-channel" if cfg["group_size"] == -1 else f"group {cfg['group_size']}"
             return f"INT{cfg['bits']} weight-only ({name.upper()}, {group}, {'symmetric' if cfg['symmetric'] else 'asymmetric'})"
@@ -43,7 +45,7 @@ def render_model_card(report: dict, license_id: str | None) -> str:
     recipe = report["recipe"]
     fmt = recipe["export"]["format"]
     base = report["model"]["repo_id"] or Path(report["model"]["reference"]).name
-    quantizer = next(n for st in recipe["stages"] for n in st if n in ("fp8", "gptq", "awq", "rtn"))
+    quantizer = next(n for st in recipe["stages"] for n in st if n in ("fp8", "int8", "gptq", "awq", "rtn"))
     meta = {
         "base_model": base,
         "library_name": "transformers",

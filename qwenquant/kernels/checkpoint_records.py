@@ -1,5 +1,5 @@
 """Checkpoint tensors of one Linear -> a `QuantizedWeight` record (codes, scales, zero points), for every format
-qwenquant writes: compressed-tensors float-quantized / pack-quantized, hf-fp8, GPTQ v1 and AWQ GEMM.
+qwenquant writes: compressed-tensors float-quantized / pack-quantized / int-quantized, hf-fp8, GPTQ v1 and AWQ GEMM.
 
 The bit unpacking is the spec readers' own (`export/ct_packed.unpack_bits`, `export/gptq_v1.unpack_int32`,
 `export/awq_gemm.ORDER`); tests check `record.dequantize()` against each format's `read_linear` bit for bit.
@@ -12,6 +12,7 @@ import torch
 from qwenquant.export import ct_packed
 from qwenquant.export.awq_gemm import ORDER as AWQ_ORDER
 from qwenquant.export.gptq_v1 import unpack_int32
+from qwenquant.quant import int8 as int8q
 from qwenquant.quant.records import QuantizedWeight
 
 FORMATS = ("bf16", "compressed-tensors", "hf-fp8", "gptq", "awq")
@@ -89,6 +90,18 @@ def _int_record(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: 
                            g_idx=None if g_idx is None else g_idx.to(torch.int32))
 
 
+def _int8_record(weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None) -> QuantizedWeight:
+    """An int-quantized Linear (signed int8 codes [N, K], per-channel scale [N, 1]) as an INT8 W8A8 record."""
+    n, k = weight.shape
+    if zero is not None and bool(zero.any()):
+        raise ValueError("int-quantized weight with a non-zero weight_zero_point (asymmetric INT8 is not read)")
+    if tuple(scale.shape) != (n, 1):
+        raise ValueError(f"int-quantized weight_scale of shape {tuple(scale.shape)} is not per channel [{n}, 1]")
+    return QuantizedWeight(kind=int8q.KIND, q=weight.to(torch.int32) + int8q.ZERO, scale=scale, granularity="channel",
+                           bits=8, symmetric=True, zero_point=torch.full((n, 1), int8q.ZERO, dtype=torch.int32),
+                           group_size=k)
+
+
 def record_from_tensors(local: dict[str, torch.Tensor], qconfig: dict | None,
                         name: str | None = None) -> QuantizedWeight | None:
     """The record of one Linear from its local tensors (`weight`, `weight_scale`, `qweight`, ...); None when the
@@ -117,6 +130,8 @@ def record_from_tensors(local: dict[str, torch.Tensor], qconfig: dict | None,
         zero = unpack_int32(local["qzeros"], 4, dim=1, order=AWQ_ORDER).t()
         return _int_record(q, local["scales"].t().contiguous(), zero, 4, False, None)
     weight = local.get("weight")
+    if weight is not None and weight.dtype == torch.int8 and fmt == "compressed-tensors":  # int-quantized W8A8
+        return _int8_record(weight, local["weight_scale"], local.get("weight_zero_point"))
     if weight is not None and weight.dtype == torch.float8_e4m3fn:
         scale = local.get("weight_scale_inv") if fmt == "hf-fp8" else local.get("weight_scale")
         if scale is None:

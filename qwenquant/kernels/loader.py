@@ -8,8 +8,10 @@ Kernel choice per record and device:
   (CPU, CUDA SM89+), else FP8 weight-only; weight-only checkpoints: FP8 weight-only.
 - FP8 128x128 block scales: dequantized to bf16 once at load (no block-scaled kernel here; labelled).
 - INT4 (group 32-256 or channel-wise): `Int4Linear`; other bit widths / shapes: dequantized to bf16 (labelled).
-`reference=True` builds the dequantize-then-matmul model instead (float32 weights and matmuls, FP8 activations
-simulated by `fake_quantize_activation`), the numerical reference the kernel modules are tested against.
+- INT8 W8A8 (compressed-tensors int-quantized): `Int8Linear` on `torch._int_mm` with dynamic per-token INT8
+  activations (shapes CUDA's `_int_mm` cannot take: dequantized to bf16, labelled).
+`reference=True` builds the dequantize-then-matmul model instead (float32 weights and matmuls, FP8 / INT8
+activations simulated by `ActivationSpec.quantize`), the numerical reference the kernel modules are tested against.
 """
 
 from __future__ import annotations
@@ -26,11 +28,12 @@ from torch import nn
 
 from qwenquant.errors import BadInputError
 from qwenquant.eval.verify import read_checkpoint_tensors
-from qwenquant.kernels import fp8_linear, int4_linear
+from qwenquant.kernels import fp8_linear, int4_linear, int8_linear
 from qwenquant.kernels.checkpoint_records import (activation_scheme, checkpoint_format, kv_cache_scales,
                                                   record_from_tensors)
-from qwenquant.quant.fp8 import fake_quantize_activation
+from qwenquant.quant import int8 as int8q
 from qwenquant.quant.records import QuantizedWeight
+from qwenquant.state import ActivationSpec
 
 BF16_LABEL = "bf16: torch matmul (unquantized)"
 BLOCK_LABEL = ("FP8 128x128 block checkpoint: dequantized to bf16 at load (bf16 weight memory and compute; "
@@ -50,20 +53,23 @@ class DenseLinear(nn.Linear):
 
 
 class ReferenceLinear(nn.Module):
-    """The checkpoint's math in float32: FP8 activation rounding as the engine does it (if any), then x @ w_hat^T
-    with the dequantized weight; the result in the input dtype. What kernel modules are tested against."""
+    """The checkpoint's math in float32: activation rounding as the engine does it (if any: FP8 per token / group /
+    tensor, INT8 per token), then x @ w_hat^T with the dequantized weight; the result in the input dtype. What
+    kernel modules are tested against."""
 
-    def __init__(self, weight: torch.Tensor, act_mode: str | None, input_scale: torch.Tensor | None):
+    def __init__(self, weight: torch.Tensor, act_mode: str | None, input_scale: torch.Tensor | None,
+                 act_dtype: str = "fp8"):
         super().__init__()
         self.register_buffer("weight", weight.float())
-        self.register_buffer("input_scale", input_scale)
+        self.acts = None if act_mode is None else ActivationSpec(act_mode, input_scale, dtype=act_dtype)
         self.act_mode = act_mode
-        self.kernel_label = REFERENCE_LABEL.format(acts=f", FP8 {act_mode} activations simulated" if act_mode else "")
+        self.kernel_label = REFERENCE_LABEL.format(
+            acts=f", {act_dtype.upper()} {act_mode} activations simulated" if act_mode else "")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
-        if self.act_mode is not None:
-            xf = fake_quantize_activation(xf, self.act_mode, self.input_scale)
+        if self.acts is not None:
+            xf = self.acts.quantize(xf)
         return nn.functional.linear(xf, self.weight).to(x.dtype)
 
 
@@ -83,7 +89,8 @@ class LoadedModel:
         """Linear type (e.g. 'self_attn.q_proj', 'lm_head') -> {kernel label: number of modules}."""
         out: dict[str, Counter] = {}
         for name, module in self.model.named_modules():
-            if isinstance(module, (nn.Linear, fp8_linear.FP8Linear, int4_linear.Int4Linear, ReferenceLinear)):
+            if isinstance(module, (nn.Linear, fp8_linear.FP8Linear, int4_linear.Int4Linear, int8_linear.Int8Linear,
+                                   ReferenceLinear)):
                 kind = name.split(".", 3)[-1] if ".layers." in name else name
                 out.setdefault(kind, Counter())[getattr(module, "kernel_label", BF16_LABEL)] += 1
         return {k: dict(v) for k, v in out.items()}
@@ -99,10 +106,18 @@ def _config_dict(folder: Path) -> dict:
 def build_linear(qw: QuantizedWeight, device: torch.device, activations: str | None, input_scale: torch.Tensor | None,
                  reference: bool = False) -> nn.Module:
     """The inference module for one quantized Linear (see the module docstring for the choice)."""
+    if reference and qw.kind == int8q.KIND:
+        return ReferenceLinear(qw.dequantize().to(device), "token", None, act_dtype="int8")
     if reference:
         acts = activations if qw.kind == "fp8" and activations in ("token", "tensor", "group") else None
         scale = None if input_scale is None else input_scale.to(device)
         return ReferenceLinear(qw.dequantize().to(device), acts, scale)
+    if qw.kind == int8q.KIND:
+        reason = int8_linear.unsupported_reason(qw, device)
+        if reason is None:
+            return int8_linear.Int8Linear(qw, device)
+        why = f"{reason}, activations not quantized"
+        return DenseLinear(qw.dequantize(torch.bfloat16).to(device), DEQUANT_LABEL.format(bits=8, why=why))
     if qw.kind == "fp8":
         if qw.granularity == "block":
             return DenseLinear(qw.dequantize(torch.bfloat16).to(device), BLOCK_LABEL)

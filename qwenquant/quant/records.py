@@ -6,6 +6,8 @@ Conventions (one place, so algorithms and writers agree):
 - INT (`kind="int"`): `q` holds unsigned codes in [0, 2**bits - 1] as int32 [N, K]; `zero_point` [N, K/G] holds
   unsigned zero points (symmetric: always 2**(bits-1)); `scale` [N, K/G]; w_hat = (q - z[g_idx]) * scale[g_idx]
   where column k belongs to group g_idx[k] (k // G without act-order). Channel-wise = one group of size K.
+- INT8 W8A8 (`kind="int8"`, quant/int8.py): the INT convention with bits 8, symmetric, one group per row (scale
+  [N, 1]); a kind of its own because its layout (int-quantized) and its activations (INT8 per token) differ.
 - NVFP4 (`kind="nvfp4"`, quant/nvfp4.py): `q` holds 4-bit E2M1 codes as uint8 [N, K] (bit 3 sign, bits 0-2 the
   index of the magnitude in E2M1_VALUES); `scale` float8_e4m3fn [N, K/16]; `global_scale` float32 [1] = g;
   w_hat = e2m1(q) * (scale / g), the division and the product in float32.

@@ -38,6 +38,23 @@ class FP8Stage:
         """The weight granularity of one Linear (full name)."""
         return self.granularity.get(name, self.weights)
 
+    def search_rounding(self, dtype: torch.dtype):
+        """How this config rounds, for searches measuring its output error (smooth.alpha_search): (w [N, K] ->
+        w_hat float32, (x, s, a_max) -> x_hat) with x the smoothed inputs x / s, s the smoothing factors and a_max
+        the per-channel calibration absmax (a static input scale is calibrated from a_max / s)."""
+        mode = {"dynamic": "group" if self.weights == "block" else "token", "static": "tensor"}.get(self.activations)
+
+        def quantize_weight(w: torch.Tensor) -> torch.Tensor:
+            return fp8q.quantize_fp8(w, self.weights, self.block_size, scale_dtype=dtype).dequantize()
+
+        def quantize_input(x: torch.Tensor, s: torch.Tensor, a_max: torch.Tensor) -> torch.Tensor:
+            if mode is None:
+                return x
+            scale = fp8q.static_input_scale((a_max.to(s.device) / s).amax(), dtype) if mode == "tensor" else None
+            return fp8q.fake_quantize_activation(x, mode, scale, self.block_size)
+
+        return quantize_weight, quantize_input
+
     def __post_init__(self) -> None:
         choice("fp8.weights", self.weights, ("tensor", "channel", "block"))
         for name, g in self.granularity.items():

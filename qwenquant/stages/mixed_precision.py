@@ -76,7 +76,14 @@ def _kept_linears(cfg: MixedPrecisionStage, facts) -> tuple[set[str], str]:
                   "sizes assume a typical mix")
 
 
-SPEC = StageSpec("mixed_precision", MixedPrecisionStage, "plan", mixed_precision_layer,
+def _check(cfg: MixedPrecisionStage, quantizer: str) -> None:
+    """Ranking groups (qwenquant.sensitivity) knows FP8 and weight-only INT schemes, not INT8 W8A8."""
+    if cfg.keep is None and quantizer == "int8":
+        raise ValueError("mixed_precision.keep_sensitive: sensitivity ranking has no INT8 W8A8 scheme yet; list the "
+                         "Linears to keep in mixed_precision.keep instead")
+
+
+SPEC = StageSpec("mixed_precision", MixedPrecisionStage, "plan", mixed_precision_layer, check=_check,
                  uses_calibration=lambda cfg: cfg.keep is None,  # ranking groups needs data; a keep list does not
                  host_bytes=_host_bytes, seconds=_seconds, kept_linears=_kept_linears,
                  tag=lambda cfg: f"KEEP{cfg.keep_sensitive}".upper() if cfg.keep is None else "KEEP")

@@ -1,6 +1,7 @@
 """Per-layer glue of the scale search (`--scale-search`): per-Linear weight clipping ratios for the fp8, rtn and
 gptq stages, the FP8 weight granularity per vLLM fused group, and a per-layer SmoothQuant alpha for the smooth
-stage, each chosen by the output error it causes on calibration inputs (the math: `qwenquant.quant.scale_search`).
+stage (measured with the recipe's fp8 or int8 quantizer), each chosen by the output error it causes on calibration
+inputs (the math: `qwenquant.quant.scale_search`).
 Choices go to the layer report and to `state.searched` under the keys below; each stage's `resolve` writes them
 into the recipe saved with the output, which then replays them without searching.
 
@@ -26,6 +27,7 @@ MAX_SEARCH_TOKENS = 4096  # calibration tokens per Linear input used by the sear
 # `QuantState.searched` keys (also in the run journal)
 FP8_CLIP_KEY, FP8_GRANULARITY_KEY = "fp8.clip", "fp8.granularity"
 SMOOTH_ALPHA_KEY, SMOOTH_BASELINE_KEY = "smooth.layer_alpha", "smooth.baseline_error"
+ALPHA_SEARCH_QUANTIZERS = ("fp8", "int8")  # quantizer stages whose configs define `search_rounding(dtype)`
 
 
 @torch.no_grad()
@@ -116,14 +118,16 @@ def layer_clips(ctx: LayerContext, cfg, key: str, names: list[str],
 
 def layer_alpha(ctx: LayerContext, cfg, quantizer, mappings, absmax) -> tuple[float, dict]:
     """This layer's smoothing alpha (`cfg`: a smooth stage config) and, when searching, the search record of the
-    error of `quantizer` (the recipe's fp8 stage config)."""
+    output error of `quantizer` (the recipe's quantizer config, one of ALPHA_SEARCH_QUANTIZERS): its
+    `search_rounding(dtype)` says how it rounds weights and inputs."""
     if not cfg.alpha_search:
         return cfg.alpha_for(ctx.index), {}
-    if quantizer is None:
-        raise ValueError("smooth.alpha_search: needs the fp8 stage it searches for")
+    if not hasattr(quantizer, "search_rounding"):
+        raise ValueError(f"smooth.alpha_search: needs a {' or '.join(ALPHA_SEARCH_QUANTIZERS)} quantizer stage whose "
+                         "error it measures")
     mc, dtype = ctx.model_config, next(ctx.layer.parameters()).dtype
     xs = sample_inputs(ctx, sorted({m.balance[0] for m in mappings}), MAX_SEARCH_TOKENS)
-    mode = {"dynamic": "group" if quantizer.weights == "block" else "token", "static": "tensor"}.get(quantizer.activations)
+    quantize_weight, quantize_input = quantizer.search_rounding(dtype)
 
     def errors(grid) -> list[list[float]]:
         out = []
@@ -138,17 +142,10 @@ def layer_alpha(ctx: LayerContext, cfg, quantizer, mappings, absmax) -> tuple[fl
                     s = sq.expand_kv_to_heads(sq.tie_over_kv_groups(s, heads, kv, hd), heads, kv, hd)
                 return s
 
-            def quantize_weight(w: torch.Tensor) -> torch.Tensor:
-                return fp8q.quantize_fp8(w, quantizer.weights, quantizer.block_size, scale_dtype=dtype).dequantize()
+            def rounded_input(x: torch.Tensor, s: torch.Tensor, a_max=a_max) -> torch.Tensor:
+                return quantize_input(x, s, a_max)
 
-            def quantize_input(x: torch.Tensor, s: torch.Tensor, a_max=a_max) -> torch.Tensor:
-                if mode is None:
-                    return x
-                # static: the per-tensor scale the fp8 stage will calibrate, from all calibration tokens
-                scale = fp8q.static_input_scale((a_max.to(s.device) / s).amax(), dtype) if mode == "tensor" else None
-                return fp8q.fake_quantize_activation(x, mode, scale, quantizer.block_size)
-
-            out.append(ss.alpha_errors(xs[m.balance[0]], ws, grid, factors, quantize_weight, quantize_input))
+            out.append(ss.alpha_errors(xs[m.balance[0]], ws, grid, factors, quantize_weight, rounded_input))
         return out
 
     base_errors = errors([cfg.alpha])

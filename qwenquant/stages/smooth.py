@@ -9,7 +9,7 @@ from qwenquant.quant import smooth as sq
 from qwenquant.stages.context import LayerContext
 from qwenquant.stages.fold import fold_mapping
 from qwenquant.stages.observe import collect_channel_absmax
-from qwenquant.stages.per_layer_search import SMOOTH_ALPHA_KEY, layer_alpha
+from qwenquant.stages.per_layer_search import ALPHA_SEARCH_QUANTIZERS, SMOOTH_ALPHA_KEY, layer_alpha
 from qwenquant.stages.spec import ROUGH_TIME_NOTE, StageSpec
 from qwenquant.validation import choice, ratio_map
 
@@ -21,7 +21,7 @@ class SmoothStage:
     alpha: float = 0.5
     mappings: str = "all"  # all | norms (only input/post-attention layernorms)
     layer_alpha: dict[int, float] = field(default_factory=dict)  # decoder layer -> alpha (overrides alpha)
-    alpha_search: bool = False  # choose each layer's alpha by its FP8-quantized output error (scale search)
+    alpha_search: bool = False  # choose each layer's alpha by its quantized (fp8 / int8) output error (scale search)
 
     def __post_init__(self) -> None:
         if not isinstance(self.alpha, (int, float)) or not 0.0 <= self.alpha <= 1.0:
@@ -37,7 +37,8 @@ class SmoothStage:
 
 def smooth_layer(ctx: LayerContext, cfg: SmoothStage) -> dict:
     """Fold SmoothQuant factors into each mapping of the adapter; the layer's function is unchanged.
-    With `cfg.alpha_search` the layer's alpha is chosen by the error of the recipe's fp8 quantizer (`ctx.quantizer`)."""
+    With `cfg.alpha_search` the layer's alpha is chosen by the error of the recipe's fp8 or int8 quantizer
+    (`ctx.quantizer`)."""
     mappings = [m for m in ctx.adapter.smooth_mappings if cfg.mappings == "all" or m.kind == "norm"]
     absmax = collect_channel_absmax(ctx, [m.balance[0] for m in mappings])
     report = {}
@@ -53,8 +54,9 @@ def smooth_layer(ctx: LayerContext, cfg: SmoothStage) -> dict:
 
 
 def _check(cfg: SmoothStage, quantizer: str) -> None:
-    if cfg.alpha_search and quantizer != "fp8":
-        raise ValueError("stages: smooth.alpha_search measures FP8 quantization error; it needs the fp8 quantizer")
+    if cfg.alpha_search and quantizer not in ALPHA_SEARCH_QUANTIZERS:
+        raise ValueError("stages: smooth.alpha_search measures the quantizer's weight and activation error; it needs "
+                         f"the {' or '.join(ALPHA_SEARCH_QUANTIZERS)} quantizer")
 
 
 def _resolve(cfg: SmoothStage, searched: dict) -> SmoothStage:

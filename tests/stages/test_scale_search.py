@@ -101,7 +101,7 @@ def test_recipe_validates_search_fields() -> None:
         FP8Stage(clip={"a": 0.9}, clip_search=True)
     with pytest.raises(ValueError, match="smooth.layer_alpha"):
         SmoothStage(layer_alpha={"0": 0.5})
-    with pytest.raises(ValueError, match="alpha_search measures FP8"):
+    with pytest.raises(ValueError, match="alpha_search measures the quantizer.s weight and activation error; it needs the fp8 or int8"):
         Recipe(stages=[SmoothStage(alpha_search=True), RTNStage()])
     assert SmoothStage(alpha=0.4, layer_alpha={1: 0.7}).alpha_for(1) == 0.7
     assert SmoothStage(alpha=0.4, layer_alpha={1: 0.7}).alpha_for(0) == 0.4
