@@ -18,10 +18,16 @@ def needs_calibration(recipe) -> bool:
 
 
 def check_layout(recipe, config: dict) -> None:
-    """Refuse shapes the recipe's quantizer (its scheme) or its export format (its storage) cannot handle."""
+    """Refuse shapes the recipe's quantizer (its scheme) or its export format (its storage) cannot handle; a Linear
+    (`mlp.down_proj`, one shape in every layer) that a mixed_precision keep list leaves in the source dtype in every
+    layer is not quantized and not checked."""
     spec, fmt = STAGES[recipe.quantizer], FORMATS[recipe.export.format]
     cfg = recipe.quantizer_config
+    mixed = recipe.stage("mixed_precision")
+    kept = set(mixed.keep or []) if mixed is not None else set()
     for name, (n, k) in linear_shapes(config).items():
+        if sum(full.endswith("." + name) for full in kept) >= int(config["num_hidden_layers"]):
+            continue
         problem = spec.check_linear(cfg, name, n, k) or fmt.check_linear(spec.record_kind, cfg, name, n, k)
         if problem:
             raise BadInputError(problem)

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from qwenquant.quant import int8 as int8q
+from qwenquant.quant import nvfp4 as nvfp4q
 from qwenquant.quant.fp8 import fake_quantize_activation
 from qwenquant.quant.records import QuantizedWeight
 
@@ -16,7 +17,8 @@ from qwenquant.quant.records import QuantizedWeight
 @dataclass
 class ActivationSpec:
     """How a quantized Linear's input is quantized at inference: mode token | group | tensor, into `dtype` fp8
-    (E4M3) or int8 (symmetric, dynamic per token only)."""
+    (E4M3), int8 (symmetric, dynamic per token only) or nvfp4 (mode group, 16 wide, dynamic E4M3 group scales under
+    the static global scale `input_scale`, quant/nvfp4.py)."""
 
     mode: str
     input_scale: torch.Tensor | None = None
@@ -24,13 +26,16 @@ class ActivationSpec:
     dtype: str = "fp8"
 
     def __post_init__(self) -> None:
-        if self.dtype not in ("fp8", "int8") or (self.dtype == "int8" and self.mode != "token"):
+        if self.dtype not in ("fp8", "int8", "nvfp4") or (self.dtype == "int8" and self.mode != "token") or (
+                self.dtype == "nvfp4" and (self.mode != "group" or self.input_scale is None)):
             raise ValueError(f"activation spec: {self.dtype} {self.mode} activations are not simulated")
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         """x as the engine's kernel sees it after quantizing it (simulated in float32, returned in x's dtype)."""
         if self.dtype == "int8":
             return int8q.fake_quantize_tokens(x)
+        if self.dtype == "nvfp4":
+            return nvfp4q.fake_quantize_activation(x, self.input_scale)
         return fake_quantize_activation(x, self.mode, self.input_scale, self.group_size)
 
 

@@ -108,6 +108,8 @@ def scheme_name(loaded) -> str:
         if loaded.format == "hf-fp8" or acts == "group":
             return "fp8-block"
         return {"token": "fp8-w8a8-dynamic", "tensor": "fp8-w8a8-static"}.get(acts, "fp8-weight-only")
+    if qc.get("format") == "nvfp4-pack-quantized":
+        return "nvfp4" if loaded.activations else "nvfp4a16"
     bits = qc.get("bits") or next((g["weights"]["num_bits"] for g in (qc.get("config_groups") or {}).values()
                                    if isinstance(g, dict) and g.get("weights")), None)
     return f"w{bits}a16-{loaded.format}"

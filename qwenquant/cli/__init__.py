@@ -26,6 +26,7 @@ def _root() -> None:
 
 from qwenquant.cli import fp8 as _fp8  # noqa: E402,F401  (registers commands)
 from qwenquant.cli import int4 as _int4  # noqa: E402,F401
+from qwenquant.cli import nvfp4 as _nvfp4  # noqa: E402,F401
 from qwenquant.cli import int8 as _int8  # noqa: E402,F401
 from qwenquant.cli import run as _run  # noqa: E402,F401
 from qwenquant.cli import push as _push  # noqa: E402,F401

@@ -13,7 +13,7 @@ import re
 
 import torch
 
-from qwenquant.export import ct_int8, ct_packed
+from qwenquant.export import ct_int8, ct_nvfp4, ct_packed
 from qwenquant.export.format_spec import ExportFormat, int_actorder
 from qwenquant.quant.records import QuantizedWeight
 
@@ -137,6 +137,8 @@ def _check_stage(kind: str, cfg) -> None:
 
 
 def _check_linear(kind: str, cfg, name: str, n: int, k: int) -> str | None:
+    if kind == "nvfp4":
+        return ct_nvfp4.check_linear(name, k)
     if kind != "int":  # fp8 and int8 (one unpacked byte per weight) store any shape
         return None
     if (k * cfg.bits) % 32:
@@ -151,6 +153,8 @@ def _check_linear(kind: str, cfg, name: str, n: int, k: int) -> str | None:
 def _tensor_bytes(kind: str, cfg, n: int, k: int, dtype_bytes: int) -> dict[str, int]:
     if kind == "int8":
         return ct_int8.tensor_bytes(n, k, dtype_bytes)
+    if kind == "nvfp4":
+        return ct_nvfp4.tensor_bytes(cfg.activations == "dynamic", n, k)
     if kind == "fp8":
         blocks = math.ceil(n / cfg.block_size) * math.ceil(k / cfg.block_size)
         out = {"weight": n * k, "weight_scale": {"tensor": 1, "channel": n, "block": blocks}[cfg.weights] * dtype_bytes}
@@ -168,6 +172,8 @@ def _tensor_bytes(kind: str, cfg, n: int, k: int, dtype_bytes: int) -> dict[str,
 def _linear_tensors(qw: QuantizedWeight, cfg, name: str, activation) -> dict[str, torch.Tensor]:
     if qw.kind == "int8":
         return ct_int8.linear_tensors(qw)
+    if qw.kind == "nvfp4":
+        return ct_nvfp4.linear_tensors(qw, activation.input_scale if activation is not None else None)
     if qw.kind != "fp8":
         return ct_packed.linear_tensors(qw)
     input_scale = activation.input_scale if activation is not None and activation.mode == "tensor" else None
@@ -177,6 +183,8 @@ def _linear_tensors(qw: QuantizedWeight, cfg, name: str, activation) -> dict[str
 def _quantization_config(kind: str, cfg, ignore: list[str], linears: list[str]) -> tuple[dict, None]:
     if kind == "int8":
         return ct_int8.quantization_config(ignore), None
+    if kind == "nvfp4":
+        return ct_nvfp4.quantization_config(cfg.activations == "dynamic", ignore), None
     if kind == "fp8":
         return fp8_quantization_config(cfg, ignore, linears), None
     return ct_packed.quantization_config(cfg.bits, cfg.group_size, cfg.symmetric, int_actorder(cfg), ignore), None
@@ -189,6 +197,8 @@ def _reload_with(kind: str, cfg, moe: bool) -> str:
         return "spec-reader" if moe and cfg.weights == "block" else "transformers"
     if kind == "int8":
         return "transformers"
+    if kind == "nvfp4":  # transformers 5.25 fuses the per-expert tensors it loads but misreads NVFP4 experts
+        return "spec-reader" if moe else "transformers"
     return "transformers" if cfg.symmetric else "spec-reader"
 
 
@@ -198,9 +208,11 @@ def _read_linear(tensors: dict[str, torch.Tensor], config: dict, name: str) -> t
         return read_linear(tensors, config)
     if config.get("format") == ct_int8.FORMAT:
         return ct_int8.read_linear(tensors, config)
+    if config.get("format") == ct_nvfp4.FORMAT:
+        return ct_nvfp4.read_linear(tensors, config)
     return ct_packed.read_linear(tensors, config)
 
 
-EXPORT_FORMAT = ExportFormat("compressed-tensors", ("fp8", "int", "int8"), _check_stage, _tensor_bytes,
+EXPORT_FORMAT = ExportFormat("compressed-tensors", ("fp8", "int", "int8", "nvfp4"), _check_stage, _tensor_bytes,
                              _linear_tensors, _quantization_config, _reload_with, _read_linear,
                              check_linear=_check_linear)

@@ -32,6 +32,9 @@ def _scheme_name(recipe: dict) -> str:
         if name == "fp8":
             acts = {"dynamic": "dynamic activations", "static": "static activations", "none": "weight-only"}[cfg["activations"]]
             return f"FP8 E4M3, {cfg['weights']} weight scales, {acts}"
+        if name == "nvfp4":
+            acts = "FP4 activations (W4A4)" if cfg["activations"] == "dynamic" else "weight-only (NVFP4A16)"
+            return f"NVFP4 (FP4 E2M1 weights in groups of 16, {cfg['method'].upper()}), {acts}"
         if name == "int8":
             return f"INT8 W8A8 (per-channel weights, {cfg['method'].upper()}; dynamic per-token activations)"
         if name in ("gptq", "awq", "rtn"):
@@ -45,7 +48,7 @@ def render_model_card(report: dict, license_id: str | None) -> str:
     recipe = report["recipe"]
     fmt = recipe["export"]["format"]
     base = report["model"]["repo_id"] or Path(report["model"]["reference"]).name
-    quantizer = next(n for st in recipe["stages"] for n in st if n in ("fp8", "int8", "gptq", "awq", "rtn"))
+    quantizer = next(n for st in recipe["stages"] for n in st if n in ("fp8", "int8", "nvfp4", "gptq", "awq", "rtn"))
     meta = {
         "base_model": base,
         "library_name": "transformers",

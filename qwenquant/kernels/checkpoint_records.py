@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from qwenquant.export import ct_packed
+from qwenquant.export import ct_nvfp4, ct_packed
 from qwenquant.export.awq_gemm import ORDER as AWQ_ORDER
 from qwenquant.export.gptq_v1 import unpack_int32
 from qwenquant.quant import int8 as int8q
@@ -109,6 +109,8 @@ def record_from_tensors(local: dict[str, torch.Tensor], qconfig: dict | None,
     fmt = checkpoint_format(qconfig)
     if fmt == "bf16":
         return None
+    if "weight_packed" in local and "weight_global_scale" in local:  # compressed-tensors nvfp4-pack-quantized
+        return ct_nvfp4.record(local)
     if "weight_packed" in local:  # compressed-tensors pack-quantized
         bits = ct_packed._config_bits(qconfig, local)
         n, k = (int(v) for v in local["weight_shape"])

@@ -8,6 +8,8 @@ Kernel choice per record and device:
   (CPU, CUDA SM89+), else FP8 weight-only; weight-only checkpoints: FP8 weight-only.
 - FP8 128x128 block scales: dequantized to bf16 once at load (no block-scaled kernel here; labelled).
 - INT4 (group 32-256 or channel-wise): `Int4Linear`; other bit widths / shapes: dequantized to bf16 (labelled).
+- NVFP4 (compressed-tensors nvfp4-pack-quantized): dequantized to bf16 at load (no FP4 kernel here; labelled, and
+  W4A4 checkpoints run with unquantized activations), reference: FP4 activations simulated.
 - INT8 W8A8 (compressed-tensors int-quantized): `Int8Linear` on `torch._int_mm` with dynamic per-token INT8
   activations (shapes CUDA's `_int_mm` cannot take: dequantized to bf16, labelled).
 `reference=True` builds the dequantize-then-matmul model instead (float32 weights and matmuls, FP8 / INT8
@@ -39,6 +41,8 @@ BF16_LABEL = "bf16: torch matmul (unquantized)"
 BLOCK_LABEL = ("FP8 128x128 block checkpoint: dequantized to bf16 at load (bf16 weight memory and compute; "
                "no block-scaled FP8 kernel here)")
 DEQUANT_LABEL = "INT{bits} {why}: dequantized to bf16 at load (no low-bit kernel; bf16 weight memory and compute)"
+NVFP4_LABEL = ("NVFP4 checkpoint: dequantized to bf16 at load (no FP4 kernel here; bf16 weight memory and "
+               "compute{acts})")
 REFERENCE_LABEL = "reference: dequantized weight, float32 math{acts}"
 
 
@@ -106,6 +110,13 @@ def _config_dict(folder: Path) -> dict:
 def build_linear(qw: QuantizedWeight, device: torch.device, activations: str | None, input_scale: torch.Tensor | None,
                  reference: bool = False) -> nn.Module:
     """The inference module for one quantized Linear (see the module docstring for the choice)."""
+    if qw.kind == "nvfp4":
+        w4a4 = activations == "tensor_group" and input_scale is not None
+        if reference:
+            scale = input_scale.to(device) if w4a4 else None
+            return ReferenceLinear(qw.dequantize().to(device), "group" if w4a4 else None, scale, act_dtype="nvfp4")
+        return DenseLinear(qw.dequantize(torch.bfloat16).to(device),
+                           NVFP4_LABEL.format(acts=", FP4 activations not simulated" if w4a4 else ""))
     if reference and qw.kind == int8q.KIND:
         return ReferenceLinear(qw.dequantize().to(device), "token", None, act_dtype="int8")
     if reference:
@@ -191,7 +202,8 @@ def load_inference_model(folder: Path, device: torch.device, reference: bool = F
         if qw is None:
             continue
         acts = activation_scheme(qconfig, name)  # per Linear: a checkpoint may mix channel and block groups
-        model.set_submodule(name, build_linear(qw, device, acts, local.get("input_scale"), reference))
+        model.set_submodule(name, build_linear(qw, device, acts, local.get("input_scale", local.get("input_global_scale")),
+                                                  reference))
         consumed.update(f"{name}.{k}" for k in local)
         replaced.add(name)
     kv_scales = kv_cache_scales(tensors)

@@ -81,6 +81,9 @@ def _check(cfg: MixedPrecisionStage, quantizer: str) -> None:
     if cfg.keep is None and quantizer == "int8":
         raise ValueError("mixed_precision.keep_sensitive: sensitivity ranking has no INT8 W8A8 scheme yet; list the "
                          "Linears to keep in mixed_precision.keep instead")
+    if cfg.keep is None and quantizer == "nvfp4":
+        raise ValueError("mixed_precision.keep_sensitive: sensitivity ranking has no NVFP4 scheme yet; list the "
+                         "Linears to keep in mixed_precision.keep instead")
 
 
 SPEC = StageSpec("mixed_precision", MixedPrecisionStage, "plan", mixed_precision_layer, check=_check,

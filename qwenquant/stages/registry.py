@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from types import MappingProxyType
 
-from qwenquant.stages import awq, compensate, fp8, gptq, int8, mixed_precision, rtn, smooth
+from qwenquant.stages import awq, compensate, fp8, gptq, int8, mixed_precision, nvfp4, rtn, smooth
 from qwenquant.stages.spec import StageSpec
 
 STAGES: MappingProxyType[str, StageSpec] = MappingProxyType({
-    spec.name: spec for spec in (mixed_precision.SPEC, smooth.SPEC, fp8.SPEC, int8.SPEC, rtn.SPEC, gptq.SPEC,
-                                 awq.SPEC, compensate.SPEC)
+    spec.name: spec for spec in (mixed_precision.SPEC, smooth.SPEC, fp8.SPEC, int8.SPEC, nvfp4.SPEC, rtn.SPEC,
+                                 gptq.SPEC, awq.SPEC, compensate.SPEC)
 })
 QUANTIZERS = tuple(name for name, spec in STAGES.items() if spec.role == "quantizer")
 
