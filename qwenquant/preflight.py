@@ -48,6 +48,9 @@ def check_offload(recipe) -> None:
     if recipe.stage("mixed_precision") is not None:
         raise BadInputError("mixed precision (--keep-sensitive) ranks and re-quantizes the whole model in memory; "
                             "with --offload-dir drop it, or run without --offload-dir")
+    if FORMATS[recipe.export.format].write_folder is not None:
+        raise BadInputError(f"--format {recipe.export.format} is written and verified from the whole model in memory; "
+                            "drop --offload-dir")
 
 
 def all_groups(adapter: ArchAdapter, num_layers: int, config=None) -> list[tuple[str, ...]]:

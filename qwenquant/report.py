@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from qwenquant.export.model_card import runtime_lines
 from qwenquant.reporting import environment_versions, report_header, write_atomic, write_json
 
 REPORT_SCHEMA_VERSION = 1
@@ -120,6 +121,16 @@ def render_markdown(r: dict) -> str:
             if "vs_quantized_in_memory" in v:  # a streamed run has no in-memory model: its KL is the checkpoint's
                 lines.append(f"- vs our in-memory simulation: mean KL {v['vs_quantized_in_memory']['mean_kl']:.2e} "
                              "nats (informational: loaders simulate FP8 activations with different rounding)")
+        if "runtime" in v:  # GGUF: the check in llama.cpp itself, or why it did not run
+            lines += [line.replace("In ", "- in ", 1) if line.startswith("In ") else "- " + line
+                      for line in runtime_lines(v["runtime"]) if line]
+    if r.get("gguf"):
+        g, rounding = r["gguf"], r["gguf"]["fp16_rounding"]
+        lines += ["", f"GGUF tensors: {', '.join(f'{n} {t}' for t, n in g['tensor_types'].items())}; block minima "
+                  f"-z*s rounded by float16: {rounding['mins_rounded']} of {rounding['minima']} (max change "
+                  f"{rounding['max_min_deviation']:.3g}); tokenizer: {g['tokenizer']['tokens']} tokens, "
+                  f"{g['tokenizer']['merges']} merges, pre-tokenizer {g['tokenizer']['pre']}, chat template "
+                  f"{'included' if g['tokenizer']['chat_template'] else 'absent'}."]
     if r.get("gates"):
         lines += ["", "## Quality gates", ""]
         lines += [f"- {g['gate']}: {'passed' if g['passed'] else 'FAILED'} ({g['description']})" for g in r["gates"]]

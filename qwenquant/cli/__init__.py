@@ -34,6 +34,7 @@ from qwenquant.cli import compare as _compare  # noqa: E402,F401
 from qwenquant.cli import eval as _eval  # noqa: E402,F401
 from qwenquant.cli import sensitivity as _sensitivity  # noqa: E402,F401
 from qwenquant.cli import bench as _bench  # noqa: E402,F401
+from qwenquant.cli import export as _export  # noqa: E402,F401
 
 
 MULTI_VALUE_OPTIONS = ("--recipes",)

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import yaml
 
-FORMAT_TAGS = {"compressed-tensors": "compressed-tensors", "hf-fp8": "fp8", "gptq": "gptq", "awq": "awq"}
+FORMAT_TAGS = {"compressed-tensors": "compressed-tensors", "hf-fp8": "fp8", "gptq": "gptq", "awq": "awq",
+               "gguf": "gguf"}
 
 
 def source_license(model_dir: Path) -> str | None:
@@ -51,7 +52,7 @@ def render_model_card(report: dict, license_id: str | None) -> str:
     quantizer = next(n for st in recipe["stages"] for n in st if n in ("fp8", "int8", "nvfp4", "gptq", "awq", "rtn"))
     meta = {
         "base_model": base,
-        "library_name": "transformers",
+        "library_name": "gguf" if fmt == "gguf" else "transformers",
         "pipeline_tag": "text-generation",
         "tags": ["qwen3", "quantized", "qwenquant", quantizer, FORMAT_TAGS[fmt]],
     }
@@ -84,6 +85,7 @@ def render_model_card(report: dict, license_id: str | None) -> str:
     if v is not None:
         lines.append(f"Verification: reloaded with {v['loader']}, "
                      f"{'passed' if v['passed'] else 'FAILED: ' + v['reason']}.")
+        lines += runtime_lines(v.get("runtime"))
     s = report["sizes"]
     lines += ["", f"Weights on disk: {s['output_bytes'] / 2**20:.1f} MiB (source {s['source_bytes'] / 2**20:.1f} MiB).",
               ""]
@@ -92,6 +94,9 @@ def render_model_card(report: dict, license_id: str | None) -> str:
         lines += ["No throughput numbers are listed because this run did not measure them.", ""]
     else:
         lines += ["No throughput or task-accuracy numbers are listed because this run did not measure them.", ""]
+    if fmt == "gguf":
+        lines += _gguf_usage(report)
+        return "\n".join(lines)
     lines += ["## How to load", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
               'model = AutoModelForCausalLM.from_pretrained("<this repo>")',
               'tokenizer = AutoTokenizer.from_pretrained("<this repo>")', "```"]
@@ -103,3 +108,23 @@ def render_model_card(report: dict, license_id: str | None) -> str:
               "`qwenquant_report.json` has every measurement, per-layer errors and provenance (source file hashes, "
               "calibration token hash, library versions).", ""]
     return "\n".join(lines)
+
+
+def runtime_lines(runtime: dict | None) -> list[str]:
+    """The GGUF check in llama.cpp itself (qwenquant/eval/gguf_verify.py), or why it did not run."""
+    if runtime is None:
+        return []
+    if not runtime["available"]:
+        return ["", f"Not run in llama.cpp: {runtime['reason']}."]
+    kl, greedy = runtime["vs_source"], runtime["greedy"]
+    return ["", f"In {runtime['runtime']} {runtime['version']} (the file alone): mean next-token KL from the source "
+            f"{kl['mean_kl']:.5f} nats over {kl['tokens']} tokens, top-1 agreement {100 * kl['top1_agreement']:.2f}%; "
+            f"greedy decoding of {len(greedy['prompts'])} chat prompts agrees with {greedy['reference']} on "
+            f"{100 * greedy['token_agreement']:.1f}% of generated tokens."]
+
+
+def _gguf_usage(report: dict) -> list[str]:
+    return ["## How to load", "", "`model.gguf` holds the weights, the hyper-parameters, the tokenizer and the chat "
+            "template:", "", "```bash", "llama-cli -m model.gguf -cnv", "```", "",
+            "## How it was made", "", "```bash", report["command"] or "qwenquant run recipe.yaml", "```", "",
+            "The full recipe is in `recipe.yaml`; `qwenquant_report.json` has every measurement and provenance.", ""]

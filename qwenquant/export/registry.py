@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from types import MappingProxyType
 
-from qwenquant.export import awq_gemm, compressed_tensors, gptq_v1, hf_fp8
+from qwenquant.export import awq_gemm, compressed_tensors, gguf, gptq_v1, hf_fp8
 from qwenquant.export.format_spec import ExportFormat
 
 FORMATS: MappingProxyType[str, ExportFormat] = MappingProxyType({
     f.name: f for f in (compressed_tensors.EXPORT_FORMAT, hf_fp8.EXPORT_FORMAT, gptq_v1.EXPORT_FORMAT,
-                        awq_gemm.EXPORT_FORMAT)
+                        awq_gemm.EXPORT_FORMAT, gguf.EXPORT_FORMAT)
 })

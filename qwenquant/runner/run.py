@@ -23,11 +23,13 @@ from qwenquant.activations import activation_quantization
 from qwenquant.calibration import load_calibration, samples_hash
 from qwenquant.device import resolve_device
 from qwenquant.errors import BadInputError, QualityGateError, VerificationError
+from qwenquant.eval.gguf_verify import verify_gguf
 from qwenquant.eval.perplexity import eval_windows, kl_stats, load_eval_text, windows_setting
 from qwenquant.eval.precision import compute_dtype_name
 from qwenquant.export.checkpoint import write_checkpoint
 from qwenquant.export.format_spec import UnstorableRecord
 from qwenquant.export.model_card import render_model_card, source_license
+from qwenquant.export.registry import FORMATS
 from qwenquant.export.writer import atomic_output_dir, check_output_dir, partial_dir
 from qwenquant.gates import check_gates, merge_task_results
 from qwenquant.journal import JOURNAL_DIR, Journal, layers_done_in, read_journal, run_fingerprint
@@ -166,19 +168,27 @@ class Run:
 
     def export(self, tmp: Path, q: Quantized) -> dict:
         with self.timed("export"):
+            fmt = FORMATS[q.recipe.export.format]
             try:
-                written = write_checkpoint(tmp, q.model, self.tokenizer, q.recipe, q.state,
-                                           self.resolved.adapter.always_ignore,
-                                           items=self.placement.state_dict_items(q.model))
+                if fmt.write_folder is not None:  # not a safetensors folder (GGUF: one file)
+                    written = fmt.write_folder(tmp, q.model, self.tokenizer, q.recipe, q.state,
+                                               self.placement.state_dict_items(q.model))
+                else:
+                    written = write_checkpoint(tmp, q.model, self.tokenizer, q.recipe, q.state,
+                                               self.resolved.adapter.always_ignore,
+                                               items=self.placement.state_dict_items(q.model))
             except UnstorableRecord as err:  # values the format cannot store, found per tensor (GPTQ v1 zero point 0)
                 raise BadInputError(f"export to {q.recipe.export.format} failed: {err}") from err
             (tmp / "recipe.yaml").write_text(q.recipe.to_yaml())
         return written
 
-    def verify(self, tmp: Path, q: Quantized, src_logp) -> dict | None:
+    def verify(self, tmp: Path, q: Quantized, src_logp, written: dict) -> dict | None:
         if not q.recipe.eval.verify:
             return None
         with self.timed("verify"):
+            if FORMATS[q.recipe.export.format].write_folder is not None:  # GGUF: gguf-py + llama.cpp
+                return verify_gguf(tmp / written["files"][0], q.model, list(q.state.records), self.tokenizer,
+                                   self.windows.kl, src_logp, q.logp, self.device, q.recipe.eval.verify_max_kl)
             return self.placement.verify(tmp, q.model, q.recipe, q.state, self.windows.kl, src_logp, q.logp,
                                          self.device)
 
@@ -266,9 +276,11 @@ def _write_output(run: Run, offload_folder: Path | None) -> dict:
             q = run.quantize(recipe, run.placement.model)
         q_tasks = run.evaluate_tasks(q)
         written = run.export(tmp, q)
-        verification = run.verify(tmp, q, source["logp"])
+        verification = run.verify(tmp, q, source["logp"], written)
         if done:
             sections["resumed_after_layers"] = done
+        if "gguf" in written:  # what the GGUF writer stored: tensor types, float16 rounding, tokenizer
+            sections["gguf"] = written["gguf"]
         return run.report(tmp, q, source, q_tasks, written, verification, sections, offload_folder)
 
 

@@ -84,7 +84,7 @@ def test_unsupported_group_size(quant, cmd) -> None:
     ("gptq", ("--format", "gptq", "--bits", "3"), ("gptq", "bits 3", "2, 4 or 8", "compressed-tensors")),
     ("gptq", ("--dampening", "1.5"), ("dampening", "[0, 1)", "1.5")),
     ("gptq", ("--act-order", "foo"), ("--act-order", "foo", "static")),
-    ("awq", ("--format", "gguf"), ("--format", "gguf", "compressed-tensors")),
+    ("awq", ("--format", "onnx"), ("--format", "onnx", "compressed-tensors")),
     # rtn takes calibration flags for its data-dependent options (scale search, compensation, keep-sensitive)
     ("rtn", ("--scale-search", "--calib", "x.txt"), ("x.txt", "does not exist")),
 ])

@@ -1,0 +1,59 @@
+"""`qwenquant export gguf DIR`: convert a qwenquant INT output folder (or a bf16 source) into a verified GGUF file
+(qwenquant/runner/gguf_export.py)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from qwenquant.cli import app
+from qwenquant.cli.common import silence_libraries
+from qwenquant.reporting import command_line
+from qwenquant.runner.gguf_export import GGUFExportRequest, export_gguf
+
+export_app = typer.Typer(help="Convert a checkpoint folder into another runtime's format.", no_args_is_help=True)
+app.add_typer(export_app, name="export")
+
+D = GGUFExportRequest  # each option's default is the request field's
+
+
+@export_app.command("gguf")
+def gguf_command(
+    ctx: typer.Context,
+    folder: Annotated[Path, typer.Argument(metavar="DIR", help="A qwenquant gptq/awq/rtn output with --group-size 32 "
+                                           "(codes kept as they are), or a bf16 Qwen3 folder (round-to-nearest).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder: model.gguf, qwenquant_report.json, REPORT.md.")],
+    type: Annotated[Optional[str], typer.Option("--type", help="q8_0 | q4_0 | q4_1 | q5_0 | q5_1 [default: the "
+                                                "type that holds the folder's codes; q8_0 for a bf16 folder].")] = D.type,
+    source: Annotated[Optional[Path], typer.Option(help="The bf16 model a quantized DIR came from (KL reference) "
+                                                   "[default: the source its qwenquant_report.json names].")] = D.source,
+    eval_text: Annotated[str, typer.Option(help="wikitext2 or a text file: the held-out text of the KL check.")] = D.eval_text,
+    eval_window: Annotated[int, typer.Option(help="Tokens per evaluation window.")] = D.window,
+    kl_tokens: Annotated[int, typer.Option(help="Tokens on which KL and top-1 agreement are measured.")] = D.kl_tokens,
+    verify_max_kl: Annotated[float, typer.Option(help="Exit 4 (folder kept) above this mean KL vs the source, nats.")] = D.verify_max_kl,
+    no_verify: Annotated[bool, typer.Option("--no-verify", help="Write only: no read-back, no llama.cpp run.")] = False,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N (the transformers side of the check).")] = D.device,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")] = False,
+) -> None:
+    """Write a GGUF file (llama.cpp, Ollama, LM Studio) from a checkpoint folder and check it in llama.cpp."""
+    silence_libraries()
+    quiet = quiet or json_out
+    request = GGUFExportRequest(folder=folder, out=out, type=type, source=source, eval_text=eval_text,
+                                window=eval_window, kl_tokens=kl_tokens, verify=not no_verify,
+                                verify_max_kl=verify_max_kl, device=device, overwrite=overwrite)
+    log = (lambda msg: None) if quiet else (lambda msg: print(f"qwenquant export gguf: {msg}", file=sys.stderr))
+    report = export_gguf(request, command_line((ctx.obj or {}).get("argv", sys.argv[1:])), log)
+    v = report["verification"]
+    if json_out:
+        print(json.dumps({"ok": True, "out": str(out), "gguf": report["gguf"]["tensor_types"],
+                          "verification": None if v is None else {"passed": v["passed"], "vs_source": v["vs_source"],
+                                                                  "runtime": v["runtime"].get("version")}}))
+    elif not quiet:
+        kl = "" if v is None else f", mean KL {v['vs_source']['mean_kl']:.5f} nats ({v['loader'].split(';')[0]})"
+        print(f"wrote {out}/model.gguf{kl}; see {out}/REPORT.md", file=sys.stderr)

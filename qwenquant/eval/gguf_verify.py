@@ -1,0 +1,153 @@
+"""Verify a written GGUF file: its weights read back with gguf-py, and the file run in llama.cpp.
+
+1. Every tensor is read back with gguf-py (`gguf.quants.dequantize`, llama.cpp's reference dequantization, not our
+   packing). Each quantized Linear is compared with the weight the quantized model computes with (in the model
+   dtype): symmetric types (Q8_0, Q4_0, Q5_0) must be equal bit for bit; for Q4_1/Q5_1, whose minimum -z*s float16
+   may round (qwenquant/export/gguf_blocks.py), differing Linears and the largest deviation are reported.
+2. The model with the weights read back computes next-token log-probabilities on the run's KL windows: KL from the
+   source (the check that holds without llama.cpp).
+3. llama.cpp itself (`llama-cpp-python`, the optional extra `qwenquant[gguf]`): the file is loaded alone (its own
+   tokenizer and hyper-parameters), evaluated on the same token windows with logits for every position, and
+   compared with the source: mean per-token KL(source || llama.cpp), top-1 agreement; then a few prompts go
+   through the file's chat template (rendered by transformers from the same template) and are decoded greedily by
+   llama.cpp and by the model with the file's weights in transformers (float32): the report gives the fraction of
+   generated tokens that agree position by position. Without llama-cpp-python this step is skipped with a warning
+   and the report says so (`runtime.available: false`); the verdict then rests on steps 1-2.
+The verdict fails on a mismatched symmetric weight, else on the runtime's KL (or, without the runtime, step 2's)
+above the threshold.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from qwenquant.eval.perplexity import kl_stats, next_token_logprobs
+from qwenquant.eval.precision import evaluation_precision
+from qwenquant.eval.verify import _swapped_weights, verdict
+from qwenquant.export.gguf import read_tensors
+from qwenquant.export.gguf_meta import gguf_module
+
+EXACT_TYPES = ("Q8_0", "Q4_0", "Q5_0")
+PROMPTS = ("Write one sentence about the sea.", "What is 12 plus 7?", "Name three colours.")
+GREEDY_TOKENS = 24
+INSTALL_HINT = "pip install 'qwenquant[gguf]' (compiles llama.cpp through llama-cpp-python, ~10-20 min)"
+
+
+def llama_cpp_module():
+    """llama_cpp, or None when llama-cpp-python is not installed."""
+    try:
+        import llama_cpp
+    except ImportError:
+        return None
+    return llama_cpp
+
+
+def read_back(path: Path, model, names: list[str], n_layers: int) -> tuple[dict, dict]:
+    """({Linear name: weight read back from the file, in the model dtype}, weight check summary)."""
+    gguf = gguf_module()
+    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN3, n_layers)
+    stored = read_tensors(path)
+    theirs, exact_bad, other_bad, max_dev = {}, [], [], 0.0
+    for n in names:
+        qtype, values = stored[name_map.get_name(n + ".weight", try_suffixes=(".weight",))]
+        ours = model.get_submodule(n).weight.detach().cpu()
+        t = torch.from_numpy(values.copy()).to(ours.dtype)
+        theirs[n] = t
+        if not torch.equal(ours, t):
+            (exact_bad if qtype in EXACT_TYPES else other_bad).append(n)
+            max_dev = max(max_dev, float((ours.float() - t.float()).abs().max()))
+    return theirs, {"exact_mismatched": exact_bad, "asymmetric_differing": other_bad,
+                    "max_abs_deviation_model_dtype": max_dev}
+
+
+def _llama(path: Path, n_ctx: int, llama_cpp):
+    return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, logits_all=True, verbose=False, seed=0,
+                           n_threads=max(1, torch.get_num_threads()))
+
+
+def runtime_logprobs(llm, windows: torch.Tensor) -> torch.Tensor:
+    """[n_windows, window, vocab] log-probabilities from llama.cpp (logits of every position), float16 like ours."""
+    out = []
+    for row in windows:
+        llm.reset()
+        llm.eval(row.tolist())
+        scores = torch.from_numpy(np.array(llm.scores[: row.numel()], dtype=np.float32))
+        out.append(torch.log_softmax(scores, dim=-1).to(torch.float16))
+    return torch.stack(out)
+
+
+def _chat_ids(tokenizer, prompt: str) -> list[int]:
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                        tokenize=True)
+    return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+
+
+@torch.no_grad()
+def greedy_agreement(llm, model, tokenizer, device, prompts=PROMPTS, n_tokens: int = GREEDY_TOKENS) -> dict:
+    """Greedy decoding of each prompt (through the chat template) by llama.cpp and by `model` in transformers."""
+    rows, same, total = [], 0, 0
+    for prompt in prompts:
+        ids = _chat_ids(tokenizer, prompt)
+        llm.reset()
+        theirs = []
+        for tok in llm.generate(ids, temp=0.0, top_k=1, reset=True):
+            theirs.append(int(tok))
+            if len(theirs) >= n_tokens:
+                break
+        model.to(device)
+        with evaluation_precision(model, device):
+            gen = model.generate(torch.tensor([ids], device=device), max_new_tokens=n_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id)
+        ours = gen[0, len(ids):].tolist()
+        model.to("cpu")
+        n = min(len(ours), len(theirs))
+        agree = sum(a == b for a, b in zip(ours, theirs))
+        same, total = same + agree, total + max(len(ours), len(theirs))
+        rows.append({"prompt": prompt, "llama_cpp": tokenizer.decode(theirs), "transformers": tokenizer.decode(ours),
+                     "tokens_agreeing": agree, "tokens": max(len(ours), len(theirs)), "compared": n})
+    return {"token_agreement": same / total if total else 0.0, "prompts": rows,
+            "reference": "the same weights in transformers (float32), greedy"}
+
+
+def run_in_llama_cpp(path: Path, model, tokenizer, windows, src_logp, device) -> dict:
+    """The runtime check (module docstring, step 3); `available: false` with a warning without llama-cpp-python."""
+    llama_cpp = llama_cpp_module()
+    if llama_cpp is None:
+        reason = f"llama-cpp-python is not installed: the file was not run in llama.cpp; {INSTALL_HINT}"
+        warnings.warn(reason, stacklevel=2)
+        return {"available": False, "reason": reason}
+    llm = _llama(path, int(windows.shape[1]), llama_cpp)
+    try:
+        logp = runtime_logprobs(llm, windows)
+        greedy = greedy_agreement(llm, model, tokenizer, device)
+    finally:
+        llm.close() if hasattr(llm, "close") else None
+    return {"available": True, "runtime": "llama.cpp via llama-cpp-python", "version": llama_cpp.__version__,
+            "vs_source": kl_stats(src_logp, logp), "greedy": greedy}
+
+
+@torch.no_grad()
+def verify_gguf(path: Path, model, names: list[str], tokenizer, kl_windows, src_logp, q_logp, device,
+                max_kl: float) -> dict:
+    """Steps 1-3 of the module docstring; the verification section of the report."""
+    n_layers = int(model.config.num_hidden_layers)
+    theirs, weights = read_back(path, model, names, n_layers)
+    with _swapped_weights(model, theirs):
+        model.to(device)
+        with evaluation_precision(model, device):
+            logp = next_token_logprobs(model, kl_windows, device)
+        model.to("cpu")
+        runtime = run_in_llama_cpp(path, model, tokenizer, kl_windows, src_logp, device)
+    reader = kl_stats(src_logp, logp)
+    judged = runtime["vs_source"] if runtime["available"] else reader
+    loader = ("llama.cpp " + runtime["version"] + " (llama-cpp-python) on the file alone; weights read back with gguf-py"
+              if runtime["available"] else "gguf-py (weights read back into the source model); llama.cpp not run: "
+              "llama-cpp-python is not installed")
+    result = verdict(loader, names, [(weights["exact_mismatched"], "symmetric GGUF weights differ from ours")],
+                     judged, max_kl, {"vs_quantized_in_memory": kl_stats(q_logp, logp), "weights": weights,
+                                      "gguf_reader_vs_source": reader, "runtime": runtime})
+    return result
