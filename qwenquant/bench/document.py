@@ -98,10 +98,13 @@ def build_document(loaded, settings, device: torch.device, points: list[dict], b
 
 
 def scheme_name(loaded) -> str:
-    """A short scheme name: bf16, fp8-w8a8-dynamic, fp8-w8a8-static, fp8-weight-only, fp8-block, w4a16, ..."""
+    """A short scheme name: bf16, fp8-w8a8-dynamic, fp8-w8a8-static, fp8-weight-only, fp8-block, int8-w8a8, w4a16,
+    ..."""
     if loaded.format == "bf16":
         return "bf16"
     qc = loaded.quant_config or {}
+    if qc.get("format") == "int-quantized":  # compressed-tensors INT8 W8A8
+        return "int8-w8a8"
     fp8 = loaded.format == "hf-fp8" or qc.get("format") == "float-quantized"
     if fp8:
         acts = loaded.activations

@@ -14,6 +14,7 @@ import yaml
 from safetensors import safe_open
 
 from qwenquant.export import ct_int8
+from qwenquant.kernels import int8_linear
 from test_bad_input import assert_fails, assert_nothing_written
 
 LAYERS = 2
@@ -87,6 +88,21 @@ def test_rtn_streams_the_same_bytes_as_in_memory(int8_run) -> None:
     assert res_a.code == 0 and res_b.code == 0, (res_a.err[-2000:], res_b.err[-2000:])
     assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
     assert json.loads((b / "qwenquant_report.json").read_text())["verification"]["loader"].startswith("transformers")
+
+
+def test_bench_runs_it_on_int_mm(int8_run, cli) -> None:
+    """`qwenquant bench` on the written folder: every quantized Linear on torch._int_mm, the scheme named as the
+    engines' (int8-w8a8, which the GPU projections check against each GPU)."""
+    res, out = int8_run("--method", "rtn", "--no-smooth")
+    assert res.code == 0
+    bench = cli(["bench", str(out), "--batch-sizes", "1", "--context", "32", "--decode-tokens", "2", "--no-compile",
+                 "--device", "cpu", "--quiet"])
+    assert bench.code == 0, bench.err[-2000:]
+    doc = json.loads((out / "bench" / "qwenquant_bench.json").read_text())
+    assert doc["model"]["scheme"] == "int8-w8a8" and doc["model"]["activations"] == "token"
+    for t in LINEAR_TYPES:
+        assert list(doc["kernels"][t]) == [int8_linear.LABEL] and doc["kernels"][t][int8_linear.LABEL] == LAYERS
+    assert {g["serving_scheme"] for g in doc["projections"]["gpus"]} == {"int8-w8a8"}
 
 
 def test_default_output_folder_names(cli, tiny_args) -> None:
