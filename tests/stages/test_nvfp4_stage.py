@@ -82,7 +82,7 @@ def test_data_free_quantizer_equals_the_layer_pass(tiny) -> None:
     assert not state.activations  # weight-only: no activation quantization
     p = "model.layers.1."
     group = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
-    absmax = {p + n: float(source.get_submodule(p + n).weight.abs().amax()) for n in group}
+    absmax = {p + n: float(source.get_submodule(p + n).weight.detach().abs().amax()) for n in group}
     for n in group:
         w = source.get_submodule(p + n).weight.data
         ours = quantize_weight(cfg, p + n, w, absmax)
