@@ -17,6 +17,7 @@ export: {format, max_shard_size_mb}
 eval: {perplexity, eval_text, window, max_windows (N | all), kl_tokens, verify, verify_max_kl, max_ppl_increase_pct,
        tasks, task_limit, min_task_recovery_pct}
 device: auto | cpu | cuda | cuda:N
+target: {name, force}   # optional: the GPU the checkpoint is for (qwenquant.targets); refuses what it cannot run
 ```
 Each config validates itself in `__post_init__` (ValueError naming the key and the allowed values). Stage configs
 live with their stages (`qwenquant/stages/`, listed in `qwenquant.stages.registry.STAGES`); export formats are the
@@ -37,6 +38,7 @@ from qwenquant.errors import BadInputError
 from qwenquant.eval.perplexity import DEFAULT_WINDOWS
 from qwenquant.export.registry import FORMATS
 from qwenquant.stages.registry import QUANTIZERS, STAGES, spec_of, stage_name
+from qwenquant.targets import TARGETS, target_runs
 from qwenquant.validation import choice, count_or_all, percent, positive
 
 RECIPE_VERSION = 1
@@ -115,6 +117,22 @@ class EvalConfig:
 
 
 @dataclass
+class TargetConfig:
+    """The device the checkpoint is made for (`--target`, a key of `qwenquant.targets.TARGETS`; `auto` is resolved
+    by the caller, so a saved recipe names a device): a quantizer whose serving scheme that device cannot run is
+    refused unless `force`."""
+
+    name: str | None = None
+    force: bool = False
+
+    def __post_init__(self) -> None:
+        if self.name is not None:
+            choice("target.name", self.name, tuple(TARGETS))
+        if self.force and self.name is None:
+            raise ValueError("target.force: needs target.name (--target)")
+
+
+@dataclass
 class Recipe:
     model: ModelConfig = field(default_factory=ModelConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
@@ -123,6 +141,7 @@ class Recipe:
     eval: EvalConfig = field(default_factory=EvalConfig)
     device: str = "auto"
     version: int = RECIPE_VERSION
+    target: TargetConfig = field(default_factory=TargetConfig)
 
     def __post_init__(self) -> None:
         if self.version != RECIPE_VERSION:
@@ -149,6 +168,16 @@ class Recipe:
                              "(--max-ppl-increase)")
         # the format refuses what it cannot store, record kind included (ValueError naming export.format)
         FORMATS[self.export.format].check_stage(STAGES[quantizers[0]].record_kind, self.stage(quantizers[0]))
+        self._check_target(quantizers[0])
+
+    def _check_target(self, quantizer: str) -> None:
+        if self.target.name is None or self.target.force:
+            return
+        scheme = STAGES[quantizer].serving_scheme(self.stage(quantizer))
+        why = target_runs(self.target.name, scheme)
+        if why:
+            raise ValueError(f"target.name: {why}; run its recipe instead (qwenquant run --target "
+                             f"{self.target.name} --model ...) or pass --force-target to write it anyway")
 
     def stage(self, name: str):
         return next((s for s in self.stages if stage_name(s) == name), None)
@@ -176,7 +205,7 @@ class Recipe:
             "export": dataclasses.asdict(self.export),
             "eval": dataclasses.asdict(self.eval),
             "device": self.device,
-        }
+        } | ({"target": dataclasses.asdict(self.target)} if self.target.name else {})
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
@@ -198,7 +227,7 @@ def recipe_from_dict(data: dict) -> Recipe:
     """Build and validate a Recipe; raises ValueError whose message starts with the offending key path."""
     if not isinstance(data, dict):
         raise ValueError("recipe: expected a mapping at the top level")
-    top = {"version", "model", "calibration", "stages", "export", "eval", "device"}
+    top = {"version", "model", "calibration", "stages", "export", "eval", "device", "target"}
     unknown = sorted(set(data) - top)
     if unknown:
         raise ValueError(f"{unknown[0]}: unknown key; allowed keys: {', '.join(sorted(top))}")
@@ -222,6 +251,7 @@ def recipe_from_dict(data: dict) -> Recipe:
         export=_build(ExportConfig, data.get("export"), "export"),
         eval=_build(EvalConfig, data.get("eval"), "eval"),
         device=data.get("device", "auto"),
+        target=_build(TargetConfig, data.get("target"), "target"),
     )
 
 

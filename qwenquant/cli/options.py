@@ -12,11 +12,12 @@ from typing import Optional
 
 from qwenquant.cli.flags import INVERTED, REQUIRED, Flag, Group
 from qwenquant.export.registry import FORMATS
-from qwenquant.recipe import CalibrationConfig, EvalConfig, ExportConfig, ModelConfig, Recipe
+from qwenquant.recipe import CalibrationConfig, EvalConfig, ExportConfig, ModelConfig, Recipe, TargetConfig
 from qwenquant.recipe_builder import parse_compensate_target, parse_keep_sensitive, parse_tasks, tasks_text
 from qwenquant.runner.options import RunOptions
 from qwenquant.stages.compensate import CompensateStage
 from qwenquant.stages.mixed_precision import MixedPrecisionStage
+from qwenquant.targets import TARGET_NAMES, resolve_target
 from qwenquant.validation import count_text
 
 MODEL = Group(ModelConfig, (
@@ -36,6 +37,14 @@ CALIBRATION = Group(CalibrationConfig, (
 DEVICE = Group(Recipe, (
     Flag("device", str, "auto | cpu | cuda | cuda:N: where each layer is processed."),
 ))
+
+TargetName = Enum("TargetName", {name: name for name in TARGET_NAMES}, type=str)
+TARGET = Group(TargetConfig, (
+    Flag("name", Optional[TargetName], "The GPU the checkpoint is for: a scheme it cannot run is refused with the "
+         "reason (unless --force-target); auto: this machine's GPU, cpu without one. `qwenquant run --target NAME` "
+         "runs that GPU's recipe.", ("--target",), param="target", to_field=resolve_target),
+    Flag("force", bool, "Write a scheme the --target cannot run.", ("--force-target",), param="force_target"),
+), section="target")
 
 PERPLEXITY_TEXT = Group(EvalConfig, (
     Flag("eval_text", str, "wikitext2 (WikiText-2 test) or a text file for perplexity."),
@@ -87,8 +96,8 @@ COMPENSATE = Group(CompensateStage, (
 ), section="compensate", switch="compensate")
 
 RUN = Group(RunOptions, (
-    Flag("out", Optional[Path], "Output folder [default: ./<model>-<SCHEME>].", ("--out", "-o"), default=None,
-         lead=True),
+    Flag("out", Optional[Path], "Output folder (default: ./<model>-<SCHEME>-<what the flags changed>).",
+         ("--out", "-o"), default=None, lead=True),
     Flag("overwrite", bool, "Replace an existing output folder."),
     Flag("resume", bool, "Continue an interrupted run of the same command from its last finished decoder layer "
          "(kept in the hidden .OUT.partial folder).", ("--resume",)),
@@ -124,4 +133,4 @@ def format_group(kind: str, help: str) -> Group:
 PRINTING = OUTPUT.only("quiet", "json_out")  # commands that print a result: --quiet, --json
 
 # after the scheme's own flags, in --help order (the lead flags, --model and --out, come first)
-QUANTIZE_GROUPS = (MODEL, CALIBRATION, DEVICE, EVAL, MIXED_PRECISION, COMPENSATE, RUN, OUTPUT)
+QUANTIZE_GROUPS = (MODEL, CALIBRATION, DEVICE, TARGET, EVAL, MIXED_PRECISION, COMPENSATE, RUN, OUTPUT)
