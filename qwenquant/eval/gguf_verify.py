@@ -10,8 +10,11 @@
    tokenizer and hyper-parameters), evaluated on the same token windows with logits for every position, and
    compared with the source: mean per-token KL(source || llama.cpp), top-1 agreement; then a few prompts go
    through the file's chat template (rendered by transformers from the same template) and are decoded greedily by
-   llama.cpp and by the model with the file's weights in transformers (float32): the report gives the fraction of
-   generated tokens that agree position by position. Without llama-cpp-python this step is skipped with a warning
+   llama.cpp and by the model with the file's weights in transformers (float32): the report gives, per prompt,
+   whether the texts are identical and how many tokens agree before the first difference (after it the two
+   continue different texts), and that common prefix as a fraction of all generated tokens. llama.cpp's CPU dot
+   products for the block types quantize the activations to 8-bit blocks (Q8_0/Q8_1), so its logits are not those
+   of float arithmetic on the same weights: near-ties can flip a greedy token. Without llama-cpp-python this step is skipped with a warning
    and the report says so (`runtime.available: false`); the verdict then rests on steps 1-2.
 The verdict fails on a mismatched symmetric weight, else on the runtime's KL (or, without the runtime, step 2's)
 above the threshold.
@@ -60,8 +63,8 @@ def read_back(path: Path, model, names: list[str], n_layers: int) -> tuple[dict,
         if not torch.equal(ours, t):
             (exact_bad if qtype in EXACT_TYPES else other_bad).append(n)
             max_dev = max(max_dev, float((ours.float() - t.float()).abs().max()))
-    return theirs, {"exact_mismatched": exact_bad, "asymmetric_differing": other_bad,
-                    "max_abs_deviation_model_dtype": max_dev}
+    return theirs, {"exact_mismatched": exact_bad, "asymmetric_differing": len(other_bad),
+                    "asymmetric_differing_first": other_bad[:3], "max_abs_deviation_model_dtype": max_dev}
 
 
 def _llama(path: Path, n_ctx: int, llama_cpp):
@@ -90,13 +93,15 @@ def _chat_ids(tokenizer, prompt: str) -> list[int]:
 def greedy_agreement(llm, model, tokenizer, device, prompts=PROMPTS, n_tokens: int = GREEDY_TOKENS) -> dict:
     """Greedy decoding of each prompt (through the chat template) by llama.cpp and by `model` in transformers."""
     rows, same, total = [], 0, 0
+    eos = model.generation_config.eos_token_id if getattr(model, "generation_config", None) else None
+    eos = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
     for prompt in prompts:
         ids = _chat_ids(tokenizer, prompt)
         llm.reset()
         theirs = []
         for tok in llm.generate(ids, temp=0.0, top_k=1, reset=True):
             theirs.append(int(tok))
-            if len(theirs) >= n_tokens:
+            if len(theirs) >= n_tokens or int(tok) in eos:  # both stop at the model's end-of-sequence ids
                 break
         model.to(device)
         with evaluation_precision(model, device):
@@ -104,12 +109,16 @@ def greedy_agreement(llm, model, tokenizer, device, prompts=PROMPTS, n_tokens: i
                                  pad_token_id=tokenizer.pad_token_id)
         ours = gen[0, len(ids):].tolist()
         model.to("cpu")
-        n = min(len(ours), len(theirs))
-        agree = sum(a == b for a, b in zip(ours, theirs))
-        same, total = same + agree, total + max(len(ours), len(theirs))
+        prefix = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
+        if prefix == min(len(ours), len(theirs)) and len(ours) != len(theirs):
+            prefix = min(len(ours), len(theirs))  # one stopped at end-of-sequence earlier
+        same, total = same + prefix, total + max(len(ours), len(theirs))
         rows.append({"prompt": prompt, "llama_cpp": tokenizer.decode(theirs), "transformers": tokenizer.decode(ours),
-                     "tokens_agreeing": agree, "tokens": max(len(ours), len(theirs)), "compared": n})
-    return {"token_agreement": same / total if total else 0.0, "prompts": rows,
+                     "identical": ours == theirs, "tokens_before_first_difference": prefix,
+                     "tokens": max(len(ours), len(theirs))})
+    # after the first differing token the two continue different texts: only the common prefix counts
+    return {"token_agreement": same / total if total else 0.0,
+            "prompts_identical": sum(r["identical"] for r in rows), "prompts": rows,
             "reference": "the same weights in transformers (float32), greedy"}
 
 

@@ -119,8 +119,9 @@ def runtime_lines(runtime: dict | None) -> list[str]:
     kl, greedy = runtime["vs_source"], runtime["greedy"]
     return ["", f"In {runtime['runtime']} {runtime['version']} (the file alone): mean next-token KL from the source "
             f"{kl['mean_kl']:.5f} nats over {kl['tokens']} tokens, top-1 agreement {100 * kl['top1_agreement']:.2f}%; "
-            f"greedy decoding of {len(greedy['prompts'])} chat prompts agrees with {greedy['reference']} on "
-            f"{100 * greedy['token_agreement']:.1f}% of generated tokens."]
+            f"greedy decoding of {len(greedy['prompts'])} chat prompts: {greedy['prompts_identical']} identical to "
+            f"{greedy['reference']}, {100 * greedy['token_agreement']:.1f}% of generated tokens before the first "
+            "difference."]
 
 
 def _gguf_usage(report: dict) -> list[str]:
