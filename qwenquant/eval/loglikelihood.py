@@ -9,7 +9,7 @@ How they are batched (HFLM 0.4.13 ran fixed groups of `batch_size` rows, each fo
 every position of the batch and the whole vocabulary):
 - requests with the same input run once: every choice of a task whose continuations are one token (C-Eval's " A"
   to " D") shares one input;
-- the distinct inputs, longest first, are cut into batches of at most `MAX_BATCH_TOKENS` padded tokens and
+- the distinct inputs, longest first, are cut into batches of at most `max_batch_tokens` padded tokens (`qwenquant.eval.tasks.MAX_BATCH_TOKENS`) and
   `batch_size` rows; one forward per batch, right-padded without an attention mask as HFLM does (a causal model's
   logits at a position do not depend on the tokens after it);
 - the forward returns logits only from the first continuation position of the batch on (`logits_to_keep`), and the
@@ -28,7 +28,6 @@ import torch.nn.functional as F
 from lm_eval.models.huggingface import HFLM
 from tqdm import tqdm
 
-from qwenquant.eval.tasks import MAX_BATCH_TOKENS
 
 
 def token_batches(lengths: Sequence[int], max_tokens: int, max_rows: int) -> list[range]:
@@ -45,10 +44,15 @@ def token_batches(lengths: Sequence[int], max_tokens: int, max_rows: int) -> lis
 
 
 class BatchedLM(HFLM):
-    """HFLM whose log-likelihood requests run in token-budgeted batches (see the module doc)."""
+    """HFLM whose log-likelihood requests run in token-budgeted batches (see the module doc): at most
+    `max_batch_tokens` padded tokens and `batch_size` requests per forward."""
+
+    def __init__(self, *args, max_batch_tokens: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.max_batch_tokens = max_batch_tokens
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
-        del override_bs  # batches are cut by MAX_BATCH_TOKENS and batch_size
+        del override_bs  # batches are cut by max_batch_tokens and batch_size
         inputs = [self._input(ctx, cont) for _key, ctx, cont in requests]
         users: dict[tuple[int, ...], list[int]] = {}
         for i, tokens in enumerate(inputs):
@@ -56,7 +60,7 @@ class BatchedLM(HFLM):
         distinct = sorted(users, key=lambda t: (-len(t), t))
         results: list[tuple[float, bool] | None] = [None] * len(requests)
         bar = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0, desc="Running loglikelihood requests")
-        for batch in token_batches([len(t) for t in distinct], MAX_BATCH_TOKENS, self.batch_size):
+        for batch in token_batches([len(t) for t in distinct], self.max_batch_tokens, self.batch_size):
             rows = [distinct[i] for i in batch]
             conts = [[requests[q][2] for q in users[t]] for t in rows]
             for r, scores in enumerate(self._score_batch(rows, conts)):

@@ -434,7 +434,8 @@ def run_tasks(model, tokenizer, plan: TaskPlan, limit: int | None, batch_size: i
         raise BadInputError(f"--batch-size must be >= 1, got {batch_size}")
     device = next(model.parameters()).device
     with _quiet_lm_eval(quiet), evaluation_precision(model, device):
-        lm = BatchedLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, softmax_dtype=torch.float32)
+        lm = BatchedLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, softmax_dtype=torch.float32,
+                       max_batch_tokens=MAX_BATCH_TOKENS)
         try:
             results = simple_evaluate(
                 model=lm, tasks=[plan.lm_names[n] for n in plan.names], num_fewshot=None, limit=limit,

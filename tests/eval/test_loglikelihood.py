@@ -46,7 +46,8 @@ def test_batched_equals_one_request_at_a_time(tiny_qwen3) -> None:
     model = AutoModelForCausalLM.from_pretrained(tiny_qwen3, dtype=torch.bfloat16).eval()
     tokenizer = AutoTokenizer.from_pretrained(tiny_qwen3)
     with evaluation_precision(model, CPU):
-        batched = BatchedLM(pretrained=model, tokenizer=tokenizer, batch_size=4, softmax_dtype=torch.float32)
+        batched = BatchedLM(pretrained=model, tokenizer=tokenizer, batch_size=4, softmax_dtype=torch.float32,
+                            max_batch_tokens=4096)
         single = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=1, softmax_dtype=torch.float32,
                       logits_cache=False)
         requests = _requests(model.config.vocab_size, batched.max_length)
