@@ -105,6 +105,8 @@ def add_tokenizer(writer, tokenizer, vocab_size: int, bos_id: int | None = None)
                                 f"{(spec.get('model') or {}).get('type')}")
         pre = pre_tokenizer(spec)
         special = gguf.SpecialVocab(folder, load_merges=True, n_vocab=vocab_size)
+    if special.chat_template is None and getattr(tokenizer, "chat_template", None):  # gguf-py reads only some files
+        special.chat_template = tokenizer.chat_template
     vocab = tokenizer.get_vocab()
     if len(vocab) > vocab_size:
         raise BadInputError(f"tokenizer has {len(vocab)} tokens but the model's vocab_size is {vocab_size}")
