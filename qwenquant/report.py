@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from qwenquant.export.model_card import runtime_lines
 from qwenquant.reporting import environment_versions, report_header, write_atomic, write_json
 
 REPORT_SCHEMA_VERSION = 1
@@ -279,6 +278,21 @@ def _moe_routing_section(layers: list[dict]) -> list[str]:
 def write_report(folder: Path, report: dict) -> None:
     write_json(Path(folder) / "qwenquant_report.json", report)
     write_atomic(Path(folder) / "REPORT.md", render_markdown(report))
+
+
+def runtime_lines(runtime: dict | None) -> list[str]:
+    """The GGUF check in llama.cpp itself (qwenquant/eval/gguf_verify.py), or why it did not run (REPORT.md and the
+    model card)."""
+    if runtime is None:
+        return []
+    if not runtime["available"]:
+        return ["", f"Not run in llama.cpp: {runtime['reason']}."]
+    kl, greedy = runtime["vs_source"], runtime["greedy"]
+    return ["", f"In {runtime['runtime']} {runtime['version']} (the file alone): mean next-token KL from the source "
+            f"{kl['mean_kl']:.5f} nats over {kl['tokens']} tokens, top-1 agreement {100 * kl['top1_agreement']:.2f}%; "
+            f"greedy decoding of {len(greedy['prompts'])} chat prompts: {greedy['prompts_identical']} identical to "
+            f"{greedy['reference']}, {100 * greedy['token_agreement']:.1f}% of generated tokens before the first "
+            "difference."]
 
 
 def summary(report: dict) -> dict:

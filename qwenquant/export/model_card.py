@@ -58,7 +58,7 @@ def render_model_card(report: dict, license_id: str | None) -> str:
     }
     if license_id:
         meta["license"] = license_id
-    from qwenquant.report import perplexity_setting, task_table
+    from qwenquant.report import perplexity_setting, runtime_lines, task_table
 
     ev, v = report["evaluation"], report.get("verification")
     lines = ["---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", "",
@@ -108,20 +108,6 @@ def render_model_card(report: dict, license_id: str | None) -> str:
               "`qwenquant_report.json` has every measurement, per-layer errors and provenance (source file hashes, "
               "calibration token hash, library versions).", ""]
     return "\n".join(lines)
-
-
-def runtime_lines(runtime: dict | None) -> list[str]:
-    """The GGUF check in llama.cpp itself (qwenquant/eval/gguf_verify.py), or why it did not run."""
-    if runtime is None:
-        return []
-    if not runtime["available"]:
-        return ["", f"Not run in llama.cpp: {runtime['reason']}."]
-    kl, greedy = runtime["vs_source"], runtime["greedy"]
-    return ["", f"In {runtime['runtime']} {runtime['version']} (the file alone): mean next-token KL from the source "
-            f"{kl['mean_kl']:.5f} nats over {kl['tokens']} tokens, top-1 agreement {100 * kl['top1_agreement']:.2f}%; "
-            f"greedy decoding of {len(greedy['prompts'])} chat prompts: {greedy['prompts_identical']} identical to "
-            f"{greedy['reference']}, {100 * greedy['token_agreement']:.1f}% of generated tokens before the first "
-            "difference."]
 
 
 def _gguf_usage(report: dict) -> list[str]:

@@ -195,7 +195,7 @@ def export_gguf(request: GGUFExportRequest, command: str = "", log=lambda msg: N
 
 
 def render(report: dict) -> str:
-    from qwenquant.export.model_card import runtime_lines
+    from qwenquant.report import runtime_lines
 
     g, v = report["gguf"], report["verification"]
     lines = [f"# GGUF export of {report['input']}", "", f"Created {report['created']} by qwenquant "
