@@ -11,7 +11,8 @@ in `StageSpec.serving_scheme`) needs kernels an engine (vLLM) has only from some
 | int8-w8a8 | sm75 | INT8 tensor cores (CUTLASS scaled_mm with per-token / per-channel scales) |
 | nvfp4 (W4A4) | sm100 | FP4 tensor cores (Blackwell: B200 sm100, RTX 50xx sm120) |
 
-`cpu` means vLLM's CPU backend (x86 with AVX-512), which runs INT8 W8A8 and the INT4 weight-only formats.
+`cpu` means a CPU runtime: llama.cpp for GGUF (the recipe: GPTQ codes as Q4_0) or vLLM's CPU backend (x86 with
+AVX-512), which runs INT8 W8A8 and the INT4 weight-only formats.
 Each target's recipe is the scheme that GPU runs fastest at the least accuracy cost (`TARGETS[...].why` says why);
 the recipes ship in `qwenquant/data/targets/<key>.yaml` (also reachable as `recipes/targets/`).
 """
@@ -65,7 +66,7 @@ GPUS: tuple[GpuSpec, ...] = (
     GpuSpec("t4", "T4", "7.5", 16.0, 320.0),
     GpuSpec("rtx5090", "RTX 5090", "12.0", 32.0, 1792.0),
     GpuSpec("b200", "B200", "10.0", 180.0, 8000.0),
-    GpuSpec("cpu", "CPU (vLLM CPU backend, x86 AVX-512)", "cpu", 0.0, 0.0),
+    GpuSpec("cpu", "CPU (llama.cpp, or vLLM's CPU backend)", "cpu", 0.0, 0.0),
 )
 GPU_BY_KEY = {g.key: g for g in GPUS}
 
@@ -104,8 +105,9 @@ TARGETS: dict[str, Target] = {
     "rtx5090": Target(GPU_BY_KEY["rtx5090"], "NVFP4 W4A4", "Blackwell FP4 tensor cores: 4-bit weights and "
                       "activations, twice the FP8 matmul rate"),
     "b200": Target(GPU_BY_KEY["b200"], "NVFP4 W4A4", "Blackwell FP4 tensor cores: twice the FP8 matmul rate"),
-    "cpu": Target(GPU_BY_KEY["cpu"], "INT8 W8A8 (smoothed)", "vLLM's CPU backend runs INT8 W8A8 on AVX-512 "
-                  "(VNNI/AMX); GGUF for llama.cpp is not written by qwenquant yet"),
+    "cpu": Target(GPU_BY_KEY["cpu"], "GGUF Q4_0 from GPTQ g32", "CPU users run llama.cpp (Ollama, LM Studio): GPTQ's "
+                  "4-bit codes in 32-element groups are stored exactly as Q4_0 blocks, which its CPU kernels run "
+                  "everywhere"),
 }
 TARGET_NAMES = tuple(TARGETS) + ("auto",)
 
@@ -116,7 +118,7 @@ def target_runs(target: str, scheme: str) -> str | None:
     if gpu.sm is None:
         if scheme in CPU_SCHEMES:
             return None
-        return f"{scheme} does not run on vLLM's CPU backend (it runs {', '.join(CPU_SCHEMES)})"
+        return f"{scheme} does not run on CPU runtimes (they run {', '.join(CPU_SCHEMES)})"
     need, how = SCHEME_NEEDS[scheme]
     if gpu.sm >= need:
         return None

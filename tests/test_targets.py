@@ -30,7 +30,7 @@ def test_what_each_generation_runs():
     assert target_runs("t4", "int8-w8a8") is None and target_runs("a100", "int8-w8a8") is None
     assert target_runs("b200", "nvfp4") is None and target_runs("rtx5090", "nvfp4") is None
     assert "10.0+" in target_runs("h100", "nvfp4") and target_runs("a100", "nvfp4a16") is None
-    assert target_runs("cpu", "int8-w8a8") is None and "CPU backend" in target_runs("cpu", "fp8-w8a8")
+    assert target_runs("cpu", "int8-w8a8") is None and "CPU runtimes" in target_runs("cpu", "fp8-w8a8")
 
 
 def test_auto_detection_from_compute_capability():
@@ -50,7 +50,7 @@ def test_cli_refuses_a_scheme_the_target_cannot_run(cli, tiny_args, tmp_path):
     assert "fp8-w8a8 needs FP8 tensor cores" in line and "T4 is 7.5" in line and "--force-target" in line
     assert "qwenquant run --target t4" in line and not out.exists()
     res = cli(["fp8", *tiny_args, "--out", out, "--target", "auto"])  # no GPU here: auto is the CPU backend
-    assert res.code == 2 and "does not run on vLLM's CPU backend" in res.error_lines[0]
+    assert res.code == 2 and "does not run on CPU runtimes" in res.error_lines[0]
     res = cli(["fp8", *tiny_args, "--out", out, "--target", "gtx1080"])
     assert res.code == 2 and len(res.error_lines) == 1 and "gtx1080" in res.error_lines[0]
     res = cli(["fp8", *tiny_args, "--out", out, "--force-target"])
@@ -76,3 +76,10 @@ def test_cli_run_target_runs_its_recipe_and_says_why(cli, tiny_qwen3, eval_text,
     assert "gptq" in saved["stages"][0]
     res = cli(["run", "--model", tiny_qwen3, "--out", tmp_path / "x"])
     assert res.code == 2 and "give a recipe file" in res.error_lines[0]
+
+
+def test_cli_run_target_cpu_writes_a_gguf(cli, tiny_qwen3, tmp_path):
+    out = tmp_path / "cpu"
+    res = cli(["run", "--target", "cpu", "--model", tiny_qwen3, "--out", out, "--quiet"])
+    assert res.code == 0, res.err[-2000:]
+    assert (out / "model.gguf").is_file() and yaml.safe_load((out / "recipe.yaml").read_text())["target"]["name"] == "cpu"
