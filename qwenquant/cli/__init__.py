@@ -60,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     args = expand_multi_value(list(sys.argv[1:] if argv is None else argv))
     want_json = "--json" in args
     _sigterm_as_interrupt()
+    _one_line_warnings()
     try:
         app(args=args, standalone_mode=False, prog_name="qwenquant", obj={"argv": list(args)})
     except QwenquantError as err:
@@ -74,6 +75,14 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as err:  # typer.Exit from commands
         return int(err.code or 0)
     return 0
+
+
+def _one_line_warnings() -> None:
+    """Warnings (qwenquant's own, which say what was not done and why) as one line each on stderr, like errors,
+    without Python's file, line and source line."""
+    import warnings
+
+    warnings.formatwarning = lambda message, category, *_args, **_kwargs: f"qwenquant: warning: {message}\n"
 
 
 def _sigterm_as_interrupt() -> None:
