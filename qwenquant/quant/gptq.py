@@ -235,29 +235,10 @@ def _quantize_rows(
         W[:, j] -= e [Hinv]_kj  for the later columns j of the block (the later blocks: one matmul per block).
     With a `grid`, its `qparams` / `fake` / `record` replace the INT formulas (q = grid.fake(w, s, z))."""
     _check_inputs(W, H)
-    W = W.detach().float().clone()
-    H = H.detach().float().clone()
     n, K = W.shape
     G = resolve_group_size(K, grid.group_size if grid is not None else config.group_size)
     bits, sym = config.bits, config.symmetric
-
-    # dead inputs (never active): any weight works, make it 0 and keep H invertible
-    dead = torch.diagonal(H) == 0
-    H[dead, dead] = 1.0
-    W[:, dead] = 0.0
-
-    # natural-group qparams up front: static act-order, and channel-wise (one group = whole row)
-    static_params = None
-    if config.actorder == "static" or G == K:
-        group_clip = clip_ratio.expand(n, K // G) if isinstance(clip_ratio, torch.Tensor) else clip_ratio
-        static_params = (compute_group_qparams(W, bits, G, sym, group_clip, scale_dtype) if grid is None  # [N, n_groups] x2
-                         else tuple(p.squeeze(-1) for p in grid.qparams(W.view(n, K // G, G))))
-
-    perm = None
-    if config.actorder != "none":
-        perm = torch.argsort(torch.diagonal(H), descending=True)
-        W = W[:, perm]
-        H = H[perm][:, perm]
+    W, H, static_params, perm = _prepare(W, H, config, G, scale_dtype, clip_ratio, grid)
 
     Hinv = _factor_hinv_with_retries(H, config.dampening_frac)
     if Hinv is None:
@@ -318,6 +299,38 @@ def _quantize_rows(
 
     if static_params is not None:
         scale, zero = static_params
+    return _finish(codes, pre, scale, zero, losses, perm, config, G, scale_dtype, grid)
+
+
+def _prepare(W: torch.Tensor, H: torch.Tensor, config: GPTQConfig, G: int, scale_dtype: torch.dtype,
+             clip_ratio: float | torch.Tensor, grid: ColumnGrid | None):
+    """float32 copies of W [N, K] and H [K, K] with dead inputs zeroed (any weight works for an input that is never
+    active; H stays invertible), the natural groups' qparams when they are fixed up front (static act-order, or one
+    group per row; else None), and the act-order permutation applied to both (None without act-order)."""
+    W = W.detach().float().clone()
+    H = H.detach().float().clone()
+    n, K = W.shape
+    dead = torch.diagonal(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    static_params = None
+    if config.actorder == "static" or G == K:
+        group_clip = clip_ratio.expand(n, K // G) if isinstance(clip_ratio, torch.Tensor) else clip_ratio
+        static_params = (compute_group_qparams(W, config.bits, G, config.symmetric, group_clip, scale_dtype)
+                         if grid is None  # [N, n_groups] x2
+                         else tuple(p.squeeze(-1) for p in grid.qparams(W.view(n, K // G, G))))
+    perm = None
+    if config.actorder != "none":
+        perm = torch.argsort(torch.diagonal(H), descending=True)
+        W = W[:, perm]
+        H = H[perm][:, perm]
+    return W, H, static_params, perm
+
+
+def _finish(codes: torch.Tensor, pre: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, losses: torch.Tensor,
+            perm: torch.Tensor | None, config: GPTQConfig, G: int, scale_dtype: torch.dtype,
+            grid: ColumnGrid | None) -> _Rows:
+    """The record of the loop's codes / pre-rounding weights (quantization order) in natural column order."""
     if grid is not None:
         pre = pre if perm is None else pre[:, torch.argsort(perm)]
         return _Rows(grid.record(pre, scale, zero), losses, pre)
@@ -327,8 +340,8 @@ def _quantize_rows(
         codes = codes[:, inv]
         pre = pre[:, inv]
         if config.actorder == "group":
-            g_idx = natural_group[inv]  # original column perm[c] sits in group c // G
-    record = make_int_record(codes, scale, zero, bits, G, sym, scale_dtype, g_idx,
+            g_idx = (torch.arange(pre.shape[1], device=pre.device) // G)[inv]  # column perm[c] sits in group c // G
+    record = make_int_record(codes, scale, zero, config.bits, G, config.symmetric, scale_dtype, g_idx,
                              None if config.actorder == "none" else config.actorder)
     return _Rows(record, losses, pre)
 
