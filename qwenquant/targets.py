@@ -43,10 +43,6 @@ class GpuSpec:
         major, minor = self.compute_capability.split(".")
         return int(major) * 10 + int(minor)
 
-    @property
-    def fp8_compute(self) -> bool:
-        return self.sm is not None and self.sm >= 89
-
 
 @dataclass(frozen=True)
 class Target:
