@@ -122,9 +122,13 @@ def serving_scheme(scheme: str) -> str | None:
     """The engine scheme (`qwenquant.targets.SCHEME_NEEDS` key) of a `scheme_name`; None for bf16."""
     if scheme == "bf16":
         return None
+    from qwenquant.targets import SCHEME_NEEDS
+
+    if scheme in SCHEME_NEEDS:  # int8-w8a8, nvfp4, nvfp4a16
+        return scheme
     if scheme.startswith("fp8-"):
         return "fp8-w8a16" if scheme == "fp8-weight-only" else "fp8-w8a8"
-    return scheme if scheme == "int8-w8a8" else scheme.split("-")[0]  # w4a16-gptq -> w4a16
+    return scheme.split("-")[0]  # w4a16-gptq -> w4a16
 
 
 def _kv_scales(loaded, settings) -> str | None:
