@@ -1,4 +1,8 @@
-"""Calibration samples: shipped sets, a local .txt/.jsonl file, or a hub dataset id -> fixed-length token windows."""
+"""Calibration samples: shipped sets, a local .txt/.jsonl file, or a hub dataset id -> fixed-length token windows.
+
+Chat sources (`--calib chat`, or a .jsonl of `{"messages": [...]}`) are rendered through the model's chat template
+first (qwenquant/chat_calibration.py) and packed without extra separators: the template's end-of-turn markers
+already separate conversations."""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from qwenquant.chat_calibration import chat_texts
 from qwenquant.errors import BadInputError
 
 BUILTIN_DIR = Path(__file__).resolve().parent / "data" / "calibration"  # also linked from <repo>/calibration/
@@ -80,8 +85,10 @@ def read_texts(source: str) -> list[str]:
     return _read_hub(source)
 
 
-def build_samples(texts: list[str], tokenizer, num_samples: int, seq_len: int, seed: int) -> torch.Tensor:
-    """[num_samples, seq_len] token ids: documents shuffled with `seed`, joined by EOS, cut into windows."""
+def build_samples(texts: list[str], tokenizer, num_samples: int, seq_len: int, seed: int,
+                  separate: bool = True) -> torch.Tensor:
+    """[num_samples, seq_len] token ids: documents shuffled with `seed`, joined by EOS (`separate`), cut into
+    windows."""
     if num_samples < 1 or seq_len < 8:
         raise BadInputError(f"--num-samples must be >= 1 and --seq-len >= 8 (got {num_samples}, {seq_len})")
     texts = [t for t in texts if t.strip()]
@@ -89,7 +96,7 @@ def build_samples(texts: list[str], tokenizer, num_samples: int, seq_len: int, s
         raise BadInputError("calibration data is empty; give a file with text or use --calib builtin")
     order = list(range(len(texts)))
     random.Random(seed).shuffle(order)
-    sep = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    sep = [tokenizer.eos_token_id] if separate and tokenizer.eos_token_id is not None else []
     need = num_samples * seq_len
     ids: list[int] = []
     for i in order:
@@ -105,6 +112,9 @@ def build_samples(texts: list[str], tokenizer, num_samples: int, seq_len: int, s
 
 
 def load_calibration(source: str, tokenizer, num_samples: int, seq_len: int, seed: int) -> torch.Tensor:
+    chats = chat_texts(source, tokenizer, BUILTIN_DIR)
+    if chats is not None:
+        return build_samples(chats, tokenizer, num_samples, seq_len, seed, separate=False)
     return build_samples(read_texts(source), tokenizer, num_samples, seq_len, seed)
 
 

@@ -27,7 +27,8 @@ MODEL = Group(ModelConfig, (
 ), section="model")
 
 CALIBRATION = Group(CalibrationConfig, (
-    Flag("dataset", str, "builtin | builtin:en | builtin:zh | FILE.txt | FILE.jsonl | hub dataset id[:config][@split].",
+    Flag("dataset", str, "builtin | builtin:en | builtin:zh | chat | chat:en | chat:zh (conversations through the "
+         "model's chat template) | FILE.txt | FILE.jsonl (text or messages) | hub dataset id[:config][@split].",
          ("--calib",), param="calib"),
     Flag("num_samples", int, "Calibration samples."),
     Flag("seq_len", int, "Tokens per calibration sample."),
