@@ -12,6 +12,8 @@ import typer
 
 from qwenquant.cli import app
 from qwenquant.cli.common import silence_libraries
+from qwenquant.errors import BadInputError
+from qwenquant.recipe import CalibrationConfig
 from qwenquant.reporting import command_line
 from qwenquant.runner.gguf_export import GGUFExportRequest, export_gguf
 
@@ -19,6 +21,7 @@ export_app = typer.Typer(help="Convert a checkpoint folder into another runtime'
 app.add_typer(export_app, name="export")
 
 D = GGUFExportRequest  # each option's default is the request field's
+C = CalibrationConfig()
 
 
 @export_app.command("gguf")
@@ -27,8 +30,17 @@ def gguf_command(
     folder: Annotated[Path, typer.Argument(metavar="DIR", help="A qwenquant gptq/awq/rtn output with --group-size 32 "
                                            "(codes kept as they are), or a bf16 Qwen3 folder (round-to-nearest).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder: model.gguf, qwenquant_report.json, REPORT.md.")],
-    type: Annotated[Optional[str], typer.Option("--type", help="q8_0 | q4_0 | q4_1 | q5_0 | q5_1 [default: the "
-                                                "type that holds the folder's codes; q8_0 for a bf16 folder].")] = D.type,
+    type: Annotated[Optional[str], typer.Option("--type", help="q8_0 | q4_0 | q4_1 | q5_0 | q5_1 (our codes), or "
+                                                "q4_k_m | q5_k_m | q6_k (llama.cpp's quantizer, bf16 DIR only) "
+                                                "[default: the type that holds the folder's codes; q8_0 for a bf16 "
+                                                "folder].")] = D.type,
+    no_imatrix: Annotated[bool, typer.Option("--no-imatrix", help="K-quants: no importance matrix from "
+                                             "calibration activations.")] = False,
+    calib: Annotated[str, typer.Option(help="K-quants' importance matrix: calibration text (as on the quantize "
+                                       "commands).")] = C.dataset,
+    num_samples: Annotated[int, typer.Option(help="Importance matrix: calibration samples.")] = C.num_samples,
+    seq_len: Annotated[int, typer.Option(help="Importance matrix: tokens per calibration sample.")] = C.seq_len,
+    seed: Annotated[int, typer.Option(help="Importance matrix: seed for calibration sampling.")] = C.seed,
     source: Annotated[Optional[Path], typer.Option(help="The bf16 model a quantized DIR came from (KL reference) "
                                                    "[default: the source its qwenquant_report.json names].")] = D.source,
     eval_text: Annotated[str, typer.Option(help="wikitext2 or a text file: the held-out text of the KL check.")] = D.eval_text,
@@ -44,7 +56,12 @@ def gguf_command(
     """Write a GGUF file (llama.cpp, Ollama, LM Studio) from a checkpoint folder and check it in llama.cpp."""
     silence_libraries()
     quiet = quiet or json_out
-    request = GGUFExportRequest(folder=folder, out=out, type=type, source=source, eval_text=eval_text,
+    try:
+        calibration = CalibrationConfig(dataset=calib, num_samples=num_samples, seq_len=seq_len, seed=seed)
+    except ValueError as err:
+        raise BadInputError(str(err)) from None
+    request = GGUFExportRequest(folder=folder, out=out, type=type, imatrix=not no_imatrix, calibration=calibration,
+                                source=source, eval_text=eval_text,
                                 window=eval_window, kl_tokens=kl_tokens, verify=not no_verify,
                                 verify_max_kl=verify_max_kl, device=device, overwrite=overwrite)
     log = (lambda msg: None) if quiet else (lambda msg: print(f"qwenquant export gguf: {msg}", file=sys.stderr))

@@ -3,7 +3,9 @@
 1. Every tensor is read back with gguf-py (`gguf.quants.dequantize`, llama.cpp's reference dequantization, not our
    packing). Each quantized Linear is compared with the weight the quantized model computes with (in the model
    dtype): symmetric types (Q8_0, Q4_0, Q5_0) must be equal bit for bit; for Q4_1/Q5_1, whose minimum -z*s float16
-   may round (qwenquant/export/gguf_blocks.py), differing Linears and the largest deviation are reported.
+   may round (qwenquant/export/gguf_blocks.py), differing Linears and the largest deviation are reported. K-quant
+   tensors (made by llama.cpp's quantizer from the source, qwenquant/export/gguf_kquant.py) are counted; the model
+   then computes with them as read back.
 2. The model with the weights read back computes next-token log-probabilities on the run's KL windows: KL from the
    source (the check that holds without llama.cpp).
 3. llama.cpp itself (`llama-cpp-python`, the optional extra `qwenquant[gguf]`): the file is loaded alone (its own
@@ -32,39 +34,31 @@ from qwenquant.eval.perplexity import kl_stats, next_token_logprobs
 from qwenquant.eval.precision import evaluation_precision
 from qwenquant.eval.verify import _swapped_weights, verdict
 from qwenquant.export.gguf import read_tensors
-from qwenquant.export.gguf_meta import gguf_module
+from qwenquant.export.gguf_meta import INSTALL_HINT, gguf_module, llama_cpp_module  # noqa: F401 (re-exported)
 
 EXACT_TYPES = ("Q8_0", "Q4_0", "Q5_0")
+ASYMMETRIC_TYPES = ("Q4_1", "Q5_1")
 PROMPTS = ("Write one sentence about the sea.", "What is 12 plus 7?", "Name three colours.")
 GREEDY_TOKENS = 24
-INSTALL_HINT = "pip install 'qwenquant[gguf]' (compiles llama.cpp through llama-cpp-python, ~10-20 min)"
-
-
-def llama_cpp_module():
-    """llama_cpp, or None when llama-cpp-python is not installed."""
-    try:
-        import llama_cpp
-    except ImportError:
-        return None
-    return llama_cpp
-
-
 def read_back(path: Path, model, names: list[str], n_layers: int) -> tuple[dict, dict]:
     """({Linear name: weight read back from the file, in the model dtype}, weight check summary)."""
     gguf = gguf_module()
     name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN3, n_layers)
     stored = read_tensors(path)
-    theirs, exact_bad, other_bad, max_dev = {}, [], [], 0.0
+    theirs, exact_bad, other_bad, requantized, max_dev = {}, [], [], 0, 0.0
     for n in names:
         qtype, values = stored[name_map.get_name(n + ".weight", try_suffixes=(".weight",))]
         ours = model.get_submodule(n).weight.detach().cpu()
         t = torch.from_numpy(values.copy()).to(ours.dtype)
         theirs[n] = t
-        if not torch.equal(ours, t):
+        if qtype not in ASYMMETRIC_TYPES + EXACT_TYPES:  # a K-quant: llama.cpp quantized the source weight
+            requantized += 1
+        elif not torch.equal(ours, t):
             (exact_bad if qtype in EXACT_TYPES else other_bad).append(n)
             max_dev = max(max_dev, float((ours.float() - t.float()).abs().max()))
     return theirs, {"exact_mismatched": exact_bad, "asymmetric_differing": len(other_bad),
-                    "asymmetric_differing_first": other_bad[:3], "max_abs_deviation_model_dtype": max_dev}
+                    "asymmetric_differing_first": other_bad[:3], "max_abs_deviation_model_dtype": max_dev,
+                    "quantized_by_llama_cpp": requantized}
 
 
 def _llama(path: Path, n_ctx: int, llama_cpp):

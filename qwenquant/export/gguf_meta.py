@@ -34,6 +34,18 @@ def gguf_module():
     return gguf
 
 
+INSTALL_HINT = "pip install 'qwenquant[gguf]' (compiles llama.cpp through llama-cpp-python, ~10-20 min)"
+
+
+def llama_cpp_module():
+    """llama_cpp (llama-cpp-python: runs and K-quantizes GGUF files), or None when it is not installed."""
+    try:
+        import llama_cpp
+    except ImportError:
+        return None
+    return llama_cpp
+
+
 def arch_of(config: dict) -> str:
     arch = (config.get("architectures") or ["?"])[0]
     if arch not in ARCHITECTURES:

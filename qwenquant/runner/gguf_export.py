@@ -4,7 +4,8 @@ from a bf16 source (round-to-nearest, group 32, to the requested type), verified
 
 Input folders: compressed-tensors pack-quantized, GPTQ v1 or AWQ GEMM checkpoints with group size 32 and
 contiguous groups (their records are read back with the kernels' checkpoint reader), or an unquantized Qwen3
-folder. Verification measures KL against the bf16 model the checkpoint came from: the input itself for a bf16
+folder. K-quants (q4_k_m, q5_k_m, q6_k) come from llama.cpp's own quantizer on a bf16 folder, weighted by an
+importance matrix from calibration text (qwenquant/runner/gguf_kquant.py). Verification measures KL against the bf16 model the checkpoint came from: the input itself for a bf16
 source; for a quantized folder, `--source` or the source its qwenquant_report.json names.
 """
 
@@ -13,7 +14,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -27,12 +28,15 @@ from qwenquant.eval.precision import evaluation_precision
 from qwenquant.export.format_spec import UnstorableRecord
 from qwenquant.export.gguf import FILE_NAME, write_gguf
 from qwenquant.export.gguf_blocks import TYPE_OF, TYPES
+from qwenquant.export.gguf_kquant import KQUANT_TYPES
 from qwenquant.export.gguf_meta import arch_of
 from qwenquant.export.writer import atomic_output_dir, check_output_dir
 from qwenquant.kernels.checkpoint_records import checkpoint_format, record_from_tensors
 from qwenquant.model.qwen3 import adapter_for, linear_shapes
 from qwenquant.quant import intq
+from qwenquant.recipe import CalibrationConfig
 from qwenquant.reporting import environment_versions, report_header, write_atomic, write_json
+from qwenquant.runner.gguf_kquant import check_kquant_source, write_kquant
 
 REPORT_JSON, REPORT_MD = "qwenquant_report.json", "REPORT.md"
 
@@ -41,7 +45,9 @@ REPORT_JSON, REPORT_MD = "qwenquant_report.json", "REPORT.md"
 class GGUFExportRequest:
     folder: Path
     out: Path
-    type: str | None = None  # q8_0 | q4_0 | q4_1 | q5_0 | q5_1; None: the type the folder's codes are (bf16: q8_0)
+    type: str | None = None  # q8_0 | q4_0 | q4_1 | q5_0 | q5_1 | q4_k_m | q5_k_m | q6_k; None: the folder's codes'
+    imatrix: bool = True  # K-quants: weight llama.cpp's quantizer by an importance matrix from `calibration`
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     source: Path | None = None  # the bf16 model a quantized folder came from (KL reference)
     eval_text: str = "wikitext2"
     window: int = 512
@@ -52,8 +58,9 @@ class GGUFExportRequest:
     overwrite: bool = False
 
     def __post_init__(self) -> None:
-        if self.type is not None and self.type.upper() not in TYPES:
-            raise BadInputError(f"--type {self.type}: choose one of {', '.join(t.lower() for t in TYPES)}")
+        if self.type is not None and self.type.upper() not in (*TYPES, *KQUANT_TYPES):
+            raise BadInputError(f"--type {self.type}: choose one of "
+                                f"{', '.join(t.lower() for t in (*TYPES, *KQUANT_TYPES))}")
         for key in ("window", "kl_tokens"):
             if int(getattr(self, key)) <= 0:
                 raise BadInputError(f"--{key.replace('_', '-')} must be positive, got {getattr(self, key)}")
@@ -135,7 +142,8 @@ def _source_folder(request: GGUFExportRequest, quantized: bool) -> Path:
 
 
 @torch.no_grad()
-def _verify(request: GGUFExportRequest, path: Path, records: dict, quantized: bool, tokenizer) -> dict:
+def _verify(request: GGUFExportRequest, path: Path, records: dict, quantized: bool, tokenizer,
+            names: list[str]) -> dict:
     from transformers import AutoModelForCausalLM
 
     device = resolve_device(request.device)
@@ -152,7 +160,7 @@ def _verify(request: GGUFExportRequest, path: Path, records: dict, quantized: bo
     with evaluation_precision(model, device):
         q_logp = next_token_logprobs(model, windows, device)
     model.to("cpu")
-    result = verify_gguf(path, model, list(records), tokenizer, windows, src_logp, q_logp, device,
+    result = verify_gguf(path, model, names, tokenizer, windows, src_logp, q_logp, device,
                          request.verify_max_kl)
     return result | {"source": str(src), "windows": {"text": request.eval_text, "window": request.window,
                                                      "windows": int(windows.shape[0])}}
@@ -168,21 +176,34 @@ def export_gguf(request: GGUFExportRequest, command: str = "", log=lambda msg: N
     check_output_dir(request.out, request.overwrite)
     config, tensors = _read_folder(folder)
     qtype = request.type.upper() if request.type else None
-    records, items, how = records_and_items(config, tensors, qtype)
+    kquant = qtype in KQUANT_TYPES
+    if kquant:
+        arch_of(config)
+        check_kquant_source(config, qtype)
+        records, names = {}, [*_linear_names(config), "model.embed_tokens"]  # llama.cpp quantizes the table too
+    else:
+        records, items, how = records_and_items(config, tensors, qtype)
+        names = list(records)
     quantized = bool(config.get("quantization_config"))
     tokenizer = AutoTokenizer.from_pretrained(folder)
+    imatrix = None
     with atomic_output_dir(request.out, request.overwrite) as tmp:
-        log(f"writing {FILE_NAME} ({how})")
-        try:
-            written = write_gguf(tmp / FILE_NAME, config, tokenizer, items, records, qtype, name=folder.name)
-        except (ValueError, UnstorableRecord) as err:
-            raise BadInputError(f"GGUF export: {err}") from None
+        if kquant:
+            written, how, imatrix = write_kquant(tmp / FILE_NAME, folder, config, tensors, tokenizer, qtype,
+                                                 request.calibration if request.imatrix else None, log)
+        else:
+            log(f"writing {FILE_NAME} ({how})")
+            try:
+                written = write_gguf(tmp / FILE_NAME, config, tokenizer, items, records, qtype, name=folder.name)
+            except (ValueError, UnstorableRecord) as err:
+                raise BadInputError(f"GGUF export: {err}") from None
         verification = None
         if request.verify:
             log("verifying (gguf-py read-back, llama.cpp when installed)")
-            verification = _verify(request, tmp / FILE_NAME, records, quantized, tokenizer)
+            verification = _verify(request, tmp / FILE_NAME, records, quantized, tokenizer, names)
         report = report_header(1, command=command, started=started, kind="export-gguf") | {
-            "input": str(folder), "codes": how, "gguf": written, "verification": verification,
+            "input": str(folder), "codes": how, "gguf": written, "importance_matrix": imatrix,
+            "verification": verification,
             "sizes": {"input_bytes": sum(f.stat().st_size for f in folder.glob("*.safetensors")),
                       "output_bytes": (tmp / FILE_NAME).stat().st_size},
             "seconds": round(time.time() - started, 1), "environment": environment_versions()}
@@ -200,9 +221,10 @@ def render(report: dict) -> str:
     g, v = report["gguf"], report["verification"]
     lines = [f"# GGUF export of {report['input']}", "", f"Created {report['created']} by qwenquant "
              f"{report['qwenquant_version']}: `{report['command']}`", "", f"Codes: {report['codes']}.",
-             f"Tensors: {', '.join(f'{n} {t}' for t, n in g['tensor_types'].items())}; float16 rounded "
-             f"{g['fp16_rounding']['mins_rounded']} of {g['fp16_rounding']['minima']} block minima (max change "
-             f"{g['fp16_rounding']['max_min_deviation']:.3g}).",
+             f"Tensors: {', '.join(f'{n} {t}' for t, n in g['tensor_types'].items())}"
+             + (f"; float16 rounded {g['fp16_rounding']['mins_rounded']} of {g['fp16_rounding']['minima']} block "
+                f"minima (max change {g['fp16_rounding']['max_min_deviation']:.3g})."
+                if g["fp16_rounding"]["minima"] else "."),
              f"Size: {report['sizes']['output_bytes'] / 2**20:.1f} MiB (input {report['sizes']['input_bytes'] / 2**20:.1f} MiB).",
              "", "## Verification", ""]
     if v is None:
