@@ -201,8 +201,10 @@ class Journal:
                            if (n.startswith(prefix) if isinstance(n, str) else n == i)}
                     for kind, choices in state.searched.items()}
         path = self.layer_path(i)
+        kv_scales = {n: list(s) for n, s in state.kv_scales.items() if n.startswith(prefix)}  # --kv-cache fp8
         safe_store.save({"records": records, "params": params, "activations": specs, "searched": searched,
-                         "report": state.layer_reports[-1] if state.layer_reports else None}, path)
+                         "report": state.layer_reports[-1] if state.layer_reports else None, "kv_scales": kv_scales},
+                        path)
         if next_inputs is not None:
             safe_store.save({"hidden": next_inputs.hidden, "kwargs": next_inputs.kwargs,
                              "float_hidden": float_inputs.hidden if float_inputs is not None else None},
@@ -235,6 +237,7 @@ class Journal:
             state.activations.update({n: ActivationSpec(**s) for n, s in saved["activations"].items()})
             for kind, choices in saved["searched"].items():
                 state.searched.setdefault(kind, {}).update(choices)
+            state.kv_scales.update({n: tuple(s) for n, s in saved.get("kv_scales", {}).items()})
             if saved["report"] is not None:
                 state.layer_reports.append(saved["report"])
             if layer_store is not None:

@@ -25,6 +25,7 @@ from qwenquant.activations import (
     to_device,
 )
 from qwenquant.errors import BadInputError
+from qwenquant.kv_simulation import kv_calibration
 from qwenquant.model.moe import routing_counts
 from qwenquant.model.qwen3 import ArchAdapter
 from qwenquant.quant.errors import NonFiniteError
@@ -98,6 +99,7 @@ def run_sequential(
     on_layer_done: Callable[[int, int], None] | None = None,
     journal=None,
     layer_store=None,
+    kv_strategy: str | None = None,
 ) -> QuantState:
     """For each decoder layer: onload, run each stage config (recipe order) on it, propagate quantized outputs,
     offload.
@@ -105,7 +107,9 @@ def run_sequential(
     With a `journal` (qwenquant/journal.py) each finished layer is persisted (its records leave memory) and layers
     an interrupted run already finished are restored instead of recomputed. With a `layer_store`
     (qwenquant/model/offload.py, --offload-dir) decoder layers live on disk: each is materialized before it is
-    processed and released (written back) after."""
+    processed and released (written back) after. With a `kv_strategy` (--kv-cache fp8: tensor | head) the
+    propagation forwards of each quantized layer also observe its K/V and set its FP8 KV-cache scales
+    (`state.kv_scales`); the next layer's inputs do not include the FP8 cache's error."""
     layers = decoder_layers(model, adapter)
     quantizer = next((cfg for cfg in stages if spec_of(cfg).role == "quantizer"), None)
     float_path = any(spec_of(cfg).float_path(cfg) for cfg in stages)
@@ -126,9 +130,15 @@ def run_sequential(
                 t = time.perf_counter()
                 if float_cache is not None:
                     float_cache = propagate_float(ctx)
-                with activation_quantization(layer, ctx.activation_specs()), routing_counts(layer) as routing:
+                if kv_strategy is not None:
+                    ctx.unfreeze_all()  # a frozen attention returns stored outputs: its K/V would not be computed
+                attention = f"{ctx.prefix}{adapter.attention}"
+                with activation_quantization(layer, ctx.activation_specs()), routing_counts(layer) as routing, \
+                        kv_calibration(layer, attention, ctx.prefix, kv_strategy, state, model.dtype) as kv_report:
                     cache = ActivationCache(ctx.forward(keep_outputs=True), cache.kwargs, cache.store_device)
                 report.update(routing)  # MoE: calibration tokens the router sent to each expert
+                if kv_report:
+                    report["kv_cache"] = kv_report
                 state.add_time("propagate", time.perf_counter() - t)
             ctx.unfreeze_all()
             layer.to("cpu")

@@ -13,8 +13,9 @@ from qwenquant.stages.registry import STAGES, spec_of
 
 
 def needs_calibration(recipe) -> bool:
-    """Whether any stage of the recipe uses calibration data (round-to-nearest alone uses none)."""
-    return any(spec_of(cfg).uses_calibration(cfg) for cfg in recipe.stages)
+    """Whether any stage of the recipe, or KV-cache calibration, uses calibration data (round-to-nearest alone uses
+    none)."""
+    return recipe.kv_cache.enabled or any(spec_of(cfg).uses_calibration(cfg) for cfg in recipe.stages)
 
 
 def check_layout(recipe, config: dict) -> None:
@@ -51,6 +52,9 @@ def check_offload(recipe) -> None:
     if FORMATS[recipe.export.format].write_folder is not None:
         raise BadInputError(f"--format {recipe.export.format} is written and verified from the whole model in memory; "
                             "drop --offload-dir")
+    if recipe.kv_cache.enabled:
+        raise BadInputError("--kv-cache fp8 is not available with --offload-dir yet (its layer-streamed evaluation "
+                            "does not simulate the FP8 cache); drop one of them")
 
 
 def all_groups(adapter: ArchAdapter, num_layers: int, config=None) -> list[tuple[str, ...]]:

@@ -18,6 +18,7 @@ eval: {perplexity, eval_text, window, max_windows (N | all), kl_tokens, verify, 
        tasks, task_limit, min_task_recovery_pct}
 device: auto | cpu | cuda | cuda:N
 target: {name, force}   # optional: the GPU the checkpoint is for (qwenquant.targets); refuses what it cannot run
+kv_cache: {scheme: none | fp8, strategy: tensor | head}   # optional: calibrated FP8 KV-cache scales (absent: none)
 ```
 Each config validates itself in `__post_init__` (ValueError naming the key and the allowed values). Stage configs
 live with their stages (`qwenquant/stages/`, listed in `qwenquant.stages.registry.STAGES`); export formats are the
@@ -36,6 +37,7 @@ import yaml
 
 from qwenquant.errors import BadInputError
 from qwenquant.eval.perplexity import DEFAULT_WINDOWS
+from qwenquant.quant.kv_cache import KV_STRATEGIES
 from qwenquant.export.registry import FORMATS
 from qwenquant.stages.registry import QUANTIZERS, STAGES, spec_of, stage_name
 from qwenquant.targets import TARGETS, target_runs
@@ -133,6 +135,24 @@ class TargetConfig:
 
 
 @dataclass
+class KVCacheConfig:
+    """The KV-cache scheme written beside the weights: `none` (the engine's cache keeps the model dtype unless told
+    otherwise) or `fp8` (E4M3 K/V scales calibrated after each layer is quantized, qwenquant/quant/kv_cache.py),
+    one scale per tensor or per KV head (`strategy`)."""
+
+    scheme: str = "none"
+    strategy: str = "tensor"
+
+    def __post_init__(self) -> None:
+        choice("kv_cache.scheme", self.scheme, ("none", "fp8"))
+        choice("kv_cache.strategy", self.strategy, KV_STRATEGIES)
+
+    @property
+    def enabled(self) -> bool:
+        return self.scheme != "none"
+
+
+@dataclass
 class Recipe:
     model: ModelConfig = field(default_factory=ModelConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
@@ -142,6 +162,7 @@ class Recipe:
     device: str = "auto"
     version: int = RECIPE_VERSION
     target: TargetConfig = field(default_factory=TargetConfig)
+    kv_cache: KVCacheConfig = field(default_factory=KVCacheConfig)
 
     def __post_init__(self) -> None:
         if self.version != RECIPE_VERSION:
@@ -168,6 +189,9 @@ class Recipe:
                              "(--max-ppl-increase)")
         # the format refuses what it cannot store, record kind included (ValueError naming export.format)
         FORMATS[self.export.format].check_stage(STAGES[quantizers[0]].record_kind, self.stage(quantizers[0]))
+        if self.kv_cache.enabled and FORMATS[self.export.format].kv_cache_scheme is None:
+            raise ValueError(f"kv_cache.scheme: --format {self.export.format} cannot carry a KV-cache scheme; use "
+                             "--format compressed-tensors, or drop --kv-cache fp8")
         self._check_target(quantizers[0])
 
     def _check_target(self, quantizer: str) -> None:
@@ -205,7 +229,8 @@ class Recipe:
             "export": dataclasses.asdict(self.export),
             "eval": dataclasses.asdict(self.eval),
             "device": self.device,
-        } | ({"target": dataclasses.asdict(self.target)} if self.target.name else {})
+        } | ({"target": dataclasses.asdict(self.target)} if self.target.name else {}) | (
+            {"kv_cache": dataclasses.asdict(self.kv_cache)} if self.kv_cache.enabled else {})
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
@@ -227,7 +252,7 @@ def recipe_from_dict(data: dict) -> Recipe:
     """Build and validate a Recipe; raises ValueError whose message starts with the offending key path."""
     if not isinstance(data, dict):
         raise ValueError("recipe: expected a mapping at the top level")
-    top = {"version", "model", "calibration", "stages", "export", "eval", "device", "target"}
+    top = {"version", "model", "calibration", "stages", "export", "eval", "device", "target", "kv_cache"}
     unknown = sorted(set(data) - top)
     if unknown:
         raise ValueError(f"{unknown[0]}: unknown key; allowed keys: {', '.join(sorted(top))}")
@@ -252,6 +277,7 @@ def recipe_from_dict(data: dict) -> Recipe:
         eval=_build(EvalConfig, data.get("eval"), "eval"),
         device=data.get("device", "auto"),
         target=_build(TargetConfig, data.get("target"), "target"),
+        kv_cache=_build(KVCacheConfig, data.get("kv_cache"), "kv_cache"),
     )
 
 

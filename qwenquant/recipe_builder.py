@@ -12,14 +12,15 @@ import dataclasses
 from collections.abc import Mapping
 
 from qwenquant.errors import BadInputError
-from qwenquant.recipe import CalibrationConfig, EvalConfig, ExportConfig, ModelConfig, Recipe, TargetConfig, validate
+from qwenquant.recipe import (CalibrationConfig, EvalConfig, ExportConfig, KVCacheConfig, ModelConfig, Recipe, TargetConfig,
+                              validate)
 from qwenquant.stages.compensate import COMPENSATE_TARGETS
 from qwenquant.stages.fp8 import FP8Stage
 from qwenquant.stages.registry import STAGES, spec_of
 from qwenquant.stages.smooth import SmoothStage
 
 SECTIONS = {"model": ModelConfig, "calibration": CalibrationConfig, "export": ExportConfig, "eval": EvalConfig,
-            "target": TargetConfig}
+            "target": TargetConfig, "kv_cache": KVCacheConfig}
 MIXED_GRANULARITY_FORMAT = "compressed-tensors"  # stores channel and block FP8 groups in one checkpoint
 
 

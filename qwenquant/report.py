@@ -151,6 +151,7 @@ def render_markdown(r: dict) -> str:
     ]
     lines += _layer_table(r["layers"])
     lines += _compensation_section(r) + _scale_search_section(r["layers"]) + _moe_routing_section(r["layers"])
+    lines += _kv_cache_section(r["layers"])
     cal = r["calibration"]
     if cal["sha256_token_ids"] is None:
         lines += ["", "Calibration: none (round-to-nearest uses no data).", ""]
@@ -272,6 +273,23 @@ def _moe_routing_section(layers: list[dict]) -> list[str]:
         empty = ", ".join(map(str, r["experts_without_tokens"])) or "none"
         out.append(f"| {i} `{path}` | {r['tokens']} | {min(counts)} | {max(counts)} | {empty} | "
                    f"{' '.join(map(str, counts))} |")
+    return out
+
+
+def _kv_cache_section(layers: list[dict]) -> list[str]:
+    """--kv-cache fp8: each layer's calibrated K/V scales (layers[i]["kv_cache"], qwenquant/kv_simulation.py)."""
+    rows = [(rep["layer"], rep["kv_cache"]) for rep in layers if rep.get("kv_cache")]
+    if not rows:
+        return []
+    out = ["", "## FP8 KV cache", "",
+           f"Static E4M3 scales per {rows[0][1]['strategy']} (s = max|x| / 448 over {rows[0][1]['tokens']:,} "
+           "calibration tokens, K after k_norm and RoPE), observed while propagating the calibration set through "
+           "each quantized layer; perplexity and KL above include the FP8 cache.", "",
+           "| layer | k_scale min | k_scale max | v_scale min | v_scale max | max abs K | max abs V |",
+           "|---:|---:|---:|---:|---:|---:|---:|"]
+    for i, kv in rows:
+        out.append(f"| {i} | {min(kv['k_scale']):.4g} | {max(kv['k_scale']):.4g} | {min(kv['v_scale']):.4g} | "
+                   f"{max(kv['v_scale']):.4g} | {max(kv['k_absmax']):.4g} | {max(kv['v_absmax']):.4g} |")
     return out
 
 

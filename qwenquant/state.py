@@ -50,6 +50,8 @@ class QuantState:
     peak_device_bytes: int = 0
     keep: set[str] = field(default_factory=set)  # Linears the quantizer stages must skip (mixed precision)
     searched: dict[str, dict] = field(default_factory=dict)  # scale search choices, e.g. {"fp8.clip": {name: r}}
+    # --kv-cache fp8: attention module (full name) -> (k_scale, v_scale), [1] or [kv_heads, 1, 1] in the model dtype
+    kv_scales: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     def add_time(self, stage: str, seconds: float) -> None:
         self.stage_seconds[stage] = self.stage_seconds.get(stage, 0.0) + seconds

@@ -12,7 +12,7 @@ from typing import Optional
 
 from qwenquant.cli.flags import INVERTED, REQUIRED, Flag, Group
 from qwenquant.export.registry import FORMATS
-from qwenquant.recipe import CalibrationConfig, EvalConfig, ExportConfig, ModelConfig, Recipe, TargetConfig
+from qwenquant.recipe import CalibrationConfig, EvalConfig, ExportConfig, KVCacheConfig, ModelConfig, Recipe, TargetConfig
 from qwenquant.recipe_builder import parse_compensate_target, parse_keep_sensitive, parse_tasks, tasks_text
 from qwenquant.runner.options import RunOptions
 from qwenquant.stages.compensate import CompensateStage
@@ -46,6 +46,16 @@ TARGET = Group(TargetConfig, (
          "runs that GPU's recipe.", ("--target",), param="target", to_field=resolve_target),
     Flag("force", bool, "Write a scheme the --target cannot run.", ("--force-target",), param="force_target"),
 ), section="target")
+
+KVScheme = Enum("KVScheme", {"none": "none", "fp8": "fp8"}, type=str)
+KVStrategy = Enum("KVStrategy", {"tensor": "tensor", "head": "head"}, type=str)
+KV_CACHE = Group(KVCacheConfig, (
+    Flag("scheme", KVScheme, "fp8: calibrate FP8 (E4M3) K/V-cache scales after each layer is quantized and write "
+         "them for vLLM/SGLang (compressed-tensors kv_cache_scheme, k_scale/v_scale); the report's KL then includes "
+         "the FP8 cache. none: no KV scheme.", ("--kv-cache",), param="kv_cache"),
+    Flag("strategy", KVStrategy, "With --kv-cache fp8: one scale per attention layer for K and one for V (tensor), "
+         "or one per KV head (head).", ("--kv-cache-strategy",), param="kv_cache_strategy"),
+), section="kv_cache")
 
 PERPLEXITY_TEXT = Group(EvalConfig, (
     Flag("eval_text", str, "wikitext2 (WikiText-2 test) or a text file for perplexity."),
@@ -134,4 +144,4 @@ def format_group(kind: str, help: str) -> Group:
 PRINTING = OUTPUT.only("quiet", "json_out")  # commands that print a result: --quiet, --json
 
 # after the scheme's own flags, in --help order (the lead flags, --model and --out, come first)
-QUANTIZE_GROUPS = (MODEL, CALIBRATION, DEVICE, TARGET, EVAL, MIXED_PRECISION, COMPENSATE, RUN, OUTPUT)
+QUANTIZE_GROUPS = (MODEL, CALIBRATION, DEVICE, TARGET, KV_CACHE, EVAL, MIXED_PRECISION, COMPENSATE, RUN, OUTPUT)

@@ -9,6 +9,10 @@ Which reader verifies depends on the format, decided up front and stated in the 
   compressed-tensors 0.20 cannot load packed zero points: it allocates them unpacked and rejects the shapes), and
   compressed-tensors FP8 with block scales in an MoE model (transformers 5.23 dequantizes per-expert FP8 tensors
   while fusing the experts as `weight * weight_scale`, which only broadcasts per-tensor and per-channel scales).
+A checkpoint with a KV-cache scheme (--kv-cache fp8) holds `k_scale` / `v_scale` on each attention module; transformers
+5.25 loads such a checkpoint but ignores them (unexpected keys; no FP8 cache), so both readers run their forwards with
+the FP8 cache simulated from the stored scales (qwenquant/kv_simulation.py), as the in-memory evaluation did, and the
+stored scales must equal ours bit for bit.
 MoE checkpoints hold per-expert tensors (`mlp.experts.E.gate_proj...`); transformers fuses them at load, and the
 reloaded model is split again (qwenquant/model/moe.py) to compare expert by expert.
 """
@@ -28,6 +32,7 @@ from qwenquant.eval.perplexity import kl_stats, next_token_logprobs
 from qwenquant.eval.precision import evaluation_precision
 from qwenquant.export import hf_fp8
 from qwenquant.export.registry import FORMATS
+from qwenquant.kv_simulation import kv_cache_quantization
 from qwenquant.model.moe import unfuse_model
 
 
@@ -48,6 +53,25 @@ def read_checkpoint_tensors(folder: Path) -> dict[str, torch.Tensor]:
             for key in sf.keys():
                 tensors[key] = sf.get_tensor(key)
     return tensors
+
+
+def read_kv_scales(folder: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """attention module -> (k_scale, v_scale) as stored in the checkpoint's safetensors (empty without a KV scheme)."""
+    found: dict[str, dict[str, torch.Tensor]] = {}
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as sf:
+            for key in sf.keys():
+                module, _, local = key.rpartition(".")
+                if local in ("k_scale", "v_scale"):
+                    found.setdefault(module, {})[local] = sf.get_tensor(key)
+    return {m: (d["k_scale"], d["v_scale"]) for m, d in found.items() if len(d) == 2}
+
+
+def _kv_mismatches(ours: dict, stored: dict) -> list[str]:
+    """Attention modules whose stored (k_scale, v_scale) are missing or differ from ours (dtype, shape, bits)."""
+    bad = [n for n in ours if n not in stored or any(
+        a.dtype != b.dtype or a.shape != b.shape or not torch.equal(a.cpu(), b) for a, b in zip(ours[n], stored[n]))]
+    return bad + sorted(set(stored) - set(ours))
 
 
 @contextmanager
@@ -78,8 +102,10 @@ def _compare(model, names, theirs: dict[str, torch.Tensor]) -> list[str]:
 
 @torch.no_grad()
 def verify_checkpoint(folder: Path, model, names: list[str], reader: str, fmt: str, kl_windows, src_logp, q_logp,
-                      device, max_kl: float) -> dict:
-    """Check weights (exact) and mean next-token KL(source || checkpoint) <= max_kl nats."""
+                      device, max_kl: float, kv_scales: dict | None = None) -> dict:
+    """Check weights (exact), KV-cache scales (exact, `kv_scales`: ours) and mean next-token KL(source ||
+    checkpoint) <= max_kl nats."""
+    stored_kv = read_kv_scales(folder)
     if reader == "transformers":
         from transformers import AutoModelForCausalLM
 
@@ -88,7 +114,7 @@ def verify_checkpoint(folder: Path, model, names: list[str], reader: str, fmt: s
             with contextlib.redirect_stderr(io.StringIO()):
                 reloaded = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
                 reloaded.eval().to(device)
-                with evaluation_precision(reloaded, device):  # as the source's log-probs were computed
+                with evaluation_precision(reloaded, device), kv_cache_quantization(reloaded, stored_kv):
                     logp = next_token_logprobs(reloaded, kl_windows, device)  # the first forward decompresses weights
         except Exception as err:  # a checkpoint the reference loader rejects fails verification
             return {"passed": False, "reason": f"transformers could not load the checkpoint ({type(err).__name__}: {err})",
@@ -108,13 +134,18 @@ def verify_checkpoint(folder: Path, model, names: list[str], reader: str, fmt: s
             theirs[n] = read(local, config, n)
         with _swapped_weights(model, {n: theirs[n] for n in names}):
             model.to(device)
-            with evaluation_precision(model, device):
+            with evaluation_precision(model, device), kv_cache_quantization(model, stored_kv):
                 logp = next_token_logprobs(model, kl_windows, device)
             model.to("cpu")
         loader = f"qwenquant spec reader for {fmt} ({read.__module__}) in the source model"
     mismatched = _compare(model, names, theirs)
-    return verdict(loader, names, [(mismatched, "reloaded weights differ from ours")], kl_stats(src_logp, logp),
-                    max_kl, {"vs_quantized_in_memory": kl_stats(q_logp, logp)})
+    problems = [(mismatched, "reloaded weights differ from ours"),
+                (_kv_mismatches(kv_scales or {}, stored_kv), "stored KV-cache scales differ from ours or are missing")]
+    extra = {"vs_quantized_in_memory": kl_stats(q_logp, logp)}
+    if stored_kv:
+        extra["kv_cache"] = {"scales_checked": len(stored_kv), "forward": "FP8 KV cache simulated from the stored "
+                             "k_scale/v_scale (transformers ignores them on load)"}
+    return verdict(loader, names, problems, kl_stats(src_logp, logp), max_kl, extra)
 
 
 def verdict(loader: str, names: list[str], problems: list[tuple[list[str], str]], vs_source: dict, max_kl: float,

@@ -85,6 +85,9 @@ def write_checkpoint(folder: Path, model: nn.Module, tokenizer, recipe, state: Q
                 writer.add(f"{module}.{local}", t)
         else:
             writer.add(key, tensor)
+    for attention, (k_scale, v_scale) in state.kv_scales.items():  # --kv-cache fp8: calibrated K/V scales
+        writer.add(f"{attention}.k_scale", k_scale)
+        writer.add(f"{attention}.v_scale", v_scale)
     files = writer.finish()
     write_metadata(folder, model, tokenizer, recipe, list(state.records), always_ignore)
     return {"files": files, "tensor_bytes": writer.total_bytes}
@@ -97,6 +100,8 @@ def write_metadata(folder: Path, model: nn.Module, tokenizer, recipe, quantized:
     if FORMATS[recipe.export.format].fused_ignores:  # engines match their skip lists against fused module names
         ignore = ignore + engine_fused_ignores(model, ignore)
     qconfig, quantize_config = quantization_config(recipe, ignore, quantized)
+    if recipe.kv_cache.enabled:  # the recipe refused formats without one
+        qconfig["kv_cache_scheme"] = FORMATS[recipe.export.format].kv_cache_scheme(recipe.kv_cache.strategy)
     model.config.save_pretrained(folder)
     config = json.loads((folder / "config.json").read_text())
     config["quantization_config"] = qconfig

@@ -83,6 +83,18 @@ def fp8_quantization_config(cfg, ignore: list[str], linears: list[str] | None = 
     return _clean(config.model_dump())
 
 
+def kv_cache_scheme(strategy: str) -> dict:
+    """config.json's `quantization_config.kv_cache_scheme` for static FP8 (E4M3) K/V scales: strategy `tensor`
+    (k_scale / v_scale [1] per attention module) or `head` (compressed-tensors' `attn_head`: [kv_heads, 1, 1]), the
+    two vLLM's compressed-tensors loader accepts."""
+    from compressed_tensors.quantization import QuantizationArgs
+
+    args = QuantizationArgs(num_bits=8, type="float", symmetric=True, dynamic=False,
+                            strategy={"tensor": "tensor", "head": "attn_head"}[strategy])
+    return _clean({"config_groups": {"kv": {"input_activations": args.model_dump()}}})["config_groups"]["kv"][
+        "input_activations"]
+
+
 def _clean(d: dict) -> dict:
     """JSON-ready dict: enums to values; drop keys older loaders reject (scale_dtype/zp_dtype, see formats.md)."""
     data = json.loads(json.dumps(d, default=lambda o: getattr(o, "value", str(o))))
@@ -215,4 +227,4 @@ def _read_linear(tensors: dict[str, torch.Tensor], config: dict, name: str) -> t
 
 EXPORT_FORMAT = ExportFormat("compressed-tensors", ("fp8", "int", "int8", "nvfp4"), _check_stage, _tensor_bytes,
                              _linear_tensors, _quantization_config, _reload_with, _read_linear,
-                             check_linear=_check_linear)
+                             check_linear=_check_linear, kv_cache_scheme=kv_cache_scheme)

@@ -14,6 +14,9 @@ A format is one module in `qwenquant/export/` that declares, in its `EXPORT_FORM
 - `read_linear(tensors, config, name)`: the spec reader (written from the format description, not from the
   writer): one Linear's dequantized float32 weight [N, K];
 - `fused_ignores`: engines match this format's skip list against fused module names (qkv_proj), so those are added.
+- `kv_cache_scheme(strategy)`: config.json's `kv_cache_scheme` for calibrated FP8 K/V scales (per `tensor` or per
+  `head`), whose `k_scale` / `v_scale` tensors sit on each attention module; None: the format cannot carry one and
+  a recipe asking for it is refused.
 - `write_folder(folder, model, tokenizer, recipe, state, items)`: for a format that is not a safetensors folder
   (GGUF: one file), writes its files instead of the shards + config.json and returns {"files", "tensor_bytes", ...};
   such a format does not stream (the streaming path cuts safetensors shards) and `reload_with` names its own check.
@@ -56,3 +59,4 @@ class ExportFormat:
     check_linear: Callable[..., str | None] = no_linear_problem
     fused_ignores: bool = False
     write_folder: Callable[..., dict] | None = None
+    kv_cache_scheme: Callable[[str], dict] | None = None

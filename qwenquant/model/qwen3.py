@@ -89,6 +89,7 @@ class ArchAdapter:
     # Linears that get a bias when config.json's `bias_key` is true (Qwen3: attention_bias, false in every release)
     biased: tuple[str, ...] = ()
     bias_key: str = "attention_bias"
+    attention: str = "self_attn"  # the attention module (its K/V go to the cache; k_scale / v_scale live on it)
 
     def fused_group_of(self, linear: str) -> tuple[str, ...]:
         """The Linears sharing `linear`'s scheme and ignore status in an engine (a singleton when unfused)."""

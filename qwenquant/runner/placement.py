@@ -17,6 +17,7 @@ from qwenquant.eval.layerwise import evaluate_layerwise
 from qwenquant.eval.perplexity import evaluate_windows, union_windows
 from qwenquant.eval.precision import evaluation_precision
 from qwenquant.eval.verify import verify_checkpoint, verify_offloaded
+from qwenquant.kv_simulation import kv_cache_quantization
 from qwenquant.export.registry import FORMATS
 from qwenquant.model.loader import load_model
 from qwenquant.model.offload import load_offloaded
@@ -37,10 +38,13 @@ class ResidentModel:
         return load_model(self.resolved, self.dtype)[0]
 
     @torch.no_grad()
-    def evaluate(self, model, windows, kl_windows, device, reporter: Reporter, label: str, act_specs=None):
-        """(perplexity over `windows` or None, log-probs over `kl_windows`), with activation quantization if given;
-        one forward per distinct window, in float32 on the CPU (qwenquant/eval/precision.py)."""
-        with activation_quantization(model, act_specs) if act_specs else nullcontext():
+    def evaluate(self, model, windows, kl_windows, device, reporter: Reporter, label: str, act_specs=None,
+                 kv_scales=None):
+        """(perplexity over `windows` or None, log-probs over `kl_windows`), with activation quantization and an FP8
+        KV cache (`kv_scales`, qwenquant/kv_simulation.py) if given; one forward per distinct window, in float32 on
+        the CPU (qwenquant/eval/precision.py)."""
+        with activation_quantization(model, act_specs) if act_specs else nullcontext(), \
+                kv_cache_quantization(model, kv_scales or {}):
             model.to(device)
             try:
                 n = union_windows(windows, kl_windows)[0].shape[0]
@@ -62,7 +66,7 @@ class ResidentModel:
         reader = FORMATS[recipe.export.format].reload_with(recipe.record_kind, recipe.quantizer_config,
                                                            self.resolved.adapter.moe is not None)
         return verify_checkpoint(folder, model, list(state.records), reader, recipe.export.format, kl_windows,
-                                 src_logp, q_logp, device, recipe.eval.verify_max_kl)
+                                 src_logp, q_logp, device, recipe.eval.verify_max_kl, state.kv_scales)
 
 
 class OffloadedModel:
@@ -76,8 +80,10 @@ class OffloadedModel:
         raise RuntimeError("an offloaded model is quantized once (preflight refuses mixed precision with it)")
 
     @torch.no_grad()
-    def evaluate(self, model, windows, kl_windows, device, reporter: Reporter, label: str, act_specs=None):
-        """The same results as ResidentModel.evaluate, one decoder layer at a time over all windows."""
+    def evaluate(self, model, windows, kl_windows, device, reporter: Reporter, label: str, act_specs=None,
+                 kv_scales=None):
+        """The same results as ResidentModel.evaluate, one decoder layer at a time over all windows (no FP8 KV
+        cache: preflight refuses --kv-cache fp8 with --offload-dir)."""
         with activation_quantization(model, act_specs) if act_specs else nullcontext():
             with reporter.step(f"layer-streamed forward ({label})", len(self.layer_store.layers)) as advance:
                 return evaluate_layerwise(model, self.layer_store, windows, kl_windows, device, on_layer=advance)

@@ -35,6 +35,7 @@ from qwenquant.gates import check_gates, merge_task_results
 from qwenquant.journal import JOURNAL_DIR, Journal, layers_done_in, read_journal, run_fingerprint
 from qwenquant.model.loader import file_sha256, resolve_model
 from qwenquant.model.offload import check_offload_dir, offload_session
+from qwenquant.kv_simulation import kv_cache_quantization
 from qwenquant.pipeline import peak_host_bytes, run_sequential
 from qwenquant.preflight import check_layout, check_mixed_precision, check_not_source, check_offload, needs_calibration
 from qwenquant.progress import Reporter
@@ -152,15 +153,17 @@ class Run:
         with self.timed("quantize"):
             with self.reporter.step(f"quantize ({' -> '.join(spec_of(s).name for s in recipe.stages)})", n_layers) as advance:
                 run_sequential(model, adapter, self.calib, recipe.stages, self.device, state,
-                               on_layer_done=lambda i, n: advance(), journal=self.journal, layer_store=store)
+                               on_layer_done=lambda i, n: advance(), journal=self.journal, layer_store=store,
+                               kv_strategy=recipe.kv_cache.strategy if recipe.kv_cache.enabled else None)
         with self.timed("eval_quantized"):
             ppl, logp = self.placement.evaluate(model, self.windows.ppl, self.windows.kl, self.device, self.reporter,
-                                                "quantized", state.activations)
+                                                "quantized", state.activations, state.kv_scales)
         resolved = dataclasses.replace(recipe, stages=[spec_of(s).resolve(s, state.searched) for s in recipe.stages])
         return Quantized(resolved, model, state, ppl, logp)
 
     def evaluate_tasks(self, q: Quantized) -> dict | None:
-        with self.timed("eval_tasks_quantized"), activation_quantization(q.model, q.state.activations):
+        with self.timed("eval_tasks_quantized"), activation_quantization(q.model, q.state.activations), \
+                kv_cache_quantization(q.model, q.state.kv_scales):
             tasks = evaluate_recipe_tasks(q.model, self.tokenizer, q.recipe.eval, self.device, self.reporter,
                                           "quantized")
         self.placement.park(q.model)

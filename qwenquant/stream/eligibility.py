@@ -20,6 +20,8 @@ def streaming_blockers(recipe) -> list[str]:
         reasons.append(f"{spec.name} with these settings needs calibration data")
     if recipe.eval.tasks:
         reasons.append("--tasks (lm-eval) needs the whole model in memory")
+    if recipe.kv_cache.enabled:
+        reasons.append("--kv-cache fp8 calibrates K/V scales on calibration forwards")
     if FORMATS[recipe.export.format].write_folder is not None:
         reasons.append(f"--format {recipe.export.format} is written by its own writer, not as streamed safetensors shards")
     return reasons
