@@ -310,7 +310,16 @@ def runtime_lines(runtime: dict | None) -> list[str]:
             f"{kl['mean_kl']:.5f} nats over {kl['tokens']} tokens, top-1 agreement {100 * kl['top1_agreement']:.2f}%; "
             f"greedy decoding of {len(greedy['prompts'])} chat prompts: {greedy['prompts_identical']} identical to "
             f"{greedy['reference']}, {100 * greedy['token_agreement']:.1f}% of generated tokens before the first "
-            "difference."]
+            "difference."] + _greedy_vs_source(runtime.get("greedy_vs_source"))
+
+
+def _greedy_vs_source(g: dict | None) -> list[str]:
+    if g is None:
+        return []
+    counts = ", ".join(f"{r['tokens_before_first_difference']}/{r['tokens']}" for r in g["prompts"])
+    return ["", f"Against the source model (greedy in transformers, float32, same prompts): {g['prompts_identical']} "
+            f"of {len(g['prompts'])} answers identical; tokens before the first difference {counts} "
+            f"({100 * g['token_agreement']:.1f}% of generated tokens)."]
 
 
 def summary(report: dict) -> dict:

@@ -16,7 +16,9 @@
    whether the texts are identical and how many tokens agree before the first difference (after it the two
    continue different texts), and that common prefix as a fraction of all generated tokens. llama.cpp's CPU dot
    products for the block types quantize the activations to 8-bit blocks (Q8_0/Q8_1), so its logits are not those
-   of float arithmetic on the same weights: near-ties can flip a greedy token. Without llama-cpp-python this step is skipped with a warning
+   of float arithmetic on the same weights: near-ties can flip a greedy token. The same comparison against the
+   source model's own greedy continuations (computed before quantizing; `greedy_vs_source`) says how far the
+   deployed file's answers drift from the model it came from. Without llama-cpp-python this step is skipped with a warning
    and the report says so (`runtime.available: false`); the verdict then rests on steps 1-2.
 The verdict fails on a mismatched symmetric weight, else on the runtime's KL (or, without the runtime, step 2's)
 above the threshold.
@@ -83,41 +85,59 @@ def _chat_ids(tokenizer, prompt: str) -> list[int]:
     return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
 
 
-@torch.no_grad()
-def greedy_agreement(llm, model, tokenizer, device, prompts=PROMPTS, n_tokens: int = GREEDY_TOKENS) -> dict:
-    """Greedy decoding of each prompt (through the chat template) by llama.cpp and by `model` in transformers."""
-    rows, same, total = [], 0, 0
+def _eos_ids(model) -> set[int]:
     eos = model.generation_config.eos_token_id if getattr(model, "generation_config", None) else None
-    eos = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
+    return set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
+
+
+@torch.no_grad()
+def transformers_greedy(model, tokenizer, device, prompts=PROMPTS, n_tokens: int = GREEDY_TOKENS) -> list[list[int]]:
+    """Greedy continuation token ids of each prompt (through the chat template) by `model` in transformers; the
+    model goes back to the CPU afterwards."""
+    out = []
+    model.to(device)
     for prompt in prompts:
         ids = _chat_ids(tokenizer, prompt)
-        llm.reset()
-        theirs = []
-        for tok in llm.generate(ids, temp=0.0, top_k=1, reset=True):
-            theirs.append(int(tok))
-            if len(theirs) >= n_tokens or int(tok) in eos:  # both stop at the model's end-of-sequence ids
-                break
-        model.to(device)
         with evaluation_precision(model, device):
             gen = model.generate(torch.tensor([ids], device=device), max_new_tokens=n_tokens, do_sample=False,
                                  pad_token_id=tokenizer.pad_token_id)
-        ours = gen[0, len(ids):].tolist()
-        model.to("cpu")
-        prefix = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
-        if prefix == min(len(ours), len(theirs)) and len(ours) != len(theirs):
-            prefix = min(len(ours), len(theirs))  # one stopped at end-of-sequence earlier
-        same, total = same + prefix, total + max(len(ours), len(theirs))
-        rows.append({"prompt": prompt, "llama_cpp": tokenizer.decode(theirs), "transformers": tokenizer.decode(ours),
-                     "identical": ours == theirs, "tokens_before_first_difference": prefix,
-                     "tokens": max(len(ours), len(theirs))})
-    # after the first differing token the two continue different texts: only the common prefix counts
+        out.append(gen[0, len(ids):].tolist())
+    model.to("cpu")
+    return out
+
+
+def llama_greedy(llm, tokenizer, eos: set[int], prompts=PROMPTS, n_tokens: int = GREEDY_TOKENS) -> list[list[int]]:
+    """The same continuations from llama.cpp; it stops at the model's end-of-sequence ids as transformers does."""
+    out = []
+    for prompt in prompts:
+        llm.reset()
+        theirs = []
+        for tok in llm.generate(_chat_ids(tokenizer, prompt), temp=0.0, top_k=1, reset=True):
+            theirs.append(int(tok))
+            if len(theirs) >= n_tokens or int(tok) in eos:
+                break
+        out.append(theirs)
+    return out
+
+
+def greedy_agreement(theirs: list[list[int]], ours: list[list[int]], tokenizer, reference: str,
+                     prompts=PROMPTS) -> dict:
+    """Per prompt: identical or not, tokens before the first difference (after it the two continue different
+    texts: only the common prefix counts); overall, that prefix as a fraction of all generated tokens."""
+    rows, same, total = [], 0, 0
+    for prompt, a, b in zip(prompts, theirs, ours):
+        prefix = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        same, total = same + prefix, total + max(len(a), len(b))
+        rows.append({"prompt": prompt, "llama_cpp": tokenizer.decode(a), "transformers": tokenizer.decode(b),
+                     "identical": a == b, "tokens_before_first_difference": prefix, "tokens": max(len(a), len(b))})
     return {"token_agreement": same / total if total else 0.0,
-            "prompts_identical": sum(r["identical"] for r in rows), "prompts": rows,
-            "reference": "the same weights in transformers (float32), greedy"}
+            "prompts_identical": sum(r["identical"] for r in rows), "prompts": rows, "reference": reference}
 
 
-def run_in_llama_cpp(path: Path, model, tokenizer, windows, src_logp, device) -> dict:
-    """The runtime check (module docstring, step 3); `available: false` with a warning without llama-cpp-python."""
+def run_in_llama_cpp(path: Path, model, tokenizer, windows, src_logp, device,
+                     source_greedy: list[list[int]] | None = None) -> dict:
+    """The runtime check (module docstring, step 3); `available: false` with a warning without llama-cpp-python.
+    `source_greedy`: the source model's greedy continuations of PROMPTS (transformers_greedy before quantizing)."""
     llama_cpp = llama_cpp_module()
     if llama_cpp is None:
         reason = f"llama-cpp-python is not installed: the file was not run in llama.cpp; {INSTALL_HINT}"
@@ -126,17 +146,24 @@ def run_in_llama_cpp(path: Path, model, tokenizer, windows, src_logp, device) ->
     llm = _llama(path, int(windows.shape[1]), llama_cpp)
     try:
         logp = runtime_logprobs(llm, windows)
-        greedy = greedy_agreement(llm, model, tokenizer, device)
+        theirs = llama_greedy(llm, tokenizer, _eos_ids(model))
     finally:
         llm.close() if hasattr(llm, "close") else None
-    return {"available": True, "runtime": "llama.cpp via llama-cpp-python", "version": llama_cpp.__version__,
-            "vs_source": kl_stats(src_logp, logp), "greedy": greedy}
+    greedy = greedy_agreement(theirs, transformers_greedy(model, tokenizer, device), tokenizer,
+                              "the same weights in transformers (float32), greedy")
+    out = {"available": True, "runtime": "llama.cpp via llama-cpp-python", "version": llama_cpp.__version__,
+           "vs_source": kl_stats(src_logp, logp), "greedy": greedy}
+    if source_greedy is not None:
+        out["greedy_vs_source"] = greedy_agreement(theirs, source_greedy, tokenizer,
+                                                   "the source model in transformers (float32), greedy")
+    return out
 
 
 @torch.no_grad()
 def verify_gguf(path: Path, model, names: list[str], tokenizer, kl_windows, src_logp, q_logp, device,
-                max_kl: float) -> dict:
-    """Steps 1-3 of the module docstring; the verification section of the report."""
+                max_kl: float, source_greedy: list[list[int]] | None = None) -> dict:
+    """Steps 1-3 of the module docstring; the verification section of the report. `source_greedy`: the source
+    model's greedy continuations (transformers_greedy), compared with llama.cpp's."""
     n_layers = int(model.config.num_hidden_layers)
     theirs, weights = read_back(path, model, names, n_layers)
     with _swapped_weights(model, theirs):
@@ -144,7 +171,7 @@ def verify_gguf(path: Path, model, names: list[str], tokenizer, kl_windows, src_
         with evaluation_precision(model, device):
             logp = next_token_logprobs(model, kl_windows, device)
         model.to("cpu")
-        runtime = run_in_llama_cpp(path, model, tokenizer, kl_windows, src_logp, device)
+        runtime = run_in_llama_cpp(path, model, tokenizer, kl_windows, src_logp, device, source_greedy)
     reader = kl_stats(src_logp, logp)
     judged = runtime["vs_source"] if runtime["available"] else reader
     loader = ("llama.cpp " + runtime["version"] + " (llama-cpp-python) on the file alone; weights read back with gguf-py"

@@ -22,7 +22,7 @@ from safetensors import safe_open
 
 from qwenquant.device import resolve_device
 from qwenquant.errors import BadInputError, VerificationError
-from qwenquant.eval.gguf_verify import verify_gguf
+from qwenquant.eval.gguf_verify import transformers_greedy, verify_gguf
 from qwenquant.eval.perplexity import eval_windows, load_eval_text, next_token_logprobs
 from qwenquant.eval.precision import evaluation_precision
 from qwenquant.export.format_spec import UnstorableRecord
@@ -154,6 +154,8 @@ def _verify(request: GGUFExportRequest, path: Path, records: dict, quantized: bo
     with evaluation_precision(model, device):
         model.to(device)
         src_logp = next_token_logprobs(model, windows, device)
+    src_greedy = transformers_greedy(model, tokenizer, device)  # llama.cpp's answers are compared with these
+    model.to(device)
     for n, rec in records.items():  # the model computes with our dequantized weights, as a run's model does
         lin = model.get_submodule(n)
         lin.weight.data = rec.dequantize(torch.float32).to(lin.weight.dtype).to(lin.weight.device)
@@ -161,7 +163,7 @@ def _verify(request: GGUFExportRequest, path: Path, records: dict, quantized: bo
         q_logp = next_token_logprobs(model, windows, device)
     model.to("cpu")
     result = verify_gguf(path, model, names, tokenizer, windows, src_logp, q_logp, device,
-                         request.verify_max_kl)
+                         request.verify_max_kl, src_greedy)
     return result | {"source": str(src), "windows": {"text": request.eval_text, "window": request.window,
                                                      "windows": int(windows.shape[0])}}
 

@@ -23,7 +23,7 @@ from qwenquant.activations import activation_quantization
 from qwenquant.calibration import load_calibration, samples_hash
 from qwenquant.device import resolve_device
 from qwenquant.errors import BadInputError, QualityGateError, VerificationError
-from qwenquant.eval.gguf_verify import verify_gguf
+from qwenquant.eval.gguf_verify import transformers_greedy, verify_gguf
 from qwenquant.eval.perplexity import eval_windows, kl_stats, load_eval_text, windows_setting
 from qwenquant.eval.precision import compute_dtype_name
 from qwenquant.export.checkpoint import write_checkpoint
@@ -136,8 +136,11 @@ class Run:
         with self.timed("eval_source"):
             ppl, logp = p.evaluate(model, self.windows.ppl, self.windows.kl, self.device, self.reporter, "source")
             tasks = evaluate_recipe_tasks(model, p.tokenizer, self.recipe.eval, self.device, self.reporter, "source")
+            greedy = (transformers_greedy(model, p.tokenizer, self.device)  # GGUF: llama.cpp's answers vs the source's
+                      if FORMATS[self.recipe.export.format].write_folder is not None and self.recipe.eval.verify
+                      else None)
         p.park(model)
-        source = {"ppl": ppl, "logp": logp, "tasks": tasks}
+        source = {"ppl": ppl, "logp": logp, "tasks": tasks, "greedy": greedy}
         if self.journal is not None:
             self.journal.save_source_eval(source)
         return source
@@ -185,13 +188,14 @@ class Run:
             (tmp / "recipe.yaml").write_text(q.recipe.to_yaml())
         return written
 
-    def verify(self, tmp: Path, q: Quantized, src_logp, written: dict) -> dict | None:
+    def verify(self, tmp: Path, q: Quantized, src_logp, written: dict, src_greedy=None) -> dict | None:
         if not q.recipe.eval.verify:
             return None
         with self.timed("verify"):
             if FORMATS[q.recipe.export.format].write_folder is not None:  # GGUF: gguf-py + llama.cpp
                 return verify_gguf(tmp / written["files"][0], q.model, list(q.state.records), self.tokenizer,
-                                   self.windows.kl, src_logp, q.logp, self.device, q.recipe.eval.verify_max_kl)
+                                   self.windows.kl, src_logp, q.logp, self.device, q.recipe.eval.verify_max_kl,
+                                   src_greedy)
             return self.placement.verify(tmp, q.model, q.recipe, q.state, self.windows.kl, src_logp, q.logp,
                                          self.device)
 
@@ -279,7 +283,7 @@ def _write_output(run: Run, offload_folder: Path | None) -> dict:
             q = run.quantize(recipe, run.placement.model)
         q_tasks = run.evaluate_tasks(q)
         written = run.export(tmp, q)
-        verification = run.verify(tmp, q, source["logp"], written)
+        verification = run.verify(tmp, q, source["logp"], written, source.get("greedy"))
         if done:
             sections["resumed_after_layers"] = done
         if "gguf" in written:  # what the GGUF writer stored: tensor types, float16 rounding, tokenizer
