@@ -9,6 +9,7 @@ from dataclasses import asdict
 import torch
 
 from qwenquant.bench import bandwidth as bw
+from qwenquant.bench.capacity import capacity_section
 from qwenquant.bench.memory import decode_read_bytes, max_context
 from qwenquant.bench.output import KIND, SCHEMA_VERSION
 from qwenquant.bench.timing import PREFILL_CHUNK, warmup_steps
@@ -87,6 +88,7 @@ def build_document(loaded, settings, device: torch.device, points: list[dict], b
         "points": points,
         "max_context": budget,
         "kv_saving": _kv_saving(config, settings.contexts, max_positions) if settings.kv_cache == "fp8" else None,
+        "capacity": _capacity(loaded, config, settings, device, ok, weight_exact, workspace),
         "projections": {"label": bw.PROJECTION_LABEL, "context": ctx,
                         "basis": "batch-1 decode bound = published bandwidth / (decode weight bytes + KV bytes of the "
                                  "context), from this run's measured bytes" +
@@ -95,6 +97,25 @@ def build_document(loaded, settings, device: torch.device, points: list[dict], b
                         "gpus": bw.project_gpus(weight_exact, decode_read_bytes(loaded.model, 1), kv_per_token, ctx,
                                                 max_positions, efficiency, serving_scheme(scheme_name(loaded)))},
     }
+
+
+def _capacity(loaded, config, settings, device: torch.device, ok: list[dict], weight_exact: int,
+              workspace: int) -> dict | None:
+    """Memory vs context and sequences per GPU (bench/capacity.py), bf16 vs FP8 cache: the benched dtype's bytes
+    per token as measured (cache tensor bytes / (max_cache_len x batch) of a point), the other computed."""
+    cfg = config.to_dict()
+    if not cfg.get("max_position_embeddings"):
+        return None
+    per_token = {k: kv_bytes_per_token(config, k) for k in ("bf16", "fp8")}
+    sources = {k: "computed: 2 x layers x kv_heads x head_dim x element bytes" for k in per_token}
+    if ok:
+        p = ok[0]
+        per_token[settings.kv_cache] = p["memory"]["kv_cache_bytes"] // (p["max_cache_len"] * p["batch"])
+        sources[settings.kv_cache] = f"measured: cache tensor bytes of the {p['batch']}x{p['context']} point"
+    dtype_bytes = next(loaded.model.parameters()).element_size() if loaded.format == "bf16" else 2
+    measured_gpu = device_info(device)["name"] if device.type == "cuda" else None
+    return capacity_section(cfg, weight_exact, per_token, sources, PREFILL_CHUNK, dtype_bytes,
+                            workspace if device.type == "cuda" else None, measured_gpu)
 
 
 def scheme_name(loaded) -> str:
@@ -134,11 +155,15 @@ def serving_scheme(scheme: str) -> str | None:
 def _kv_scales(loaded, settings) -> str | None:
     if settings.kv_cache == "bf16":
         return None
-    return "calibrated (checkpoint kv_cache_scheme)" if loaded.kv_scales else "prefill absmax / 448 per layer"
+    if not loaded.kv_scales:
+        return "prefill absmax / 448 per layer"
+    strategy = ((loaded.quant_config or {}).get("kv_cache_scheme") or {}).get("strategy", "tensor")
+    per = "per KV head" if strategy == "attn_head" else "per layer"
+    return f"calibrated {per} (checkpoint kv_cache_scheme, strategy {strategy})"
 
 
 def _kv_notes(loaded, settings) -> list[str]:
     if settings.kv_cache != "fp8":
         return []
-    return ["FP8 KV cache: K/V stored in float8_e4m3fn with one scale per layer for K and one for V; attention "
+    return ["FP8 KV cache: K/V stored in float8_e4m3fn with scales for K and for V (see kv_cache.scales); attention "
             "computes in bf16 after upcasting one layer's cache at a time (no fused FP8 attention kernel)"]

@@ -25,6 +25,10 @@
 - projections {label: "projection, not measured", context, basis, gpus [{key, name, bandwidth_gb_s, memory_gib,
   compute_capability, serving_scheme, runs_scheme, runs_note (why not, qwenquant.targets), label, context, weights_fit, fits_at_context, decode_bound_tokens_per_s,
   decode_expected_tokens_per_s, max_context_batch1, reserve_bytes}]}
+- capacity: null (no max_position_embeddings), or {formula, weights_bytes, activation_bytes, activation_source,
+  kv_bytes_per_token {bf16, fp8}, kv_bytes_per_token_source {bf16, fp8}, memory_vs_context [{context, weights_bytes,
+  activation_bytes, kv_bytes {bf16, fp8}, total_bytes {bf16, fp8}}], lengths [tokens], gpus [{key, name, memory_gib,
+  label, weights_fit, sequences {length: {bf16, fp8}}}]} (qwenquant/bench/capacity.py; computed from bytes)
 - plots [file names]
 """
 
@@ -33,6 +37,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from qwenquant.bench.capacity import capacity_markdown
 from qwenquant.errors import BadInputError
 from qwenquant.export.writer import atomic_output_dir
 from qwenquant.reporting import read_json, write_atomic, write_json
@@ -106,6 +111,8 @@ def render_markdown(r: dict) -> str:
         lines += ["", "## FP8 KV cache saving (computed from bytes per token)", "", "| context | bf16 KV MiB | fp8 KV MiB | saved MiB |",
                   "|---|---|---|---|"] + [f"| {a['context']:,} | {_mib(a['bf16_bytes'])} | {_mib(a['fp8_bytes'])} | "
                                           f"{_mib(a['saved_bytes'])} |" for a in k["at"]]
+    if r.get("capacity"):
+        lines += capacity_markdown(r["capacity"])
     pr = r["projections"]
     lines += ["", f"## Consumer GPUs ({pr['label']})", "", f"{pr['basis']}; context {pr['context']} tokens, batch 1; "
               "published bandwidth and memory.", "",

@@ -142,13 +142,15 @@ def record_from_tensors(local: dict[str, torch.Tensor], qconfig: dict | None,
     return None
 
 
-def kv_cache_scales(tensors: dict[str, torch.Tensor]) -> dict[int, tuple[float, float]]:
-    """Calibrated per-layer (k_scale, v_scale) of a compressed-tensors `kv_cache_scheme`, keyed by layer index."""
-    out: dict[int, tuple[float, float]] = {}
+def kv_cache_scales(tensors: dict[str, torch.Tensor]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """Calibrated (k_scale, v_scale) of a compressed-tensors `kv_cache_scheme`, keyed by layer index, as fp32: 0-dim
+    (strategy tensor, stored [1]) or [H, 1, 1] (attn_head)."""
+    out: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     for name, t in tensors.items():
         if name.endswith(".self_attn.k_scale"):
             v = tensors.get(name[: -len("k_scale")] + "v_scale")
             layer = int(name.split(".layers.")[1].split(".")[0])
             if v is not None:
-                out[layer] = (float(t.float().reshape(-1)[0]), float(v.float().reshape(-1)[0]))
+                out[layer] = tuple(s.float().reshape(()) if s.numel() == 1 else s.float().reshape(-1, 1, 1)
+                                   for s in (t, v))
     return out

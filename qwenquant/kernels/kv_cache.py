@@ -2,9 +2,10 @@
 
 transformers' own FP8 cache (`QuantizedCache(backend="fp8")`) grows by concatenation and cannot be compiled or
 captured in a CUDA graph, so `FP8StaticLayer` keeps StaticLayer's preallocated, in-place design and only changes
-the storage: k_fp8 = fp8(k / k_scale) per layer (one scale for K, one for V). Scales come from the checkpoint's
-calibrated `kv_cache_scheme` (k_scale / v_scale) when present, else from the first update (the prefill's absmax /
-448; later values beyond it saturate at +-448). Attention still computes in bf16: each layer's cache is upcast when
+the storage: k_fp8 = fp8(k / k_scale) per layer (one scale for K and one for V, or one per KV head). Scales come
+from the checkpoint's calibrated `kv_cache_scheme` (k_scale / v_scale, per tensor or per head: `qwenquant ...
+--kv-cache fp8`) when present, else from the first update (the prefill's absmax / 448 per layer; later values
+beyond it saturate at +-448). Attention still computes in bf16: each layer's cache is upcast when
 it is read, so only one layer's bf16 copy exists at a time (workspace, not cache).
 """
 
@@ -19,13 +20,13 @@ KV_DTYPES = ("bf16", "fp8")
 
 
 class FP8StaticLayer(StaticLayer):
-    """A StaticLayer holding K/V as float8_e4m3fn [B, H, max_len, D] with per-layer fp32 scales."""
+    """A StaticLayer holding K/V as float8_e4m3fn [B, H, max_len, D] with fp32 scales: one per layer (0-dim) or one
+    per KV head ([H, 1, 1])."""
 
-    def __init__(self, max_cache_len: int, k_scale: float | None = None, v_scale: float | None = None):
+    def __init__(self, max_cache_len: int, k_scale=None, v_scale=None):
         super().__init__(max_cache_len=max_cache_len)
         self.calibrated = k_scale is not None and v_scale is not None
-        self.k_scale = None if k_scale is None else torch.tensor(float(k_scale))
-        self.v_scale = None if v_scale is None else torch.tensor(float(v_scale))
+        self.k_scale, self.v_scale = _scale(k_scale), _scale(v_scale)
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -60,18 +61,27 @@ class FP8StaticLayer(StaticLayer):
         return dequantize_kv(self.keys, self.k_scale, self.dtype), dequantize_kv(self.values, self.v_scale, self.dtype)
 
 
+def _scale(value) -> torch.Tensor | None:
+    """A float or a stored k_scale/v_scale ([1]: per tensor, [H, 1, 1]: per head) as fp32, 0-dim when single."""
+    if value is None:
+        return None
+    t = torch.as_tensor(value, dtype=torch.float32)
+    return t.reshape(()) if t.numel() == 1 else t.reshape(-1, 1, 1)
+
+
 def quantize_kv(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """fp8(x / scale), saturating at +-448."""
     return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
 
 
 def dequantize_kv(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """q * scale in `dtype` (fp8 -> bf16 is exact; the 0-dim fp32 scale multiplies without an fp32 copy)."""
-    return q.to(dtype) * scale
+    """q * scale in `dtype` (fp8 -> bf16 is exact; a 0-dim fp32 scale multiplies without an fp32 copy, per-head scales
+    are cast to `dtype`, as checkpoints store them)."""
+    return q.to(dtype) * (scale if scale.dim() == 0 else scale.to(dtype))
 
 
 def make_static_cache(config, max_cache_len: int, kv_dtype: str = "bf16",
-                      scales: dict[int, tuple[float, float]] | None = None) -> StaticCache:
+                      scales: dict[int, tuple] | None = None) -> StaticCache:
     """A StaticCache for `config`; with kv_dtype 'fp8' its layers are FP8StaticLayers (calibrated scales if given)."""
     if kv_dtype not in KV_DTYPES:
         raise ValueError(f"kv cache dtype {kv_dtype!r}; use one of {KV_DTYPES}")

@@ -211,3 +211,23 @@ def test_calibrated_kv_scales_are_read_from_the_checkpoint() -> None:
     tensors = {"model.layers.3.self_attn.k_scale": torch.tensor([0.5]), "model.layers.3.self_attn.v_scale": torch.tensor([0.25]),
                "model.layers.3.self_attn.q_proj.weight": torch.zeros(1)}
     assert kv_cache_scales(tensors) == {3: (0.5, 0.25)}
+
+
+def test_per_head_kv_scales_quantize_each_head_with_its_own_scale() -> None:
+    """A per-head checkpoint (`--kv-cache fp8 --kv-cache-strategy head`: k_scale [H, 1, 1]) drives the bench cache:
+    each head's codes are its values over its own scale."""
+    from qwenquant.kernels.checkpoint_records import kv_cache_scales
+
+    k_scale = torch.tensor([0.5, 0.01, 0.125]).reshape(3, 1, 1).to(torch.bfloat16)
+    tensors = {"model.layers.0.self_attn.k_scale": k_scale, "model.layers.0.self_attn.v_scale": k_scale * 2}
+    scales = kv_cache_scales(tensors)
+    assert scales[0][0].shape == (3, 1, 1) and scales[0][0].dtype == torch.float32
+    layer = FP8StaticLayer(8, *scales[0])
+    k, v = _kv(4, 0), _kv(4, 1)
+    keys, _ = layer.update(k, v)
+    for h in range(3):
+        s = float(k_scale[h])
+        expected = (k[:, h].float() / s).clamp(-448, 448).to(torch.float8_e4m3fn)
+        assert torch.equal(layer.keys[:, h, :4], expected), h
+        assert torch.equal(keys[:, h, :4], (expected.to(torch.bfloat16) * torch.tensor(s, dtype=torch.bfloat16)))
+    assert keys.dtype == torch.bfloat16
