@@ -24,6 +24,7 @@ from qwenquant.activations import (
     decoder_layers,
     to_device,
 )
+from qwenquant.distributed import World
 from qwenquant.errors import BadInputError
 from qwenquant.kv_simulation import kv_calibration
 from qwenquant.model.moe import routing_counts
@@ -99,6 +100,7 @@ def run_sequential(
     on_layer_done: Callable[[int, int], None] | None = None,
     journal=None,
     layer_store=None,
+    world: World | None = None,
     kv_strategy: str | None = None,
 ) -> QuantState:
     """For each decoder layer: onload, run each stage config (recipe order) on it, propagate quantized outputs,
@@ -109,7 +111,12 @@ def run_sequential(
     (qwenquant/model/offload.py, --offload-dir) decoder layers live on disk: each is materialized before it is
     processed and released (written back) after. With a `kv_strategy` (--kv-cache fp8: tensor | head) the
     propagation forwards of each quantized layer also observe its K/V and set its FP8 KV-cache scales
-    (`state.kv_scales`); the next layer's inputs do not include the FP8 cache's error."""
+    (`state.kv_scales`); the next layer's inputs do not include the FP8 cache's error.
+    With a distributed `world` each rank captures and propagates only its shard of `ids` (`World.shard`, whole
+    calibration batches where there are enough) and the stages combine their statistics over the ranks."""
+    world = world or World()
+    if ids is not None and world.distributed:
+        ids = ids[world.shard(ids.shape[0], CALIBRATION_BATCH)]
     layers = decoder_layers(model, adapter)
     quantizer = next((cfg for cfg in stages if spec_of(cfg).role == "quantizer"), None)
     float_path = any(spec_of(cfg).float_path(cfg) for cfg in stages)
@@ -123,7 +130,7 @@ def run_sequential(
                 layer_store.materialize(i)
             layer.to(device)
             ctx = LayerContext(i, f"{adapter.layers_path}.{i}.", layer, adapter.for_layer(model.config, i), cache,
-                               device, model.config, state, quantizer, float_cache=float_cache)
+                               device, model.config, state, quantizer, float_cache=float_cache, world=world)
             report: dict = {"layer": i}
             _run_stages(ctx, stages, report)
             if cache is not None:

@@ -63,10 +63,34 @@ def execute(ctx: typer.Context, recipe: Recipe, given: Given, suffix: str) -> No
     options = RunOptions(**run, command=command_line(argv))
     if given["dry_run"]:
         return estimate_only(recipe, options, given["json_out"])
-    reporter = Reporter(quiet=given["quiet"] or given["json_out"])
+    if given["nproc"] != 1:
+        sys.exit(launch_ranks(given["nproc"], argv))
+    from qwenquant.distributed import env_rank
+
+    worker = env_rank() != 0  # a distributed run's other ranks print nothing but errors
+    reporter = Reporter(quiet=given["quiet"] or given["json_out"] or worker)
     silence_libraries()  # our own progress display replaces theirs
     report = run_recipe(recipe, options, reporter)
-    print_summary(report, options.out, reporter, given["quiet"], given["json_out"])
+    if report is not None:
+        print_summary(report, options.out, reporter, given["quiet"], given["json_out"])
+
+
+def launch_ranks(nproc: int, argv: list[str]) -> int:
+    """--nproc N: this command without --nproc in N processes (torch.distributed.run); rank 0's exit status."""
+    from qwenquant.distributed import relaunch
+    from qwenquant.errors import BadInputError
+
+    if nproc < 1:
+        raise BadInputError(f"--nproc: must be at least 1, got {nproc}")
+    rest, skip = [], False
+    for arg in argv:
+        if skip or arg.startswith("--nproc="):
+            skip = False
+            continue
+        skip = arg == "--nproc"
+        if not skip:
+            rest.append(arg)
+    return relaunch(nproc, rest)
 
 
 def print_summary(report: dict, out: Path, reporter, quiet: bool, json_out: bool) -> None:

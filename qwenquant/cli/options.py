@@ -120,6 +120,9 @@ RUN = Group(RunOptions, (
          "or keep list) stream the source safetensors through the quantizer into the output shards with bounded "
          "memory and worker threads, building no model; --no-stream quantizes them in memory like every other "
          "recipe (same bytes).", ("--stream/--no-stream",)),
+    Flag("dist_timeout_s", float, "Distributed runs (torchrun / --nproc): seconds a rank waits for the others in one "
+         "collective before the run fails (rank 0 evaluates the source meanwhile).", ("--dist-timeout",),
+         param="dist_timeout", metavar="S"),
 ))
 
 OUTPUT = Group(None, (
@@ -130,6 +133,9 @@ OUTPUT = Group(None, (
     Flag(None, bool, "Print a JSON summary on stdout.", ("--json",), param="json_out", default=False),
     Flag(None, bool, "Print the resolved recipe as YAML and exit.", ("--print-recipe",), param="print_recipe",
          default=False),
+    Flag(None, int, "Run on N processes of this machine (re-launched through torch.distributed.run, like torchrun "
+         "--nproc-per-node N): each calibrates on its share of the samples, rank 0 writes the output.",
+         ("--nproc",), param="nproc", default=1, metavar="N"),
 ))
 
 

@@ -183,7 +183,9 @@ class GPTQResult:
 
 
 @dataclass
-class _Rows:
+class RowsResult:
+    """The column loop's outcome for a stack of rows W [N, K]."""
+
     record: QuantizedWeight
     loss: torch.Tensor  # [N] per output row
     pre_rounding: torch.Tensor  # [N, K]
@@ -201,12 +203,32 @@ def quantize_weights_shared(
     """GPTQ for several Linears reading the same input (one H), e.g. q/k/v: rows are independent in GPTQ, so
     quantizing the stacked rows once gives each Linear exactly its own result, with one column loop instead of many.
     `grid`: a non-INT grid (then `clip_ratios` must be None)."""
+    W, clip = stack_rows(Ws, clip_ratios, grid)
+    clip = clip.to(H.device) if isinstance(clip, torch.Tensor) else clip
+    return split_shared(Ws, _quantize_rows(W, H, config, scale_dtype, clip, grid))
+
+
+def stack_rows(Ws: list[torch.Tensor], clip_ratios: list[float] | None = None, grid: ColumnGrid | None = None
+               ) -> tuple[torch.Tensor, float | torch.Tensor]:
+    """The Linears' rows stacked, W [sum N_i, K] float32, and the clip ratio: a float, or per row [sum N_i, 1]
+    (one ratio per Linear) when they differ from 1."""
     clip: float | torch.Tensor = 1.0
     if clip_ratios is not None and any(r != 1.0 for r in clip_ratios):  # one ratio per Linear -> per row [N, 1]
-        clip = torch.cat([torch.full((w.shape[0], 1), float(r)) for w, r in zip(Ws, clip_ratios)]).to(H.device)
+        clip = torch.cat([torch.full((w.shape[0], 1), float(r)) for w, r in zip(Ws, clip_ratios)])
     if grid is not None and not isinstance(clip, float):
         raise ValueError("GPTQ: clip ratios apply to the INT grid only")
-    res = _quantize_rows(torch.cat([w.detach().float() for w in Ws]), H, config, scale_dtype, clip, grid)
+    return torch.cat([w.detach().float() for w in Ws]), clip
+
+
+def quantize_rows(W: torch.Tensor, H: torch.Tensor, config: GPTQConfig, scale_dtype: torch.dtype,
+                  clip_ratio: float | torch.Tensor = 1.0, grid: ColumnGrid | None = None) -> RowsResult:
+    """The GPTQ column loop on rows W [N, K] with H [K, K] (see `_quantize_rows`): every row is solved on its
+    own, so any subset of a Linear's rows gives those rows' part of the whole result (weight-parallel GPTQ)."""
+    return _quantize_rows(W, H, config, scale_dtype, clip_ratio, grid)
+
+
+def split_shared(Ws: list[torch.Tensor], res: RowsResult) -> list[GPTQResult]:
+    """The stacked rows' result `res` cut back into one GPTQResult per Linear of `Ws` (in order)."""
     out, start = [], 0
     for w in Ws:
         rows = slice(start, start + w.shape[0])
@@ -227,7 +249,7 @@ def split_rows(record: QuantizedWeight, rows: slice) -> QuantizedWeight:
 def _quantize_rows(
     W: torch.Tensor, H: torch.Tensor, config: GPTQConfig, scale_dtype: torch.dtype,
     clip_ratio: float | torch.Tensor = 1.0, grid: ColumnGrid | None = None,
-) -> _Rows:
+) -> RowsResult:
     """The GPTQ column loop on W [N, K] with H [K, K]; returns the record, the loss of each output row [N] and the
     pre-rounding weights [N, K]. `clip_ratio` (float or per-row [N, 1]) shrinks every group's range before its scale
     is computed. Per column k in quantization order, with w the column as earlier errors left it [N]:
@@ -329,11 +351,11 @@ def _prepare(W: torch.Tensor, H: torch.Tensor, config: GPTQConfig, G: int, scale
 
 def _finish(codes: torch.Tensor, pre: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, losses: torch.Tensor,
             perm: torch.Tensor | None, config: GPTQConfig, G: int, scale_dtype: torch.dtype,
-            grid: ColumnGrid | None) -> _Rows:
+            grid: ColumnGrid | None) -> RowsResult:
     """The record of the loop's codes / pre-rounding weights (quantization order) in natural column order."""
     if grid is not None:
         pre = pre if perm is None else pre[:, torch.argsort(perm)]
-        return _Rows(grid.record(pre, scale, zero), losses, pre)
+        return RowsResult(grid.record(pre, scale, zero), losses, pre)
     g_idx = None
     if perm is not None:
         inv = torch.argsort(perm)
@@ -343,13 +365,13 @@ def _finish(codes: torch.Tensor, pre: torch.Tensor, scale: torch.Tensor, zero: t
             g_idx = (torch.arange(pre.shape[1], device=pre.device) // G)[inv]  # column perm[c] sits in group c // G
     record = make_int_record(codes, scale, zero, config.bits, G, config.symmetric, scale_dtype, g_idx,
                              None if config.actorder == "none" else config.actorder)
-    return _Rows(record, losses, pre)
+    return RowsResult(record, losses, pre)
 
 
 def _fallback_rtn(
     W: torch.Tensor, H: torch.Tensor, perm: torch.Tensor | None, config: GPTQConfig, scale_dtype: torch.dtype,
     clip_ratio: float | torch.Tensor = 1.0, grid: ColumnGrid | None = None,
-) -> _Rows:
+) -> RowsResult:
     """RTN in natural order when no dampening makes H positive definite.
 
     Loss uses only diag(H), clamped at 0: the full form 1/2 tr(E H E^T) can be negative for an indefinite H.
@@ -369,4 +391,4 @@ def _fallback_rtn(
     if grid is None:
         record = quantize_rtn(W, config.bits, config.group_size, config.symmetric, clip_ratio, scale_dtype)
     E = W - record.dequantize()  # [N, K]
-    return _Rows(record, 0.5 * (E.pow(2) * torch.diagonal(H).clamp(min=0)).sum(dim=1), W)
+    return RowsResult(record, 0.5 * (E.pow(2) * torch.diagonal(H).clamp(min=0)).sum(dim=1), W)

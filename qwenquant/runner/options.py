@@ -16,6 +16,7 @@ class RunOptions:
     offload_dir: Path | None = None  # keep decoder layers not in use on disk under this folder (model/offload.py)
     stream: bool = True  # data-free recipes stream tensor by tensor (qwenquant/stream/); False: the in-memory path
     command: str = ""  # the command line, for the report and model card
+    dist_timeout_s: float = 1800.0  # distributed runs: how long a rank waits in a collective before giving up
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)

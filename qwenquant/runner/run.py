@@ -22,6 +22,7 @@ from qwenquant import __version__
 from qwenquant.activations import activation_quantization
 from qwenquant.calibration import load_calibration, samples_hash
 from qwenquant.device import resolve_device
+from qwenquant.distributed import World, join_world, local_device
 from qwenquant.errors import BadInputError, QualityGateError, VerificationError
 from qwenquant.eval.gguf_verify import transformers_greedy, verify_gguf
 from qwenquant.eval.perplexity import eval_windows, kl_stats, load_eval_text, windows_setting
@@ -45,6 +46,7 @@ from qwenquant.runner.mixed import run_mixed_precision
 from qwenquant.runner.options import RunOptions
 from qwenquant.runner.outcome import Quantized
 from qwenquant.runner.placement import OffloadedModel, ResidentModel
+from qwenquant.runner.ranks import check_ranks, check_shardable, ranks_section
 from qwenquant.runner.stream import run_streamed
 from qwenquant.runner.tasks import evaluate_recipe_tasks
 from qwenquant.stages.registry import spec_of
@@ -74,6 +76,8 @@ class Run:
     journal: Journal | None = None
     seconds: dict[str, float] = field(default_factory=dict)
     started: float = field(default_factory=time.time)
+    world: World = field(default_factory=World)  # the ranks of a distributed run (qwenquant/distributed.py)
+    rank_peaks: list[int] = field(default_factory=list)  # each rank's peak host bytes after quantizing
 
     streamed_tokenizer: object = None  # the data-free streaming path loads no model, only its tokenizer
 
@@ -148,6 +152,15 @@ class Run:
     def quantize(self, recipe: Recipe, model) -> Quantized:
         """Quantize `model` in place per `recipe` and evaluate it; the mixed-precision driver calls this once per
         candidate recipe."""
+        state = self.quantize_layers(recipe, model)
+        with self.timed("eval_quantized"):
+            ppl, logp = self.placement.evaluate(model, self.windows.ppl, self.windows.kl, self.device, self.reporter,
+                                                "quantized", state.activations, state.kv_scales)
+        resolved = dataclasses.replace(recipe, stages=[spec_of(s).resolve(s, state.searched) for s in recipe.stages])
+        return Quantized(resolved, model, state, ppl, logp)
+
+    def quantize_layers(self, recipe: Recipe, model) -> QuantState:
+        """The layer loop alone (what every rank of a distributed run does; then their peak memory is gathered)."""
         state = QuantState()
         if self.journal is not None:
             state.records = self.journal.records
@@ -157,12 +170,12 @@ class Run:
             with self.reporter.step(f"quantize ({' -> '.join(spec_of(s).name for s in recipe.stages)})", n_layers) as advance:
                 run_sequential(model, adapter, self.calib, recipe.stages, self.device, state,
                                on_layer_done=lambda i, n: advance(), journal=self.journal, layer_store=store,
+                               world=self.world,
                                kv_strategy=recipe.kv_cache.strategy if recipe.kv_cache.enabled else None)
-        with self.timed("eval_quantized"):
-            ppl, logp = self.placement.evaluate(model, self.windows.ppl, self.windows.kl, self.device, self.reporter,
-                                                "quantized", state.activations, state.kv_scales)
-        resolved = dataclasses.replace(recipe, stages=[spec_of(s).resolve(s, state.searched) for s in recipe.stages])
-        return Quantized(resolved, model, state, ppl, logp)
+        if self.world.distributed:  # the last collective of a distributed run
+            self.rank_peaks = self.world.gather_objects(peak_host_bytes())
+            self.world.leave()
+        return state
 
     def evaluate_tasks(self, q: Quantized) -> dict | None:
         with self.timed("eval_tasks_quantized"), activation_quantization(q.model, q.state.activations), \
@@ -226,20 +239,30 @@ class Run:
         return report
 
 
-def run_recipe(recipe: Recipe, options: RunOptions, reporter: Reporter | None = None) -> dict:
+def run_recipe(recipe: Recipe, options: RunOptions, reporter: Reporter | None = None) -> dict | None:
     """Quantize per the recipe, write `options.out` atomically, verify it, and return the report dict.
 
+    Launched by torchrun (qwenquant/distributed.py), every rank quantizes with its shard of the calibration samples
+    and rank 0 alone writes the output and returns the report; the other ranks return None.
     Raises VerificationError (exit 4) or QualityGateError (exit 3) after writing the folder and its report.
     """
+    device = resolve_device(recipe.device)
+    with join_world(device, options.dist_timeout_s) as world:
+        return _run_recipe(recipe, options, reporter, world, local_device(device))
+
+
+def _run_recipe(recipe: Recipe, options: RunOptions, reporter: Reporter | None, world: World,
+                device: torch.device) -> dict | None:
     out = options.out
     check_output_dir(out, options.overwrite)  # fail fast, before any heavy work
     if options.offload_dir is not None:
         check_offload(recipe)
         local = Path(recipe.model.id).expanduser()
         check_offload_dir(options.offload_dir, out, local if local.is_dir() else None)
-    run = Run(recipe, options, reporter or Reporter(quiet=True), resolve_device(recipe.device))
+    run = Run(recipe, options, reporter or Reporter(quiet=True), device, world=world)
     with run.timed("load"):
         run.resolve()
+    check_ranks(world, recipe, options, run.resolved.weight_files, options.stream and streams(recipe))
     if recipe.eval.kl_tokens == 0 and not (options.stream and streams(recipe)):
         raise BadInputError("--kl-tokens 0 (no KL) applies to data-free streamed runs only; this run quantizes in "
                             f"memory ({'; '.join(streaming_blockers(recipe) or ['--no-stream'])}): drop --kl-tokens 0")
@@ -255,6 +278,10 @@ def run_recipe(recipe: Recipe, options: RunOptions, reporter: Reporter | None = 
         with run.timed("load"):
             run.load(offload_folder)
         run.calibrate()
+        check_shardable(world, run.calib)
+        if not world.main:  # the other ranks quantize their shard alongside rank 0, then stop
+            run.quantize_layers(recipe, run.placement.model)
+            return None
         run.prepare_eval()
         report = _write_output(run, offload_folder)
     _raise_on_failure(report, out)
@@ -286,6 +313,8 @@ def _write_output(run: Run, offload_folder: Path | None) -> dict:
         verification = run.verify(tmp, q, source["logp"], written, source.get("greedy"))
         if done:
             sections["resumed_after_layers"] = done
+        if run.world.distributed:
+            sections["ranks"] = ranks_section(run.world, int(run.calib.shape[0]), run.rank_peaks)
         if "gguf" in written:  # what the GGUF writer stored: tensor types, float16 rounding, tokenizer
             sections["gguf"] = written["gguf"]
         return run.report(tmp, q, source, q_tasks, written, verification, sections, offload_folder)

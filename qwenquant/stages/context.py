@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qwenquant.activations import ActivationCache, StopForward, to_device
+from qwenquant.distributed import World
 from qwenquant.model.moe import observe_all_tokens
 from qwenquant.model.qwen3 import ArchAdapter
 from qwenquant.state import ActivationSpec, QuantState
@@ -36,6 +37,9 @@ class LayerContext:
     # per Linear: the weight a quantizer rounded to nearest when that is not the float weight (GPTQ's error-fed
     # weights); compensation tunes the rounding from it
     pre_rounding: dict[str, torch.Tensor] = field(default_factory=dict)
+    # the ranks of a distributed run (qwenquant/distributed.py): `cache` holds this rank's calibration samples only,
+    # so a stage's statistics are combined with the world's collectives
+    world: World = field(default_factory=World)
     _stop_early: bool = field(default=False, repr=False)
     _batch: int = field(default=0, repr=False)
     _frozen: dict[str, tuple[nn.Module, Callable | None]] = field(default_factory=dict, repr=False)

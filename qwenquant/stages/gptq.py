@@ -3,10 +3,12 @@ down), each group seeing the inputs of the already quantized ones; Linears shari
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
 
+from qwenquant.distributed import World
 from qwenquant.quant import gptq as gptqq
 from qwenquant.stages.context import LayerContext
 from qwenquant.stages.int_weights import (check_clip_fields, check_group_size, check_int_fields, clip_key, int_label,
@@ -42,11 +44,44 @@ def gptq_layer(ctx: LayerContext, cfg: GPTQStage) -> dict:
     clips, search = layer_clips(ctx, cfg, clip_key("gptq"), quantized_names(ctx, ctx.adapter.linears))  # before any Linear changes
 
     def solve(group: list[str], weights: list[torch.Tensor], H: torch.Tensor) -> list[tuple[gptqq.GPTQResult, dict]]:
-        results = gptqq.quantize_weights_shared(weights, H, cfg, scale_dtype=weights[0].dtype,
-                                                clip_ratios=[clips[n] for n in group])
+        results = solve_shared(ctx.world, weights, H, cfg, [clips[n] for n in group])
         return [(res, clip_report(clips[n], search.get(n))) for n, res in zip(group, results)]
 
     return sequential_gptq(ctx, solve)
+
+
+def solve_shared(world: World, weights: list[torch.Tensor], H: torch.Tensor, cfg: GPTQStage,
+                 clip_ratios: list[float]) -> list[gptqq.GPTQResult]:
+    """`quantize_weights_shared` on the INT grid; in a distributed world weight-parallel: GPTQ solves each output
+    row on its own, so each rank solves a contiguous share of the stacked rows (`World.shard`) and the ranks
+    exchange their rows' codes, scales, zero points, losses and pre-rounding weights (`World.gather_rows`)."""
+    dtype = weights[0].dtype
+    if not world.distributed:
+        return gptqq.quantize_weights_shared(weights, H, cfg, scale_dtype=dtype, clip_ratios=clip_ratios)
+    W, clip = gptqq.stack_rows(weights, clip_ratios)
+    mine = world.shard(W.shape[0])
+    part = gptqq.quantize_rows(W[mine], H, cfg, dtype, clip[mine].to(H.device) if torch.is_tensor(clip) else clip)
+    counts = world.counts(W.shape[0])
+    rec = part.record
+    record = dataclasses.replace(
+        rec, q=world.gather_rows(rec.q, counts), scale=world.gather_rows(rec.scale, counts),
+        zero_point=world.gather_rows(rec.zero_point, counts) if rec.zero_point is not None else None)
+    rows = gptqq.RowsResult(record, world.gather_rows(part.loss, counts), world.gather_rows(part.pre_rounding, counts))
+    return gptqq.split_shared(weights, rows)
+
+
+def combined_hessian(ctx: LayerContext, name: str, H: torch.Tensor | None, n: int) -> torch.Tensor:
+    """The Hessian of Linear `name`'s input over every rank's calibration tokens, from this rank's running mean H
+    over its n tokens: sum_r n_r H_r / sum_r n_r, summed in float64 and rounded to float32 once (a single
+    process: H itself)."""
+    if not ctx.world.distributed:
+        return H
+    k = ctx.linear(name).weight.shape[1]
+    weighted = H.double() * n if H is not None else torch.zeros(k, k, dtype=torch.float64, device=ctx.device)
+    tokens = torch.tensor([float(n)], dtype=torch.float64, device=weighted.device)
+    ctx.world.sum_(weighted)
+    ctx.world.sum_(tokens)
+    return (weighted / tokens.clamp(min=1.0)).float()
 
 
 def sequential_gptq(ctx: LayerContext, solve) -> dict:
@@ -93,7 +128,8 @@ def sequential_gptq(ctx: LayerContext, solve) -> dict:
             ctx.forward()
         for group in groups:
             weights = [ctx.linear(name).weight.data for name in group]
-            for name, (res, extra) in zip(group, solve(list(group), weights, hessians[group[0]]["H"])):
+            H = combined_hessian(ctx, group[0], hessians[group[0]]["H"], hessians[group[0]]["n"])
+            for name, (res, extra) in zip(group, solve(list(group), weights, H)):
                 store_int(ctx, name, res.record, report, {"gptq_loss": res.loss} | extra)
                 ctx.pre_rounding[name] = res.pre_rounding  # a later compensate stage tunes the rounding from here
     # every Linear is final now: the propagation forward reuses the last kept inputs (mlp = down_proj(its input))
@@ -176,4 +212,4 @@ def _probe(cfg: GPTQStage, kit) -> dict[str, float]:
 SPEC = StageSpec("gptq", GPTQStage, "quantizer", gptq_layer, record_kind="int", check_linear=check_group_size, resolve=resolve_clip("gptq"),
                  host_bytes=_host_bytes, seconds=_seconds, record_bytes=_record_bytes, label=int_label,
                  probe_quantize=int_probe_quantize, probe=_probe, tag=int_tag(default_symmetric=True),
-                 serving_scheme=int_serving_scheme)
+                 serving_scheme=int_serving_scheme, data_parallel=lambda cfg: not cfg.clip_search)

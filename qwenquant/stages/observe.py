@@ -17,6 +17,10 @@ def collect_channel_absmax(ctx: LayerContext, names: list[str]) -> dict[str, tor
 
     with ctx.observe_inputs(names, observe):
         ctx.forward()
+    if ctx.world.distributed:  # the max over every rank's tokens (in name order: the ranks' collectives pair up)
+        for name in sorted(names):
+            k = ctx.linear(name).weight.shape[1]
+            stats[name] = ctx.world.max_(stats.get(name, torch.zeros(k, device=ctx.device)).contiguous())
     return stats
 
 

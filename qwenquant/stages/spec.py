@@ -104,6 +104,9 @@ class StageSpec:
     activation_spec: Callable[[Any, str], Any] = lambda _cfg, _name: None
     tag: Callable[[Any], str] = lambda _cfg: ""
     serving_scheme: Callable[[Any], str] | None = None
+    # whether the stage runs data-parallel over torch.distributed ranks (qwenquant/distributed.py): every statistic
+    # it gathers from calibration data is combined over the ranks (Hessians, activation maxima)
+    data_parallel: Callable[[Any], bool] = _never
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:

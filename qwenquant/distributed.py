@@ -1,0 +1,188 @@
+"""Runs spread over processes with torch.distributed: one process (rank) per device, launched by torchrun (or by
+`--nproc N`, which re-launches the command through torch.distributed.run). Gloo on the CPU, NCCL on CUDA.
+
+A `World` is passed to what needs it (the run, the layer loop, the stages through `LayerContext.world`); there is
+no module state. Its collectives are the only ones the stages use:
+- `sum_` / `max_`: in-place all-reduce of a statistic (GPTQ Hessians weighted by token counts, activation maxima);
+- `gather_rows`: every rank's rows of a tensor, concatenated in rank order (weight-parallel GPTQ: each rank solves
+  some output rows of a Linear group);
+- `all_same`: the ranks' answers to one question (recipe and source hash) compared before any work.
+A world of size 1 runs none of them: a run without torchrun executes exactly the single-process code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from qwenquant.errors import BadInputError
+
+TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+LAUNCHED_MARKERS = ("TORCHELASTIC_RUN_ID", "LOCAL_RANK", "RANK", "WORLD_SIZE")
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place among the ranks of a run (rank 0 of 1 without torchrun)."""
+
+    rank: int = 0
+    size: int = 1
+    backend: str = "none"  # gloo | nccl | none (a single process)
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+    @property
+    def main(self) -> bool:
+        """Rank 0: the rank that journals, evaluates, exports, verifies and reports."""
+        return self.rank == 0
+
+    def shard(self, n: int, unit: int = 1) -> slice:
+        """This rank's contiguous part of n items, cut at multiples of `unit` items when there are at least as
+        many units as ranks (so each rank's batches of `unit` are the batches a single process forms), else at
+        single items; shares differ by at most one unit (or item)."""
+        step = unit if -(-n // unit) >= self.size else 1
+        units = -(-n // step)
+        lo, hi = units * self.rank // self.size, units * (self.rank + 1) // self.size
+        return slice(min(lo * step, n), min(hi * step, n))
+
+    def counts(self, n: int, unit: int = 1) -> list[int]:
+        """How many of n items each rank's `shard` holds, in rank order."""
+        return [len(range(n)[World(r, self.size).shard(n, unit)]) for r in range(self.size)]
+
+    def sum_(self, t: torch.Tensor) -> torch.Tensor:
+        """`t` summed over the ranks, in place (returned for chaining)."""
+        if self.distributed:
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
+        return t
+
+    def max_(self, t: torch.Tensor) -> torch.Tensor:
+        """`t`'s elementwise maximum over the ranks, in place."""
+        if self.distributed:
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return t
+
+    def gather_rows(self, t: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """Each rank's `t` [counts[rank], ...] concatenated along dim 0 in rank order (padded for the exchange)."""
+        if not self.distributed:
+            return t
+        width = max(counts)
+        pad = torch.zeros((width - t.shape[0], *t.shape[1:]), dtype=t.dtype, device=t.device)
+        parts = [torch.empty((width, *t.shape[1:]), dtype=t.dtype, device=t.device) for _ in range(self.size)]
+        torch.distributed.all_gather(parts, torch.cat([t, pad]).contiguous())
+        return torch.cat([p[:c] for p, c in zip(parts, counts)])
+
+    def gather_objects(self, obj) -> list:
+        """Every rank's `obj` (small, picklable), in rank order."""
+        if not self.distributed:
+            return [obj]
+        out: list = [None] * self.size
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+    def leave(self) -> None:
+        """End this process's membership after the last collective (rank 0 then evaluates, exports and verifies as
+        a single process: transformers' loader must not see a process group)."""
+        if self.distributed and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
+
+    def all_same(self, what: str, value: str) -> None:
+        """Raise BadInputError (on every rank) unless every rank has the same `value` (a hash of `what`)."""
+        values = self.gather_objects(value)
+        differ = [r for r, v in enumerate(values) if v != values[0]]
+        if differ:
+            raise BadInputError(f"ranks {differ} see a different {what} than rank 0; launch every rank with the same "
+                                "command, recipe and model files")
+
+
+def launched() -> bool:
+    """Whether this process was started by torchrun (or another launcher setting its variables)."""
+    return any(v in os.environ for v in LAUNCHED_MARKERS)
+
+
+def env_rank() -> int:
+    """This process's rank per torchrun's variables (0 when not launched by it)."""
+    return int(os.environ.get("RANK", "0") or 0)
+
+
+def check_env() -> None:
+    """Refuse a half-set torchrun environment (e.g. WORLD_SIZE without MASTER_ADDR) in one line."""
+    missing = [v for v in TORCHRUN_VARS if v not in os.environ]
+    if missing:
+        raise BadInputError(f"a distributed run needs torchrun's variables; {', '.join(missing)} not set: launch "
+                            "with `torchrun --nproc-per-node N qwenquant ...` or `qwenquant ... --nproc N`")
+    try:
+        rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    except ValueError as err:
+        raise BadInputError(f"RANK and WORLD_SIZE must be integers: {err}") from err
+    if not 0 <= rank < size:
+        raise BadInputError(f"RANK {rank} is not in [0, WORLD_SIZE={size}); launch with torchrun")
+
+
+@contextmanager
+def join_world(device: torch.device, timeout_s: float) -> Iterator[World]:
+    """The World of this process for the duration of the block: a single process without torchrun's variables,
+    else the process group torchrun describes (gloo on the CPU, NCCL on CUDA, every collective bounded by
+    `timeout_s`, so a rank that dies or stalls ends the others with an error instead of a hang)."""
+    if not launched():
+        yield World()
+        return
+    check_env()
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    torch.distributed.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+    try:
+        yield World(torch.distributed.get_rank(), torch.distributed.get_world_size(), backend)
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def local_device(device: torch.device) -> torch.device:
+    """The device of this rank: `cuda` means the GPU torchrun's LOCAL_RANK names."""
+    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
+        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    return device
+
+
+def inputs_hash(recipe_yaml: str, weight_files: list[Path], version: str) -> str:
+    """What every rank must agree on before any work: the recipe, qwenquant's version and the source weights
+    (file names, sizes and safetensors headers: not modification times, which differ between nodes)."""
+    h = hashlib.sha256(recipe_yaml.encode() + version.encode())
+    for f in sorted(Path(p) for p in weight_files):
+        h.update(f"{f.name}:{f.stat().st_size}".encode())
+        with open(f, "rb") as fh:
+            head = fh.read(8)
+            if len(head) == 8:
+                h.update(fh.read(min(struct.unpack("<Q", head)[0], 100_000_000)))
+    return h.hexdigest()
+
+
+def relaunch(nproc: int, argv: list[str]) -> int:
+    """Run `qwenquant argv` in `nproc` processes on this machine through torch.distributed.run (torchrun's
+    standalone rendezvous); returns rank 0's exit status (each rank prints its own errors)."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    if launched():
+        raise BadInputError("--nproc launches its own ranks; under torchrun (RANK/WORLD_SIZE set) drop --nproc")
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    args = get_args_parser().parse_args(["--standalone", "--nproc-per-node", str(nproc), "--module", "qwenquant",
+                                         *argv])
+    try:
+        run(args)
+    except ChildFailedError as err:
+        codes = {f.local_rank: f.exitcode for f in err.failures.values()}
+        return codes.get(0, next(iter(codes.values()), 1)) or 1
+    return 0

@@ -1,0 +1,170 @@
+"""Distributed runs on 2 gloo ranks (CPU): the collectives' arithmetic against one process, whole runs through
+`--nproc 2` against the same run in one process, and the refusals (one line, exit 2, no output folder)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from safetensors.torch import load_file
+
+from qwenquant.distributed import World
+from qwenquant.errors import BadInputError
+from qwenquant.quant import gptq as gptqq
+from qwenquant.recipe_builder import quantize_recipe
+from qwenquant.runner.options import RunOptions
+from qwenquant.runner.ranks import check_ranks, check_shardable
+
+REPO = Path(__file__).resolve().parents[2]
+K, ROWS, TOKENS = 96, 70, 300  # ROWS odd per rank share: 35 + 35; tokens split 150 + 150
+
+
+def _data():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(TOKENS, K, generator=g)
+    x[:, 3] *= 20.0  # an outlier channel
+    weights = [torch.randn(40, K, generator=g) * 0.05, torch.randn(ROWS - 40, K, generator=g) * 0.05]
+    return x, weights
+
+
+def _hessian(x: torch.Tensor, batch: int = 50) -> tuple[torch.Tensor, int]:
+    H, n = None, 0
+    for i in range(0, x.shape[0], batch):
+        H, n = gptqq.accumulate_hessian(H, x[i:i + batch], n)
+    return H, n
+
+
+def _rank_main(rank: int, port: int, out: str) -> None:
+    """One of two gloo ranks: this rank's half of the tokens -> combined Hessian and maxima, then the
+    weight-parallel GPTQ solve on the combined Hessian; rank 0 saves what it got."""
+    from types import SimpleNamespace
+
+    from qwenquant.stages.gptq import GPTQStage, combined_hessian, solve_shared
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        world = World(rank, 2, "gloo")
+        x, weights = _data()
+        mine = x[world.shard(TOKENS)]
+        H_r, n_r = _hessian(mine)
+        layer = SimpleNamespace(weight=torch.empty(1, K))
+        ctx = SimpleNamespace(world=world, device=torch.device("cpu"), linear=lambda _name: layer)
+        H = combined_hessian(ctx, "q", H_r, n_r)
+        amax = world.max_(mine.abs().amax(dim=0).contiguous())
+        cfg = GPTQStage(bits=4, group_size=32)
+        results = solve_shared(world, weights, H, cfg, [1.0, 1.0])
+        if rank == 0:
+            torch.save({"H": H, "amax": amax, "q": [r.record.q for r in results],
+                        "scale": [r.record.scale for r in results], "loss": [r.loss for r in results],
+                        "pre": [r.pre_rounding for r in results]}, out)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_ranks_combine_statistics_and_split_gptq_rows(tmp_path) -> None:
+    out = tmp_path / "rank0.pt"
+    mp.spawn(_rank_main, args=(_free_port(), str(out)), nprocs=2, join=True)
+    got = torch.load(out)
+    x, weights = _data()
+    H, _ = _hessian(x)
+    rel = float((got["H"] - H).abs().max() / H.abs().max())
+    print(f"combined Hessian vs one process: max rel diff {rel:.2e}")
+    assert 0 <= rel < 1e-6  # float32 running means of different token sets: rounding only
+    assert torch.equal(got["amax"], x.abs().amax(dim=0))  # the max does not depend on the order
+    from qwenquant.stages.gptq import GPTQStage
+
+    single = gptqq.quantize_weights_shared(weights, got["H"], GPTQStage(bits=4, group_size=32), scale_dtype=torch.float32)
+    for i, res in enumerate(single):  # every row solved on its own: splitting rows over ranks changes no bit
+        assert torch.equal(got["q"][i], res.record.q) and torch.equal(got["scale"][i], res.record.scale)
+        assert torch.equal(got["pre"][i], res.pre_rounding)
+        assert got["loss"][i] == pytest.approx(res.loss, rel=1e-6)
+
+
+def test_shards_are_contiguous_whole_batches_when_possible() -> None:
+    shards = [World(r, 2).shard(20, 8) for r in range(2)]
+    assert shards == [slice(0, 8), slice(8, 20)]  # 3 batches of 8: one rank takes 2
+    assert [World(r, 3).shard(4, 8) for r in range(3)] == [slice(0, 1), slice(1, 2), slice(2, 4)]  # < 3 batches
+    assert World(0, 2).counts(20, 8) == [8, 12] and World(0, 1).shard(5, 8) == slice(0, 5)
+
+
+class _Disagreeing(World):
+    """A 2-rank world whose rank 1 reports another value (no process group needed)."""
+
+    def gather_objects(self, obj) -> list:
+        return [obj, "something else"]
+
+
+def test_refusals_before_any_work(tiny_qwen3) -> None:
+    recipe = quantize_recipe({"model": {"id": str(tiny_qwen3)}, "gptq": {}})
+    files = sorted(tiny_qwen3.glob("*.safetensors"))
+    two = World(0, 2, "gloo")
+    with pytest.raises(BadInputError, match="--resume is not supported"):
+        check_ranks(two, recipe, RunOptions(out=Path("x"), resume=True), files, streamed=False)
+    with pytest.raises(BadInputError, match="uses none"):
+        check_ranks(two, recipe, RunOptions(out=Path("x")), files, streamed=True)
+    awq = quantize_recipe({"model": {"id": str(tiny_qwen3)}, "awq": {}})
+    with pytest.raises(BadInputError, match="stage awq"):
+        check_ranks(two, awq, RunOptions(out=Path("x")), files, streamed=False)
+    with pytest.raises(BadInputError, match=r"ranks \[1\] see a different recipe"):
+        check_ranks(_Disagreeing(0, 2, "gloo"), recipe, RunOptions(out=Path("x")), files, streamed=False)
+    with pytest.raises(BadInputError, match="3 ranks but only 2 calibration samples"):
+        check_shardable(World(0, 3, "gloo"), torch.zeros(2, 8, dtype=torch.long))
+
+
+def test_launch_refusals_are_one_line(cli, tiny_args, tmp_path, monkeypatch) -> None:
+    out = tmp_path / "out"
+    monkeypatch.setenv("RANK", "0")  # as under torchrun
+    res = cli(["gptq", *tiny_args, "--out", out, "--nproc", "2"])
+    assert res.code == 2 and len(res.error_lines) == 1 and "drop --nproc" in res.error_lines[0], res.err
+    monkeypatch.setenv("WORLD_SIZE", "2")  # torchrun's variables half set: no MASTER_ADDR, MASTER_PORT, LOCAL_RANK
+    res = cli(["gptq", *tiny_args, "--out", out])
+    assert res.code == 2 and "LOCAL_RANK, MASTER_ADDR, MASTER_PORT not set" in res.error_lines[0], res.err
+    assert not out.exists() and not list(tmp_path.glob(".*partial*"))
+
+
+@pytest.mark.slow  # ~25 s each idle: three Python processes (launcher + 2 ranks) import torch and transformers
+@pytest.mark.parametrize("scheme", [["fp8", "--activations", "static", "--smooth", "--weights", "tensor"],
+                                    ["gptq", "--group-size", "32"]])
+def test_two_gloo_ranks_match_one_process(scheme, cli, tiny_qwen3, calib_txt, eval_text, tmp_path) -> None:
+    """16 samples = 2 batches of 8: each rank forms one of the single process's batches. Maxima (static FP8,
+    smoothing) then give the same bits; GPTQ's Hessian is a sum in another order (last-bit differences), which
+    GPTQ's rounding amplifies into different codes: the KL vs the source must stay as good."""
+    args = [*scheme, "--model", tiny_qwen3, "--calib", calib_txt, "--num-samples", "16", "--seq-len", "64",
+            "--eval-windows", "1", "--eval-window", "128", "--eval-text", eval_text, "--kl-tokens", "512",
+            "--device", "cpu", "--quiet"]
+    single = cli([*args, "--out", tmp_path / "n1"])  # in this process, one torch thread (conftest) like each rank
+    assert single.code == 0, single.err
+    two = subprocess.run([sys.executable, "-m", "qwenquant", *map(str, args), "--out", str(tmp_path / "n2"),
+                          "--nproc", "2"], cwd=REPO, env=os.environ | {"OMP_NUM_THREADS": "1"}, capture_output=True,
+                         text=True, timeout=600)
+    assert two.returncode == 0, two.stderr
+    one, two = (load_file(tmp_path / f"n{n}" / "model.safetensors") for n in (1, 2))
+    reports = [json.loads((tmp_path / f"n{n}" / "qwenquant_report.json").read_text()) for n in (1, 2)]
+    ranks = reports[1]["ranks"]
+    assert ranks["world_size"] == 2 and ranks["backend"] == "gloo" and ranks["samples_per_rank"] == [8, 8]
+    assert len(ranks["peak_host_bytes_per_rank"]) == 2 and "ranks" not in reports[0]
+    assert one.keys() == two.keys()
+    differ = [k for k in one if not torch.equal(one[k], two[k])]
+    kl = [r["evaluation"]["kl_vs_source"]["mean_kl"] for r in reports]
+    print(f"{scheme[0]}: {len(differ)}/{len(one)} tensors differ; mean KL 1 rank {kl[0]:.3e}, 2 ranks {kl[1]:.3e}")
+    if scheme[0] == "fp8":
+        assert differ == []
+    else:
+        assert all(k.endswith(("weight_packed", "weight_scale")) for k in differ)
+        assert abs(kl[1] - kl[0]) < 0.05 * kl[0]
