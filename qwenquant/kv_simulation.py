@@ -126,10 +126,13 @@ def attention_names(model: nn.Module, layers_path: str, attention: str) -> list[
 
 @contextmanager
 def kv_calibration(layer: nn.Module, name: str, prefix: str, strategy: str | None, state,
-                   dtype: torch.dtype) -> Iterator[dict]:
+                   dtype: torch.dtype, combine_max: Callable[[torch.Tensor], torch.Tensor] | None = None
+                   ) -> Iterator[dict]:
     """Around one decoder layer's propagation forwards (`name`: its attention module's full name, `prefix`: the
     layer's): observe its K/V and, after the block, store (k_scale, v_scale) in `state.kv_scales[name]` and their
-    summary in the yielded dict (the layer report's `kv_cache`). `strategy` None: nothing is observed."""
+    summary in the yielded dict (the layer report's `kv_cache`). `strategy` None: nothing is observed.
+    `combine_max`: the elementwise max over the ranks of a distributed run (each saw its share of the samples),
+    applied to the absmax before the scales are set, so every rank writes the same scales."""
     report: dict = {}
     if strategy is None:
         yield report
@@ -139,7 +142,9 @@ def kv_calibration(layer: nn.Module, name: str, prefix: str, strategy: str | Non
         yield report
     if name not in observer.absmax:
         raise RuntimeError(f"{name}: no K/V reached the cache during calibration")
-    (k_abs, v_abs) = observer.absmax[name]
+    k_abs, v_abs = observer.absmax[name]
+    if combine_max is not None:
+        k_abs, v_abs = combine_max(k_abs.clone()), combine_max(v_abs.clone())
     k_scale, v_scale = kv_scale(k_abs, dtype), kv_scale(v_abs, dtype)
     state.kv_scales[name] = (k_scale, v_scale)
     report.update({"strategy": strategy, "tokens": observer.tokens[name],

@@ -110,3 +110,25 @@ def test_hooks_observe_and_quantize_what_the_cache_stores() -> None:
     expected = fake_quantize_kv(k, scales["attn"][0]).sum() + fake_quantize_kv(x.view(1, 2, -1, 4), scales["attn"][1]).sum()
     assert torch.allclose(quantized, expected.reshape(1)) and not torch.equal(quantized, plain)
     assert not outer.attn._forward_pre_hooks  # removed after the block
+
+
+def test_calibration_sets_scales_from_the_combined_absmax() -> None:
+    """kv_calibration stores s = bf16(max|x| / 448) per head; in a distributed run the absmax is first combined over
+    the ranks (here a stand-in rank whose V reached 100 on head 1)."""
+    from qwenquant.kv_simulation import kv_calibration
+    from qwenquant.state import QuantState
+
+    torch.manual_seed(0)
+    outer = nn.Module()
+    outer.attn = _Attention()
+    x = torch.randn(3, 8)
+    state = QuantState()
+    other_rank = torch.tensor([0.0, 100.0]).reshape(2, 1, 1)
+    with kv_calibration(outer, "attn", "", "head", state, torch.bfloat16,
+                        combine_max=lambda t: torch.maximum(t, other_rank)) as report:
+        outer.attn(x)
+    k_scale, v_scale = state.kv_scales["attn"]
+    v_abs = x.view(1, 2, -1, 4).abs().amax(dim=(0, 2, 3))
+    assert torch.equal(v_scale.flatten(), (torch.stack([v_abs[0], torch.tensor(100.0)]) / 448).to(torch.bfloat16))
+    assert k_scale.shape == (2, 1, 1) and report["v_scale"] == v_scale.float().flatten().tolist()
+    assert report["strategy"] == "head" and report["tokens"] == 3
