@@ -177,7 +177,11 @@ def relaunch(nproc: int, argv: list[str]) -> int:
 
     if launched():
         raise BadInputError("--nproc launches its own ranks; under torchrun (RANK/WORLD_SIZE set) drop --nproc")
+    saved = dict(os.environ)
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    # the ranks import the qwenquant this process runs, wherever the working folder is
+    here = str(Path(__file__).resolve().parents[1])
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p)
     args = get_args_parser().parse_args(["--standalone", "--nproc-per-node", str(nproc), "--module", "qwenquant",
                                          *argv])
     try:
@@ -185,4 +189,7 @@ def relaunch(nproc: int, argv: list[str]) -> int:
     except ChildFailedError as err:
         codes = {f.local_rank: f.exitcode for f in err.failures.values()}
         return codes.get(0, next(iter(codes.values()), 1)) or 1
+    finally:  # the ranks' environment, not this process's
+        os.environ.clear()
+        os.environ.update(saved)
     return 0

@@ -62,7 +62,7 @@ def execute(ctx: typer.Context, recipe: Recipe, given: Given, suffix: str) -> No
     argv = (ctx.obj or {}).get("argv", sys.argv[1:])
     options = RunOptions(**run, command=command_line(argv))
     if given["dry_run"]:
-        return estimate_only(recipe, options, given["json_out"])
+        return estimate_only(recipe, options, given["json_out"], given["nproc"])
     if given["nproc"] != 1:
         sys.exit(launch_ranks(given["nproc"], argv))
     from qwenquant.distributed import env_rank
@@ -107,7 +107,7 @@ def print_summary(report: dict, out: Path, reporter, quiet: bool, json_out: bool
         reporter.console.print(f"[green]wrote {out}[/green]: {ppl}{kl}; see {out}/REPORT.md", soft_wrap=True)
 
 
-def estimate_only(recipe: Recipe, options: RunOptions, json_out: bool) -> None:
+def estimate_only(recipe: Recipe, options: RunOptions, json_out: bool, nproc: int = 1) -> None:
     """--dry-run: print the resource estimate of the run `options` describe (rich tables, or one JSON document with
     --json) and raise a ResourceError (exit 5, one line) when the run would not fit; the estimate rides along in the
     --json error."""
@@ -115,6 +115,10 @@ def estimate_only(recipe: Recipe, options: RunOptions, json_out: bool) -> None:
 
     silence_libraries()
     est = estimate_run(recipe, options.out, options.overwrite, options.offload_dir, options.stream)
+    if nproc > 1:  # --nproc N: N ranks on this machine (qwenquant/estimate/ranks.py)
+        from qwenquant.estimate.ranks import with_ranks
+
+        est = with_ranks(est, nproc, nproc)
     if json_out:
         if est.ok:
             print(json.dumps(est.to_dict()))

@@ -85,6 +85,13 @@ def print_estimate(est: Estimate, console=None) -> None:
         console.print(f"data-free streaming: time ~ reading source + writing output at disk speed "
                       f"({gib(st['read_bytes'])} read + {gib(st['write_bytes'])} written, about "
                       f"{secs(st['seconds'])})", highlight=False)
+    if est.ranks is not None:
+        r = est.ranks
+        console.print(f"{r['world_size']} ranks ({r['ranks_on_this_machine']} on this machine): "
+                      f"{gib(r['peak_host_bytes_per_rank'])} peak host memory per rank, "
+                      f"{gib(r['peak_host_bytes_this_machine'])} on this machine; total {secs(est.timings_s['total'])} "
+                      f"vs {secs(r['total_s_one_process'])} in one process (x{r['expected_speedup']:.2f})",
+                      highlight=False)
     for note in est.notes:
         console.print(f"note: {note}", highlight=False)
     if est.ok:

@@ -35,6 +35,7 @@ class Estimate:
     probe: dict
     dominant_stage: dict  # the longest part of the run (time.dominant_stage)
     streaming: dict | None = None  # the data-free streaming path's reads and writes (time.streaming_time), or None
+    ranks: dict | None = None  # a distributed run's per-rank time and memory (estimate/ranks.py), or None
 
     @property
     def ok(self) -> bool:

@@ -16,7 +16,7 @@ import qwenquant.estimate as estimate
 import qwenquant.estimate.probe as probe_mod
 
 JSON_KEYS = {"ok", "dry_run", "model", "recipe", "run", "sizes", "memory", "disk", "timings_s", "fits", "reasons",
-             "notes", "probe", "dominant_stage", "streaming"}
+             "notes", "probe", "dominant_stage", "streaming", "ranks"}
 TIMING_KEYS = {"startup", "load", "calibration_data", "eval_source", "quantize", "eval_quantized", "export", "verify",
                "report", "stages", "total"}
 STREAM_TIMING_KEYS = {"startup", "load", "quantize_and_write", "verify", "report", "stages", "total"}  # runner/stream.py

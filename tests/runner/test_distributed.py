@@ -168,3 +168,20 @@ def test_two_gloo_ranks_match_one_process(scheme, cli, tiny_qwen3, calib_txt, ev
     else:
         assert all(k.endswith(("weight_packed", "weight_scale")) for k in differ)
         assert abs(kl[1] - kl[0]) < 0.05 * kl[0]
+
+
+def test_dry_run_knows_ranks(cli, tiny_args, tmp_path) -> None:
+    """--dry-run --nproc 2: the quantize phase halves, rank-0-only phases do not, per-rank memory is reported."""
+    docs = {}
+    for n in (1, 2):
+        res = cli(["gptq", *tiny_args, "--out", tmp_path / "out", "--dry-run", "--json", "--nproc", str(n)])
+        assert res.code == 0, res.err
+        docs[n] = json.loads(res.out)
+    one, two = docs[1], docs[2]
+    assert one["ranks"] is None and two["ranks"]["world_size"] == 2 and not (tmp_path / "out").exists()
+    # each run probes the machine afresh: compare each estimate with its own single-process numbers
+    t = two["timings_s"]
+    assert t["total"] == pytest.approx(two["ranks"]["total_s_one_process"] - t["quantize"], rel=1e-9)
+    assert t["quantize"] == pytest.approx(sum(t["stages"].values()), rel=1e-9)
+    assert 0 < two["ranks"]["peak_host_bytes_per_rank"] <= two["memory"]["peak_host_bytes"]
+    assert two["ranks"]["peak_host_bytes_this_machine"] == 2 * two["ranks"]["peak_host_bytes_per_rank"]
