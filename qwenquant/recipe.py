@@ -146,6 +146,8 @@ class KVCacheConfig:
     def __post_init__(self) -> None:
         choice("kv_cache.scheme", self.scheme, ("none", "fp8"))
         choice("kv_cache.strategy", self.strategy, KV_STRATEGIES)
+        if self.scheme == "none" and self.strategy != "tensor":
+            raise ValueError(f"kv_cache.strategy: {self.strategy} needs kv_cache.scheme fp8 (--kv-cache fp8)")
 
     @property
     def enabled(self) -> bool:

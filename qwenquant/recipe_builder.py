@@ -80,6 +80,8 @@ def output_tag(recipe: Recipe, scheme: str) -> str:
     each stage's `tag` (what differs from its command's defaults) and a format other than compressed-tensors, so
     different recipes run one after another write different folders (`qwen3-mini-FP8-BLOCK-hf-fp8`)."""
     parts = [scheme] + [spec_of(stage).tag(stage) for stage in recipe.stages]
+    if recipe.kv_cache.enabled:  # qwen3-mini-W4A16-GPTQ-KV-FP8(-HEAD)
+        parts.append("KV-FP8" + ("-HEAD" if recipe.kv_cache.strategy == "head" else ""))
     if recipe.export.format != ExportConfig.format:
         parts.append(recipe.export.format)
     return "-".join(p for p in parts if p)

@@ -79,3 +79,12 @@ def test_default_output_names_differ_by_what_the_flags_changed():
     assert names == ["FP8-BLOCK-hf-fp8", "FP8-WEIGHT-ONLY", "FP8-SMOOTH-TENSOR-STATIC", "FP8-SMOOTH-STATIC-SEARCH",
                      "W4A16-GPTQ-gptq", "W4A16-GPTQ-KEEP2", "W4A16-GPTQ-COMP", "W4A16-GPTQ-SEARCH",
                      "W4A16-GPTQ-CH-ASYM", "W4A16-AWQ-G64-NOCLIP", "W4A16-RTN-KEEPAUTO"]
+
+
+def test_kv_cache_shows_in_the_default_output_name():
+    from qwenquant.recipe_builder import output_tag, quantize_recipe
+
+    assert output_tag(quantize_recipe({"gptq": {}, "kv_cache": {"scheme": "fp8"}}), "W4A16-GPTQ") == "W4A16-GPTQ-KV-FP8"
+    assert output_tag(quantize_recipe({"fp8": {}, "kv_cache": {"scheme": "fp8", "strategy": "head"}}),
+                      "FP8") == "FP8-KV-FP8-HEAD"
+    assert output_tag(quantize_recipe({"fp8": {}, "kv_cache": {}}), "FP8") == "FP8"

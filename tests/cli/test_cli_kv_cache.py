@@ -81,3 +81,9 @@ def test_recipe_key_is_validated(cli, tiny_qwen3, tmp_path):
     recipe.write_text("stages:\n  - rtn: {bits: 4, group_size: 32}\nkv_cache:\n  scheme: int8\n")
     res = cli(["run", str(recipe), "--model", str(tiny_qwen3), "--out", str(tmp_path / "out"), "--quiet"])
     assert_fails(res, 2, "kv_cache.scheme", "int8", "fp8")
+
+
+def test_strategy_without_the_scheme_is_refused(cli, tiny_args, tmp_path):
+    res = cli(["fp8", *tiny_args, "--kv-cache-strategy", "head", "--out", str(tmp_path / "out"), "--quiet"])
+    assert_fails(res, 2, "kv_cache.strategy", "--kv-cache fp8")
+    assert_nothing_written(tmp_path)
