@@ -20,6 +20,7 @@ from typing import Callable
 import torch
 
 from qwenquant.errors import BadInputError
+from qwenquant.eval.long_context import LongContextSettings, measure_long_context
 from qwenquant.eval.perplexity import eval_windows, perplexity, windows_setting
 from qwenquant.eval.precision import evaluation_precision
 from qwenquant.eval.tasks import TaskPlan, run_tasks
@@ -96,6 +97,8 @@ class MeasureSettings:
     ppl_text: str | None
     window: int
     max_windows: int | None  # None: every window of the text
+    long_context: LongContextSettings | None = None  # None: no long-context evaluation
+    long_text: str | None = None  # the text its documents and haystacks come from
 
 
 def measure(path: Path, flag: str, settings: MeasureSettings, quiet: bool = False,
@@ -128,6 +131,11 @@ def _measure(path: Path, flag: str, s: MeasureSettings, quiet: bool, log: Callab
             out["window"] = w
             out["setting"] = windows_setting(w, windows.shape[0], text_windows.shape[0])
             timings["perplexity"] = time.time() - t
+        if s.long_context is not None:
+            t = time.time()
+            with evaluation_precision(model, s.device):
+                out["long_context"] = measure_long_context(model, tokenizer, s.long_text, s.long_context, s.device, log)
+            timings["long_context"] = time.time() - t
         if s.plan is not None and s.plan.names:
             t = time.time()
             log(f"tasks {', '.join(s.plan.names)}" + (f" (limit {s.limit})" if s.limit else ""))

@@ -21,6 +21,9 @@ import torch
 from qwenquant.device import resolve_device
 from qwenquant.errors import BadInputError
 from qwenquant.eval.checkpoint import MeasureSettings, check_checkpoint_dir, describe_checkpoint, measure
+from qwenquant.eval import passkey
+from qwenquant.eval.long_context import DEFAULT_DOCS, LongContextSettings, check_lengths, default_lengths
+from qwenquant.eval.long_context_report import long_context_lines, long_context_section, long_context_summary
 from qwenquant.eval.perplexity import DEFAULT_WINDOWS, load_eval_text
 from qwenquant.eval.precision import compute_dtype_name
 from qwenquant.eval.tasks import DEFAULT_BATCH_SIZE, DEFAULT_TASKS, NUM_FEWSHOT, parse_task_list, resolve_tasks
@@ -53,6 +56,13 @@ class EvalRequest:
     batch_size: int = DEFAULT_BATCH_SIZE
     device: str = "auto"
     out: Path | None = None
+    long_context: bool = False
+    context_lengths: str | None = None  # comma-separated; None: 512, 1024, ... up to the model's max positions
+    passkey_depths: str = "10,50,90"  # percent
+    passkey_trials: int = passkey.DEFAULT_TRIALS
+    long_docs: int = DEFAULT_DOCS
+    kv_cache: str = "bf16"  # bf16, fp8 or bf16,fp8
+    seed: int = 0
 
     def __post_init__(self) -> None:
         if self.limit is not None and self.limit < 1:
@@ -77,6 +87,7 @@ class EvalJob:
     baseline_info: dict | None
     settings: MeasureSettings
     ppl_desc: str | None
+    text_desc: str | None = None
 
 
 def prepare_eval(request: EvalRequest) -> EvalJob:
@@ -88,17 +99,54 @@ def prepare_eval(request: EvalRequest) -> EvalJob:
         baseline = baseline.expanduser()
         baseline_info = describe_checkpoint(baseline, check_checkpoint_dir(baseline, "--baseline"))
     names = [] if request.tasks.strip().lower() == "none" else parse_task_list(request.tasks)
-    if not names and not request.ppl:
+    if not names and not request.ppl and not request.long_context:
         raise BadInputError("nothing to measure: --tasks none with --no-ppl")
+    long_settings = None
+    if request.long_context:
+        configs = [check_checkpoint_dir(model_dir, "MODEL_DIR")]
+        if baseline is not None:
+            configs.append(check_checkpoint_dir(baseline, "--baseline"))
+        long_settings = long_context_settings(request, configs)
     plan = resolve_tasks(names, request.include_path, request.tasks_dir) if names else None
-    ppl_text, ppl_desc = load_eval_text(request.eval_text) if request.ppl else (None, None)
+    text, text_desc = load_eval_text(request.eval_text) if request.ppl or request.long_context else (None, None)
+    ppl_text, ppl_desc = (text, text_desc) if request.ppl else (None, None)
     device = resolve_device(request.device)
     out = request.out
     if out is not None and out.exists() and not out.is_dir():
         raise BadInputError(f"--out {out}: exists and is not a directory")
     settings = MeasureSettings(device=device, plan=plan, limit=request.limit, batch_size=request.batch_size,
-                               ppl_text=ppl_text, window=request.window, max_windows=request.max_windows)
-    return EvalJob(model_dir, model_info, baseline, baseline_info, settings, ppl_desc)
+                               ppl_text=ppl_text, window=request.window, max_windows=request.max_windows,
+                               long_context=long_settings, long_text=text if long_settings else None)
+    return EvalJob(model_dir, model_info, baseline, baseline_info, settings, ppl_desc, text_desc)
+
+
+def _int_list(flag: str, value: str) -> list[int]:
+    try:
+        values = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise BadInputError(f"{flag} {value!r}: comma-separated whole numbers, e.g. 512,1024,2048,4096") from None
+    if not values:
+        raise BadInputError(f"{flag}: empty; pass comma-separated whole numbers")
+    return values
+
+
+def long_context_settings(request: EvalRequest, configs: list[dict]) -> LongContextSettings:
+    """The checked long-context settings: lengths default to 512, 1024, ... up to the smallest max positions of the
+    models measured; a length beyond a model's max_position_embeddings is a one-line error naming the fix."""
+    if request.context_lengths:
+        lengths = _int_list("--context-lengths", request.context_lengths)
+    else:
+        limits = [(c.get("text_config") or c).get("max_position_embeddings") for c in configs]
+        limits = [n for n in limits if n]
+        if not limits:
+            raise BadInputError("config.json has no max_position_embeddings; pass --context-lengths")
+        lengths = list(default_lengths(min(limits)))
+    for c, flag in zip(configs, ("MODEL_DIR", "--baseline")):
+        check_lengths(lengths, c, f"--context-lengths (for {flag})")
+    depths = [d / 100.0 for d in _int_list("--passkey-depths", request.passkey_depths)]
+    kv = tuple(k.strip() for k in request.kv_cache.split(",") if k.strip())
+    return LongContextSettings(lengths=tuple(sorted(set(lengths))), docs=request.long_docs, depths=tuple(depths),
+                               trials=request.passkey_trials, kv_caches=kv, seed=request.seed)
 
 
 def evaluate(job: EvalJob, *, command: str, started: float, quiet: bool = False,
@@ -174,6 +222,7 @@ def build_report(job: EvalJob, *, command: str, measured: dict, base_measured: d
             "lm_eval_version": lm_eval_version,
         },
         "perplexity": _perplexity_section(job.ppl_desc, measured, base_measured),
+        "long_context": long_context_section(job.text_desc, measured, base_measured),
         "tasks": _task_entries(plan, measured, base_measured),
         "timings_s": {"model": measured["timings_s"],
                       "baseline": None if base_measured is None else base_measured["timings_s"],
@@ -202,6 +251,7 @@ def summary(report: dict, out: Path | None) -> dict:
         "delta_ppl_pct": None if ppl is None else ppl["delta_ppl_pct"],
         "window": None if ppl is None else ppl["window"],
         "limit": report["settings"]["limit"],
+        "long_context": long_context_summary(report.get("long_context")),
         "tasks": tasks,
         "out": None if out is None else str(out),
     }
@@ -279,6 +329,8 @@ def render_markdown(r: dict) -> str:
     lines.append(f"- command: `{r['command']}`")
     if r["perplexity"] is not None:
         lines += _perplexity_lines(r["perplexity"])
+    if r.get("long_context"):
+        lines += long_context_lines(r["long_context"])
     if r["tasks"]:
         lines += _task_lines(r)
     lines.append("")
