@@ -59,6 +59,12 @@ class World:
         """How many of n items each rank's `shard` holds, in rank order."""
         return [len(range(n)[World(r, self.size).shard(n, unit)]) for r in range(self.size)]
 
+    def total(self, n: int) -> int:
+        """The integer n summed over the ranks."""
+        if not self.distributed:
+            return n
+        return sum(self.gather_objects(int(n)))
+
     def sum_(self, t: torch.Tensor) -> torch.Tensor:
         """`t` summed over the ranks, in place (returned for chaining)."""
         if self.distributed:

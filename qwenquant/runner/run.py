@@ -292,7 +292,9 @@ def _write_output(run: Run, offload_folder: Path | None) -> dict:
     """Everything that writes into the hidden `.OUT.partial/` folder, renamed into place at the end."""
     recipe, options = run.recipe, run.options
     mixed = recipe.stage("mixed_precision") is not None
-    fingerprint = run_fingerprint(recipe.to_yaml(), run.resolved.weight_files)
+    # a distributed run's journal holds rank 0's share of the activations only: it must not resume as a whole run
+    fingerprint = run_fingerprint(recipe.to_yaml(), run.resolved.weight_files,
+                                  {"world_size": run.world.size} if run.world.distributed else None)
     if options.resume and not mixed:  # refuse a mismatched resume before the output folder code could touch it
         layers_done_in(partial_dir(options.out), fingerprint)
     with atomic_output_dir(options.out, options.overwrite, resume=options.resume, keep_on_interrupt=_has_progress) as tmp:

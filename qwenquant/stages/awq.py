@@ -121,4 +121,4 @@ def _tag(cfg: AWQStage) -> str:
 SPEC = StageSpec("awq", AWQStage, "quantizer", awq_layer, record_kind="int", check_linear=check_group_size,
                  host_bytes=_host_bytes, seconds=_seconds, record_bytes=int_record_bytes, label=int_label,
                  probe_quantize=int_probe_quantize, probe=_probe, tag=_tag,
-                 serving_scheme=int_serving_scheme)
+                 serving_scheme=int_serving_scheme, data_parallel=lambda _cfg: True)

@@ -221,4 +221,4 @@ SPEC = StageSpec("fp8", FP8Stage, "quantizer", fp8_layer, record_kind="fp8", che
                  data_free=_data_free, quantize_weight=quantize_weight,
                  shares_scale=lambda cfg: cfg.weights == "tensor", activation_spec=_activation_spec, tag=_tag,
                  serving_scheme=lambda cfg: "fp8-w8a16" if cfg.activations == "none" else "fp8-w8a8",
-                 data_parallel=lambda cfg: not (cfg.clip_search or cfg.granularity_search))
+                 data_parallel=lambda _cfg: True)

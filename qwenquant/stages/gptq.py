@@ -212,4 +212,4 @@ def _probe(cfg: GPTQStage, kit) -> dict[str, float]:
 SPEC = StageSpec("gptq", GPTQStage, "quantizer", gptq_layer, record_kind="int", check_linear=check_group_size, resolve=resolve_clip("gptq"),
                  host_bytes=_host_bytes, seconds=_seconds, record_bytes=_record_bytes, label=int_label,
                  probe_quantize=int_probe_quantize, probe=_probe, tag=int_tag(default_symmetric=True),
-                 serving_scheme=int_serving_scheme, data_parallel=lambda cfg: not cfg.clip_search)
+                 serving_scheme=int_serving_scheme, data_parallel=lambda _cfg: True)

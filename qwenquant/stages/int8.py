@@ -126,4 +126,5 @@ SPEC = StageSpec("int8", Int8Stage, "quantizer", int8_layer, record_kind=int8q.K
                  record_bytes=_record_bytes, label=lambda cfg: f"w8a8 int8 {cfg.method} (channel weights, token acts)",
                  probe_quantize=_probe_quantize, probe=_probe, data_free=lambda cfg: cfg.method == "rtn",
                  quantize_weight=quantize_weight, activation_spec=_activation_spec,
-                 tag=lambda cfg: "RTN" if cfg.method == "rtn" else "", serving_scheme=lambda cfg: "int8-w8a8")
+                 tag=lambda cfg: "RTN" if cfg.method == "rtn" else "", serving_scheme=lambda cfg: "int8-w8a8",
+                 data_parallel=lambda _cfg: True)

@@ -183,4 +183,5 @@ SPEC = StageSpec("nvfp4", NVFP4Stage, "quantizer", nvfp4_layer, record_kind="nvf
                  record_bytes=_record_bytes, label=_label, probe_quantize=_probe_quantize, probe=_probe,
                  data_free=_data_free, quantize_weight=quantize_weight, shares_scale=lambda cfg: True,
                  activation_spec=lambda cfg, name: None, tag=_tag,
-                 serving_scheme=lambda cfg: "nvfp4a16" if cfg.activations == "none" else "nvfp4")
+                 serving_scheme=lambda cfg: "nvfp4a16" if cfg.activations == "none" else "nvfp4",
+                 data_parallel=lambda _cfg: True)

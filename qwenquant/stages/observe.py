@@ -25,8 +25,11 @@ def collect_channel_absmax(ctx: LayerContext, names: list[str]) -> dict[str, tor
 
 
 def sample_inputs(ctx: LayerContext, names: list[str], max_tokens: int) -> dict[str, torch.Tensor]:
-    """Up to `max_tokens` input rows [T, K] per listed Linear, evenly strided over the calibration set."""
-    stride = max(1, ctx.cache.num_tokens // max_tokens)
+    """Up to `max_tokens` input rows [T, K] per listed Linear, evenly strided over the calibration set.
+
+    Distributed, the stride is the whole set's and the ranks' rows are gathered in rank order: with shards of
+    whole batches (`World.shard`) these are the rows a single process samples (the stride restarts per batch)."""
+    stride = max(1, ctx.world.total(ctx.cache.num_tokens) // max_tokens)
     xs: dict[str, list[torch.Tensor]] = {n: [] for n in names}
 
     def observe(name: str, x: torch.Tensor) -> None:
@@ -34,6 +37,10 @@ def sample_inputs(ctx: LayerContext, names: list[str], max_tokens: int) -> dict[
 
     with ctx.observe_inputs(names, observe):
         ctx.forward()
+    if ctx.world.distributed:
+        mine = {n: torch.cat(v) for n, v in xs.items()}
+        counts = ctx.world.gather_objects({n: int(x.shape[0]) for n, x in mine.items()})
+        return {n: ctx.world.gather_rows(mine[n], [c[n] for c in counts])[:max_tokens] for n in sorted(mine)}
     return {n: torch.cat(v)[:max_tokens] for n, v in xs.items()}
 
 

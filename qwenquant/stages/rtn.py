@@ -57,4 +57,4 @@ SPEC = StageSpec("rtn", RTNStage, "quantizer", rtn_layer, record_kind="int", che
                  host_bytes=_host_bytes, seconds=_seconds, record_bytes=int_record_bytes, label=int_label,
                  probe_quantize=int_probe_quantize, data_free=lambda cfg: not cfg.clip_search,
                  quantize_weight=quantize_weight, tag=int_tag(default_symmetric=True),
-                 serving_scheme=int_serving_scheme)
+                 serving_scheme=int_serving_scheme, data_parallel=lambda _cfg: True)

@@ -80,4 +80,4 @@ def _seconds(cfg: SmoothStage, need) -> tuple[float, str]:
 
 SPEC = StageSpec("smooth", SmoothStage, "transform", smooth_layer, check=_check, resolve=_resolve,
                  host_bytes=_host_bytes, seconds=_seconds, tag=lambda cfg: "SMOOTH",
-                 data_parallel=lambda cfg: not cfg.alpha_search)
+                 data_parallel=lambda _cfg: True)

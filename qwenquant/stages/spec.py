@@ -105,7 +105,8 @@ class StageSpec:
     tag: Callable[[Any], str] = lambda _cfg: ""
     serving_scheme: Callable[[Any], str] | None = None
     # whether the stage runs data-parallel over torch.distributed ranks (qwenquant/distributed.py): every statistic
-    # it gathers from calibration data is combined over the ranks (Hessians, activation maxima)
+    # it gathers from calibration data is combined over the ranks (Hessians, activation maxima, sampled inputs:
+    # stages/observe.py, stages/gptq.py)
     data_parallel: Callable[[Any], bool] = _never
 
     def __post_init__(self) -> None:

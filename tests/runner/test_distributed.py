@@ -118,9 +118,9 @@ def test_refusals_before_any_work(tiny_qwen3) -> None:
         check_ranks(two, recipe, RunOptions(out=Path("x"), resume=True), files, streamed=False)
     with pytest.raises(BadInputError, match="uses none"):
         check_ranks(two, recipe, RunOptions(out=Path("x")), files, streamed=True)
-    awq = quantize_recipe({"model": {"id": str(tiny_qwen3)}, "awq": {}})
-    with pytest.raises(BadInputError, match="stage awq"):
-        check_ranks(two, awq, RunOptions(out=Path("x")), files, streamed=False)
+    compensated = quantize_recipe({"model": {"id": str(tiny_qwen3)}, "gptq": {}, "compensate": {}})
+    with pytest.raises(BadInputError, match="stage compensate does not run on several ranks"):
+        check_ranks(two, compensated, RunOptions(out=Path("x")), files, streamed=False)
     with pytest.raises(BadInputError, match=r"ranks \[1\] see a different recipe"):
         check_ranks(_Disagreeing(0, 2, "gloo"), recipe, RunOptions(out=Path("x")), files, streamed=False)
     with pytest.raises(BadInputError, match="3 ranks but only 2 calibration samples"):
@@ -139,11 +139,12 @@ def test_launch_refusals_are_one_line(cli, tiny_args, tmp_path, monkeypatch) -> 
 
 
 @pytest.mark.slow  # ~25 s each idle: three Python processes (launcher + 2 ranks) import torch and transformers
-@pytest.mark.parametrize("scheme", [["fp8", "--activations", "static", "--smooth", "--weights", "tensor"],
+@pytest.mark.parametrize("scheme", [["fp8", "--activations", "static", "--smooth", "--scale-search"],
                                     ["gptq", "--group-size", "32"]])
 def test_two_gloo_ranks_match_one_process(scheme, cli, tiny_qwen3, calib_txt, eval_text, tmp_path) -> None:
     """16 samples = 2 batches of 8: each rank forms one of the single process's batches. Maxima (static FP8,
-    smoothing) then give the same bits; GPTQ's Hessian is a sum in another order (last-bit differences), which
+    smoothing) and the sampled inputs of the searches (clip ratios, smoothing alpha; AWQ's too) then give the same
+    bits; GPTQ's Hessian is a sum in another order (last-bit differences), which
     GPTQ's rounding amplifies into different codes: the KL vs the source must stay as good."""
     args = [*scheme, "--model", tiny_qwen3, "--calib", calib_txt, "--num-samples", "16", "--seq-len", "64",
             "--eval-windows", "1", "--eval-window", "128", "--eval-text", eval_text, "--kl-tokens", "512",
