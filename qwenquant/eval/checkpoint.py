@@ -9,6 +9,7 @@ A bf16 source, our compressed-tensors FP8/INT output or another tool's folder is
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import json
 import os
@@ -20,7 +21,7 @@ from typing import Callable
 import torch
 
 from qwenquant.errors import BadInputError
-from qwenquant.eval.long_context import LongContextSettings, measure_long_context
+from qwenquant.eval.long_context import LongContextSettings, checkpoint_kv_scales, measure_long_context
 from qwenquant.eval.perplexity import eval_windows, perplexity, windows_setting
 from qwenquant.eval.precision import evaluation_precision
 from qwenquant.eval.tasks import TaskPlan, run_tasks
@@ -133,8 +134,11 @@ def _measure(path: Path, flag: str, s: MeasureSettings, quiet: bool, log: Callab
             timings["perplexity"] = time.time() - t
         if s.long_context is not None:
             t = time.time()
+            lc = s.long_context
+            if "fp8" in lc.kv_caches:  # a checkpoint made with --kv-cache fp8 brings its calibrated scales
+                lc = dataclasses.replace(lc, kv_scales=checkpoint_kv_scales(path))
             with evaluation_precision(model, s.device):
-                out["long_context"] = measure_long_context(model, tokenizer, s.long_text, s.long_context, s.device, log)
+                out["long_context"] = measure_long_context(model, tokenizer, s.long_text, lc, s.device, log)
             timings["long_context"] = time.time() - t
         if s.plan is not None and s.plan.names:
             t = time.time()

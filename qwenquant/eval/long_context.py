@@ -11,7 +11,8 @@ window's per-token NLL is also reported by position (does the model use, or brea
 KV cache: `bf16` runs the plain forward (no cache: bit for bit `perplexity.perplexity` on the same windows); `fp8`
 runs each window through `kernels.kv_cache.make_static_cache(kv_dtype="fp8")`, so attention reads K/V stored as
 float8_e4m3 with one scale per layer for K and one for V, taken from the checkpoint's calibrated scales when given
-(`kv_scales`) or else from the window's prefill absmax / 448 (uncalibrated).
+(`kv_scales`, from `checkpoint_kv_scales`: per layer or per KV head) or else from the window's prefill
+absmax / 448 (uncalibrated).
 
 Bad input: a length beyond the model's max_position_embeddings is refused before any weight loads (`check_lengths`).
 """
@@ -128,6 +129,16 @@ def long_documents(tokenizer, text: str, length: int, docs: int) -> torch.Tensor
         raise BadInputError(f"the evaluation text holds fewer than {length} tokens: too short for a {length}-token "
                             "document; pass a longer --eval-text or shorter --context-lengths")
     return torch.stack(out[:docs])
+
+
+def checkpoint_kv_scales(folder) -> dict:
+    """{layer: (k_scale, v_scale)} calibrated by `--kv-cache fp8` and stored in the folder (compressed-tensors
+    kv_cache_scheme), as the FP8 cache takes them; empty when the checkpoint has none."""
+    from qwenquant.eval.verify import read_kv_scales
+    from qwenquant.kernels.checkpoint_records import kv_cache_scales
+
+    stored = read_kv_scales(folder)
+    return kv_cache_scales({f"{m}.{n}": t for m, (k, v) in stored.items() for n, t in (("k_scale", k), ("v_scale", v))})
 
 
 def _cache_factory(model, kv_cache: str, kv_scales: dict) -> Callable[[int], object]:

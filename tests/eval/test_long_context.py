@@ -150,3 +150,20 @@ def test_cli_long_context_report(cli, tiny_qwen3, eval_text, tmp_path):
     report = json.loads((out / "eval_report.json").read_text())["long_context"]
     assert report["model"]["documents"] == 2 and report["settings"]["lengths"] == [64, 128]
     assert "## Long context" in (out / "EVAL.md").read_text()
+
+
+def test_cli_long_context_reads_calibrated_kv_scales(cli, fp8_run, tiny_qwen3, eval_text, tmp_path):
+    """A checkpoint made with --kv-cache fp8 runs the FP8 cache with its own calibrated scales, not the prefill's."""
+    run = fp8_run("--kv-cache", "fp8")
+    assert run.code == 0, run.err
+    from qwenquant.eval.long_context import checkpoint_kv_scales
+
+    scales = checkpoint_kv_scales(run.out_dir)
+    assert sorted(scales) == [0, 1] and all(k.dtype == torch.float32 for k, _ in scales.values())
+    out = tmp_path / "report"
+    res = cli(["eval", run.out_dir, "--tasks", "none", "--no-ppl", "--long-context", "--context-lengths", "128",
+               "--long-docs", "1", "--passkey-trials", "0", "--kv-cache", "fp8", "--eval-text", eval_text,
+               "--device", "cpu", "--out", out, "--quiet"])
+    assert res.code == 0, res.err
+    report = json.loads((out / "eval_report.json").read_text())["long_context"]
+    assert report["settings"]["kv_scales"] == "calibrated (checkpoint)"
