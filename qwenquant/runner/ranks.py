@@ -36,8 +36,8 @@ def check_ranks(world: World, recipe, options, weight_files, streamed: bool) -> 
         raise BadInputError(f"--offload-dir is not supported for {what}; drop it")
     unsupported = [spec_of(cfg).name for cfg in recipe.stages if not spec_of(cfg).data_parallel(cfg)]
     if unsupported:
-        raise BadInputError(f"stage {', '.join(unsupported)} does not run on several ranks yet (--compensate and "
-                            "--keep-sensitive are single-process); run it without torchrun / --nproc")
+        raise BadInputError(f"stage {', '.join(unsupported)} does not run on several ranks yet (--keep-sensitive is "
+                            "single-process); run it without torchrun / --nproc")
     world.all_same("recipe, qwenquant version or source files", inputs_hash(recipe.to_yaml(), weight_files,
                                                                             __version__))
 

@@ -111,6 +111,8 @@ def _output_error(ctx: LayerContext, params: dict, batches, targets, ref_inputs)
         for (h, kw), y, x in zip(batches, targets, ref_inputs):
             e, r = cq.branch_error(_forward32(ctx, params, h, kw), y.to(ctx.device), x.to(ctx.device))
             err, ref = err + e, ref + r
+    if ctx.world.distributed:  # over every rank's samples
+        err, ref = ctx.world.sum_(torch.tensor([err, ref], dtype=torch.float64, device=ctx.device)).tolist()
     return err / max(ref, 1e-30)
 
 
@@ -144,9 +146,10 @@ def compensate_layer(ctx: LayerContext, cfg: CompensateStage) -> dict:
     t0 = time.perf_counter()
     names = [n for n in ctx.adapter.linears if ctx.full_name(n) in ctx.state.records]
     norms = (ctx.adapter.norms if cfg.norms else ()) + (ctx.adapter.head_norms if cfg.qk_norms else ())
-    batches = select_batches(ctx, cfg.samples, cfg.batch_size)
+    samples = -(-cfg.samples // ctx.world.size)  # distributed: each rank's share, from the start of its shard
+    batches = select_batches(ctx, samples, cfg.batch_size)
     # target "float": the unquantized model's layer output (its own inputs); "layer": the unquantized layer on ours
-    target_batches = select_batches(ctx, cfg.samples, cfg.batch_size, ctx.float_cache) if cfg.target == "float" else batches
+    target_batches = select_batches(ctx, samples, cfg.batch_size, ctx.float_cache) if cfg.target == "float" else batches
     with torch.no_grad():
         float_params = _float32(ctx.float_state, ctx.device)
         targets = [_forward32(ctx, float_params, h, kw).to(ctx.cache.store_device) for h, kw in target_batches]
@@ -171,12 +174,16 @@ def compensate_layer(ctx: LayerContext, cfg: CompensateStage) -> dict:
             params.update({f"{n}.weight": cq.fake_quantized_weight(p) for n, p in linears.items()})
             params.update({f"{n}.weight": norm0[n] * (1.0 + d) for n, d in norm_change.items()})
             loss = cq.output_loss(_forward32(ctx, params, h, kw), targets[step % len(batches)].to(ctx.device))
+            if ctx.world.distributed:  # every rank sees the mean loss, so all stop (or step) together
+                loss_all = ctx.world.sum_(loss.detach().double().reshape(1)) / ctx.world.size
+                loss = loss + (loss_all.to(loss.dtype) - loss.detach()).reshape(loss.shape)  # its value, own gradient
             if not cq.is_finite(loss):
                 status = f"kept the quantizer's result: non-finite loss at step {step}"
                 warnings.warn(f"compensate: non-finite loss at step {step} on decoder layer {ctx.index}; "
                               "the layer keeps the quantizer's result", RuntimeWarning, stacklevel=2)
                 break
             loss.backward()
+            _average_gradients(ctx, offsets + changes)  # data-parallel, as DDP: each rank a minibatch per step
             lr = cq.learning_rate(cfg.lr, step, cfg.steps)
             for t in offsets:
                 cq.signed_step(t, lr, cq.MAX_ROUNDING_OFFSET)
@@ -184,7 +191,7 @@ def compensate_layer(ctx: LayerContext, cfg: CompensateStage) -> dict:
                 cq.signed_step(t, lr * cq.RELATIVE_LR_RATIO, cq.MAX_RELATIVE_CHANGE)
             losses.append(float(loss.detach()))
 
-    report = {"samples": sum(h.shape[0] for h, _ in batches), "steps": len(losses),
+    report = {"samples": ctx.world.total(sum(h.shape[0] for h, _ in batches)), "steps": len(losses),
               "output_error_before": before, "output_error_after": before,
               "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None}
     if status == "compensated":
@@ -195,6 +202,15 @@ def compensate_layer(ctx: LayerContext, cfg: CompensateStage) -> dict:
     report["status"] = status
     report["seconds"] = time.perf_counter() - t0
     return report
+
+
+def _average_gradients(ctx: LayerContext, tensors: list[torch.Tensor]) -> None:
+    """In a distributed world: each tensor's gradient averaged over the ranks (the same order on every rank)."""
+    if not ctx.world.distributed:
+        return
+    for t in tensors:
+        if t.grad is not None:
+            ctx.world.sum_(t.grad).div_(ctx.world.size)
 
 
 def _apply(ctx: LayerContext, linears, norm0, norm_change, batches, targets, ref_inputs,
@@ -264,4 +280,4 @@ def _check(cfg: CompensateStage, quantizer: str) -> None:
 
 SPEC = StageSpec("compensate", CompensateStage, "refine", compensate_layer, check=_check,
                  float_copy=lambda cfg: True, float_path=lambda cfg: cfg.target == "float",
-                 host_bytes=_host_bytes, seconds=_seconds, tag=lambda cfg: "COMP")
+                 host_bytes=_host_bytes, seconds=_seconds, tag=lambda cfg: "COMP", data_parallel=lambda _cfg: True)
