@@ -24,6 +24,8 @@ def check_layout(recipe, config: dict) -> None:
     layer is not quantized and not checked."""
     spec, fmt = STAGES[recipe.quantizer], FORMATS[recipe.export.format]
     cfg = recipe.quantizer_config
+    if fmt.check_config is not None and (problem := fmt.check_config(config)):
+        raise BadInputError(problem)
     mixed = recipe.stage("mixed_precision")
     kept = set(mixed.keep or []) if mixed is not None else set()
     for name, (n, k) in linear_shapes(config).items():

@@ -36,31 +36,36 @@ from qwenquant.eval.perplexity import kl_stats, next_token_logprobs
 from qwenquant.eval.precision import evaluation_precision
 from qwenquant.eval.verify import _swapped_weights, verdict
 from qwenquant.export.gguf import read_tensors
-from qwenquant.export.gguf_meta import INSTALL_HINT, gguf_module, llama_cpp_module  # noqa: F401 (re-exported)
+from qwenquant.export.gguf_experts import expert_slot
+from qwenquant.export.gguf_meta import INSTALL_HINT, llama_cpp_module, tensor_names  # noqa: F401 (re-exported)
 
 EXACT_TYPES = ("Q8_0", "Q4_0", "Q5_0")
 ASYMMETRIC_TYPES = ("Q4_1", "Q5_1")
 PROMPTS = ("Write one sentence about the sea.", "What is 12 plus 7?", "Name three colours.")
 GREEDY_TOKENS = 24
-def read_back(path: Path, model, names: list[str], n_layers: int) -> tuple[dict, dict]:
-    """({Linear name: weight read back from the file, in the model dtype}, weight check summary)."""
-    gguf = gguf_module()
-    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN3, n_layers)
+def read_back(path: Path, model, names: list[str], n_layers: int, requantized: bool = False) -> tuple[dict, dict]:
+    """({Linear name: weight read back from the file, in the model dtype}, weight check summary). `requantized`:
+    llama.cpp's quantizer made every tensor from the source (K-quants, including its fallbacks to Q8_0 etc. for
+    rows it cannot super-block), so none is compared with ours."""
+    name_map = tensor_names(model.config.to_dict())
     stored = read_tensors(path)
-    theirs, exact_bad, other_bad, requantized, max_dev = {}, [], [], 0, 0.0
+    theirs, exact_bad, other_bad, by_llama, max_dev = {}, [], [], 0, 0.0
     for n in names:
-        qtype, values = stored[name_map.get_name(n + ".weight", try_suffixes=(".weight",))]
+        slot = expert_slot(n)  # an expert is one slice of its projection's stacked tensor
+        key = slot[0] if slot else n + ".weight"
+        qtype, values = stored[name_map.get_name(key, try_suffixes=(".weight",))]
+        values = values[slot[1]] if slot else values
         ours = model.get_submodule(n).weight.detach().cpu()
         t = torch.from_numpy(values.copy()).to(ours.dtype)
         theirs[n] = t
-        if qtype not in ASYMMETRIC_TYPES + EXACT_TYPES:  # a K-quant: llama.cpp quantized the source weight
-            requantized += 1
+        if requantized or qtype not in ASYMMETRIC_TYPES + EXACT_TYPES:  # llama.cpp quantized the source weight
+            by_llama += 1
         elif not torch.equal(ours, t):
             (exact_bad if qtype in EXACT_TYPES else other_bad).append(n)
             max_dev = max(max_dev, float((ours.float() - t.float()).abs().max()))
     return theirs, {"exact_mismatched": exact_bad, "asymmetric_differing": len(other_bad),
                     "asymmetric_differing_first": other_bad[:3], "max_abs_deviation_model_dtype": max_dev,
-                    "quantized_by_llama_cpp": requantized}
+                    "quantized_by_llama_cpp": by_llama}
 
 
 def _llama(path: Path, n_ctx: int, llama_cpp):
@@ -161,11 +166,11 @@ def run_in_llama_cpp(path: Path, model, tokenizer, windows, src_logp, device,
 
 @torch.no_grad()
 def verify_gguf(path: Path, model, names: list[str], tokenizer, kl_windows, src_logp, q_logp, device,
-                max_kl: float, source_greedy: list[list[int]] | None = None) -> dict:
+                max_kl: float, source_greedy: list[list[int]] | None = None, requantized: bool = False) -> dict:
     """Steps 1-3 of the module docstring; the verification section of the report. `source_greedy`: the source
-    model's greedy continuations (transformers_greedy), compared with llama.cpp's."""
+    model's greedy continuations (transformers_greedy), compared with llama.cpp's; `requantized`: see read_back."""
     n_layers = int(model.config.num_hidden_layers)
-    theirs, weights = read_back(path, model, names, n_layers)
+    theirs, weights = read_back(path, model, names, n_layers, requantized)
     with _swapped_weights(model, theirs):
         model.to(device)
         with evaluation_precision(model, device):

@@ -20,6 +20,8 @@ A format is one module in `qwenquant/export/` that declares, in its `EXPORT_FORM
 - `write_folder(folder, model, tokenizer, recipe, state, items)`: for a format that is not a safetensors folder
   (GGUF: one file), writes its files instead of the shards + config.json and returns {"files", "tensor_bytes", ...};
   such a format does not stream (the streaming path cuts safetensors shards) and `reload_with` names its own check.
+- `check_config(config)`: a model (config.json) the format cannot describe, refused before any work (the message,
+  or None; GGUF: architectures and MoE layouts llama.cpp has no loader for).
 
 `cfg` is the recipe's quantizer stage config, `kind` its record kind.
 """
@@ -60,3 +62,4 @@ class ExportFormat:
     fused_ignores: bool = False
     write_folder: Callable[..., dict] | None = None
     kv_cache_scheme: Callable[[str], dict] | None = None
+    check_config: Callable[[dict], str | None] | None = None

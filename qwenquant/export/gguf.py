@@ -7,7 +7,8 @@ dtype llama.cpp computes with: 1-D tensors (the RMSNorm weights, q_norm/k_norm i
 converter writes them; the embedding table and Linears left unquantized (kept sensitive) as BF16 (F16/F32 when the
 source is). Tied embeddings (`tie_word_embeddings`): no `output.weight`; llama.cpp's qwen3 loader then uses
 `token_embd.weight` as the output head. Tensor names come from gguf-py's own HF -> GGUF name map for MODEL_ARCH.QWEN3
-(`model.layers.3.self_attn.q_proj.weight` -> `blk.3.attn_q.weight`); Qwen's rotary is NEOX-style, so q/k rows are
+(`model.layers.3.self_attn.q_proj.weight` -> `blk.3.attn_q.weight`; MODEL_ARCH.QWEN3MOE for Qwen3-MoE, whose
+experts are stacked per projection: qwenquant/export/gguf_experts.py); Qwen's rotary is NEOX-style, so q/k rows are
 written unpermuted. Metadata: qwenquant/export/gguf_meta.py.
 
 The registry entry (`EXPORT_FORMAT`) stores `int` records; the file is not a safetensors folder, so the entry names
@@ -23,9 +24,11 @@ from typing import Iterable
 import numpy as np
 import torch
 
+from qwenquant.errors import BadInputError
 from qwenquant.export.format_spec import ExportFormat, int_actorder
 from qwenquant.export.gguf_blocks import BLOCK, BLOCK_BYTES, PackedLinear, check_groups, pack, type_for
-from qwenquant.export.gguf_meta import add_hparams, add_tokenizer, arch_of, gguf_module
+from qwenquant.export.gguf_experts import ExpertStacker, expert_slot
+from qwenquant.export.gguf_meta import add_hparams, add_tokenizer, arch_of, gguf_module, num_experts, tensor_names
 from qwenquant.quant.records import QuantizedWeight
 
 FILE_NAME = "model.gguf"
@@ -49,8 +52,8 @@ def write_gguf(path: Path, config: dict, tokenizer, items: Iterable[tuple[str, t
     Returns what was written: tensor types counted, float16 rounding measured, tokenizer summary."""
     gguf = gguf_module()
     arch = arch_of(config)
-    n_layers = int(config["num_hidden_layers"])
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN3, n_layers)
+    names = tensor_names(config)
+    experts = ExpertStacker(num_experts(config))
     tied = bool(config.get("tie_word_embeddings", False))
     writer = gguf.GGUFWriter(str(path), arch)
     add_hparams(writer, config, arch, name)
@@ -61,17 +64,23 @@ def write_gguf(path: Path, config: dict, tokenizer, items: Iterable[tuple[str, t
         if tied and key == "lm_head.weight":
             continue  # one table; llama.cpp uses token_embd as the output head when `output` is absent
         module = key.rsplit(".", 1)[0]
-        target = names.get_name(key, try_suffixes=(".weight", ".bias"))
-        if target is None:
-            raise ValueError(f"no GGUF name for tensor {key}")
         if key.endswith(".weight") and module in records:
             packed = pack(records[module], qtype)
             data, ttype = packed.data, packed.qtype
             _add_rounding(rounding, packed)
         else:
             data, ttype = _float_array(tensor)
+        if expert_slot(key) is not None:  # qwen3moe: experts stacked per projection (qwenquant/export/gguf_experts.py)
+            done = experts.add(key, data, ttype)
+            if done is None:
+                continue
+            key, data, ttype = done
+        target = names.get_name(key, try_suffixes=(".weight", ".bias"))
+        if target is None:
+            raise ValueError(f"no GGUF name for tensor {key}")
         writer.add_tensor(target, data, raw_dtype=gguf.GGMLQuantizationType[ttype])
         counts[ttype] = counts.get(ttype, 0) + 1
+    experts.check_complete()
     file_type = _file_type(gguf, counts)
     if file_type is not None:
         writer.add_file_type(file_type)
@@ -142,10 +151,16 @@ def _check_stage(kind: str, cfg) -> None:
 
 
 def _check_linear(kind: str, cfg, name: str, n: int, k: int) -> str | None:
-    if ".experts." in f".{name}":
-        return "GGUF export of Qwen3-MoE is not implemented; use --format compressed-tensors"
     if k % BLOCK:
         return f"{name} has {k} input features; GGUF blocks need a multiple of 32, use --format compressed-tensors"
+    return None
+
+
+def _check_config(config: dict) -> str | None:
+    try:
+        arch_of(config)
+    except BadInputError as err:
+        return str(err)
     return None
 
 
@@ -183,5 +198,6 @@ EXPORT_FORMAT = ExportFormat(
     reload_with=lambda kind, cfg, moe: "llama.cpp",
     read_linear=_read_linear,
     check_linear=_check_linear,
+    check_config=_check_config,
     write_folder=_write_folder,
 )

@@ -5,6 +5,9 @@ Keys (gguf-py's `Keys`, written through `GGUFWriter.add_*`): `qwen3.block_count`
 (max_position_embeddings), `.embedding_length`, `.feed_forward_length`, `.attention.head_count`, `.head_count_kv`,
 `.attention.key_length` / `.value_length` (= head_dim: Qwen3's heads are not hidden / heads), `.rope.freq_base`,
 `.attention.layer_norm_rms_epsilon`, and for YaRN `.rope.scaling.type/factor/original_context_length`.
+Qwen3-MoE (`qwen3moe`): also `.expert_count`, `.expert_used_count` (top-k) and `.expert_feed_forward_length`
+(moe_intermediate_size); llama.cpp's loader makes every layer sparse and renormalizes the top-k weights, so models
+with dense layers (mlp_only_layers, decoder_sparse_step) or norm_topk_prob false are refused.
 Tokenizer: `tokenizer.ggml.model = gpt2` (byte-level BPE), `.pre` (llama.cpp's pre-tokenizer regex family: `qwen2`
 for Qwen's Split regex, `gpt-2` for a plain ByteLevel pre-tokenizer; anything else is refused, since llama.cpp would
 split text differently), `.tokens` (by id; ids the tokenizer lacks below vocab_size become `[PADi]`, UNUSED),
@@ -19,10 +22,11 @@ import tempfile
 from pathlib import Path
 
 from qwenquant.errors import BadInputError
+from qwenquant.model.qwen3 import adapter_for
 
 QWEN2_SPLIT = ("(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|"
                "\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+")
-ARCHITECTURES = {"Qwen3ForCausalLM": "qwen3"}
+ARCHITECTURES = {"Qwen3ForCausalLM": "qwen3", "Qwen3MoeForCausalLM": "qwen3moe"}
 
 
 def gguf_module():
@@ -49,9 +53,37 @@ def llama_cpp_module():
 def arch_of(config: dict) -> str:
     arch = (config.get("architectures") or ["?"])[0]
     if arch not in ARCHITECTURES:
-        raise BadInputError(f"GGUF export supports {', '.join(ARCHITECTURES)}, not {arch} (Qwen3-MoE GGUF is not "
-                            "implemented); use --format compressed-tensors")
+        raise BadInputError(f"GGUF export supports {', '.join(ARCHITECTURES)}, not {arch}; use --format "
+                            "compressed-tensors")
+    if ARCHITECTURES[arch] == "qwen3moe":
+        _check_moe(config)
     return ARCHITECTURES[arch]
+
+
+def _check_moe(config: dict) -> None:
+    """llama.cpp's qwen3moe makes every layer sparse and renormalizes the top-k router weights."""
+    n = int(config["num_hidden_layers"])
+    dense = sorted(set(config.get("mlp_only_layers") or []) | {i for i in range(n) if (i + 1) % int(
+        config.get("decoder_sparse_step") or 1)})
+    if dense:
+        raise BadInputError(f"GGUF qwen3moe has a sparse MLP in every layer, this model has dense layers {dense} "
+                            "(mlp_only_layers / decoder_sparse_step); use --format compressed-tensors")
+    if not config.get("norm_topk_prob", True):
+        raise BadInputError("GGUF qwen3moe renormalizes the top-k router weights; this model has norm_topk_prob "
+                            "false: use --format compressed-tensors")
+
+
+def num_experts(config: dict) -> int:
+    """Experts per sparse layer (0 for a dense model), from the config key model/qwen3.py names."""
+    adapter = adapter_for((config.get("architectures") or [""])[0])
+    return adapter.moe.num_experts(config) if adapter is not None and adapter.moe is not None else 0
+
+
+def tensor_names(config: dict):
+    """gguf-py's HF -> GGUF tensor name map for this model's architecture."""
+    gguf = gguf_module()
+    arch = {"qwen3": gguf.MODEL_ARCH.QWEN3, "qwen3moe": gguf.MODEL_ARCH.QWEN3MOE}[arch_of(config)]
+    return gguf.get_tensor_name_map(arch, int(config["num_hidden_layers"]))
 
 
 def _rope(config: dict) -> dict:
@@ -79,6 +111,10 @@ def add_hparams(writer, config: dict, arch: str, name: str) -> None:
     writer.add_key_length(head_dim)
     writer.add_value_length(head_dim)
     writer.add_layer_norm_rms_eps(float(config["rms_norm_eps"]))
+    if arch == "qwen3moe":
+        writer.add_expert_count(num_experts(config))
+        writer.add_expert_used_count(int(config["num_experts_per_tok"]))
+        writer.add_expert_feed_forward_length(int(config["moe_intermediate_size"]))
     rope = _rope(config)
     writer.add_rope_freq_base(rope["theta"])
     if rope["type"] == "yarn":

@@ -29,9 +29,10 @@ from qwenquant.export.format_spec import UnstorableRecord
 from qwenquant.export.gguf import FILE_NAME, write_gguf
 from qwenquant.export.gguf_blocks import TYPE_OF, TYPES
 from qwenquant.export.gguf_kquant import KQUANT_TYPES
-from qwenquant.export.gguf_meta import arch_of
+from qwenquant.export.gguf_meta import arch_of, num_experts
 from qwenquant.export.writer import atomic_output_dir, check_output_dir
 from qwenquant.kernels.checkpoint_records import checkpoint_format, record_from_tensors
+from qwenquant.model.moe import unfuse_model
 from qwenquant.model.qwen3 import adapter_for, linear_shapes
 from qwenquant.quant import intq
 from qwenquant.recipe import CalibrationConfig
@@ -85,8 +86,9 @@ def _linear_names(config: dict) -> list[str]:
     adapter = adapter_for((config.get("architectures") or [""])[0])
     if adapter is None:
         raise BadInputError(f"GGUF export supports Qwen3ForCausalLM, not {(config.get('architectures') or ['?'])[0]}")
-    return [f"{adapter.layers_path}.{i}.{n}" for i in range(int(config["num_hidden_layers"]))
-            for n in linear_shapes(config)]
+    experts = range(num_experts(config))  # "*" stands for every expert (GGUF qwen3moe: every layer sparse)
+    return [f"{adapter.layers_path}.{i}.{m}" for i in range(int(config["num_hidden_layers"]))
+            for n in linear_shapes(config) for m in ([n.replace("*", str(e)) for e in experts] if "*" in n else [n])]
 
 
 def records_and_items(config: dict, tensors: dict, qtype: str | None) -> tuple[dict, list, str]:
@@ -148,7 +150,7 @@ def _verify(request: GGUFExportRequest, path: Path, records: dict, quantized: bo
 
     device = resolve_device(request.device)
     src = _source_folder(request, quantized)
-    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16).eval()
+    model = unfuse_model(AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16).eval())  # experts by name
     text, _ = load_eval_text(request.eval_text)
     windows = eval_windows(tokenizer, text, request.window, math.ceil(request.kl_tokens / request.window))
     with evaluation_precision(model, device):
@@ -163,7 +165,8 @@ def _verify(request: GGUFExportRequest, path: Path, records: dict, quantized: bo
         q_logp = next_token_logprobs(model, windows, device)
     model.to("cpu")
     result = verify_gguf(path, model, names, tokenizer, windows, src_logp, q_logp, device,
-                         request.verify_max_kl, src_greedy)
+                         request.verify_max_kl, src_greedy, requantized=request.type is not None
+                         and request.type.upper() in KQUANT_TYPES)
     return result | {"source": str(src), "windows": {"text": request.eval_text, "window": request.window,
                                                      "windows": int(windows.shape[0])}}
 
@@ -181,7 +184,7 @@ def export_gguf(request: GGUFExportRequest, command: str = "", log=lambda msg: N
     kquant = qtype in KQUANT_TYPES
     if kquant:
         arch_of(config)
-        check_kquant_source(config, qtype)
+        check_kquant_source(config, qtype, request.imatrix)
         records, names = {}, [*_linear_names(config), "model.embed_tokens"]  # llama.cpp quantizes the table too
     else:
         records, items, how = records_and_items(config, tensors, qtype)

@@ -5,26 +5,33 @@ and re-quantizing them would stack two roundings."""
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from qwenquant.calibration import load_calibration, samples_hash
 from qwenquant.errors import BadInputError
 from qwenquant.export.gguf import write_gguf
 from qwenquant.export.gguf_imatrix import importance_matrix
+from qwenquant.export.gguf_meta import num_experts
 from qwenquant.export.gguf_kquant import llama_quantize, require_llama_cpp, tensor_types
 from qwenquant.recipe import CalibrationConfig
 
 SOURCE_FILE = ".source-bf16.gguf"
 
 
-def check_kquant_source(config: dict, qtype: str) -> None:
-    """Refuse a K-quant from an already quantized folder (the fix named); refuse without llama-cpp-python."""
+def check_kquant_source(config: dict, qtype: str, imatrix: bool) -> None:
+    """Refuse a K-quant from an already quantized folder (the fix named), an importance matrix for Qwen3-MoE
+    (its stacked experts' statistics are not collected yet), and any K-quant without llama-cpp-python."""
     q = config.get("quantization_config")
     if q:
         method = q.get("quant_method", "quantized")
         raise BadInputError(f"--type {qtype.lower()} is made by llama.cpp's quantizer from the bf16 model, and this "
                             f"folder already holds {method} weights: pass the bf16 source folder, or keep these codes "
                             "with --type q4_0/q4_1/q5_0/q5_1/q8_0")
+    if imatrix and num_experts(config):
+        raise BadInputError(f"--type {qtype.lower()}: the importance matrix of Qwen3-MoE experts is not implemented; "
+                            "add --no-imatrix (llama.cpp's quantizer alone)")
     require_llama_cpp(qtype)
 
 
@@ -59,4 +66,8 @@ def write_kquant(path, folder, config: dict, tensors: dict, tokenizer, qtype: st
                                       if described else "no importance matrix (--no-imatrix)"))
     written = written | {"tensor_types": tensor_types(path),
                          "fp16_rounding": {"mins_rounded": 0, "max_min_deviation": 0.0, "minima": 0}}
+    base = qtype.split("_K")[0] + "_K"  # Q4_K_M -> Q4_K
+    if not written["tensor_types"].get(base):
+        warnings.warn(f"llama.cpp made no {base} tensor: K-quant super-blocks need rows of a multiple of 256 "
+                      f"columns, so it fell back to other types ({', '.join(written['tensor_types'])})", stacklevel=2)
     return written, how, described
