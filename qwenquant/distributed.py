@@ -23,10 +23,16 @@ from typing import Iterator
 
 import torch
 
-from qwenquant.errors import BadInputError
+from qwenquant.errors import BadInputError, QwenquantError
 
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 LAUNCHED_MARKERS = ("TORCHELASTIC_RUN_ID", "LOCAL_RANK", "RANK", "WORLD_SIZE")
+
+
+class RankFailed(QwenquantError):
+    """A rank of a --nproc run died or failed, so the launcher stopped the others."""
+
+    exit_code = 1
 
 
 @dataclass(frozen=True)
@@ -193,8 +199,14 @@ def relaunch(nproc: int, argv: list[str]) -> int:
     try:
         run(args)
     except ChildFailedError as err:
-        codes = {f.local_rank: f.exitcode for f in err.failures.values()}
-        return codes.get(0, next(iter(codes.values()), 1)) or 1
+        failed = {f.local_rank: f.exitcode for f in err.failures.values()}
+        if failed.get(0, 0) > 0:  # rank 0 failed on its own: its one-line error is above, its exit code stands
+            return failed[0]
+        # the rank that failed first, not one the launcher then stopped with SIGTERM (-15)
+        rank, code = min(failed.items(), key=lambda rc: (rc[1] == -15, rc[0]))
+        how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
+        raise RankFailed(f"rank {rank} {how}; the other ranks were stopped and no output folder was finished "
+                         "(a rank's own error, if it printed one, is above)") from err
     finally:  # the ranks' environment, not this process's
         os.environ.clear()
         os.environ.update(saved)
