@@ -121,10 +121,8 @@ def onnx_command(
     v = report["verification"]
     if json_out:
         print(json.dumps({"ok": True, "out": str(out), "onnx": report["onnx"],
-                          "verification": None if v is None else {"passed": v["passed"],
-                                                                  "vs_source": v["runtime"]["vs_source"],
-                                                                  "runtime": v["runtime"]["version"]}}))
+                          "verification": None if v is None else {"passed": v["passed"], "vs_source": v["vs_source"],
+                                                                  "runtime": v["runtime"].get("version")}}))
     elif not quiet:
-        kl = "" if v is None else (f", mean KL {v['runtime']['vs_source']['mean_kl']:.5f} nats in onnxruntime "
-                                   f"{v['runtime']['version']}")
+        kl = "" if v is None else f", mean KL {v['vs_source']['mean_kl']:.5f} nats ({v['loader'].split(';')[0]})"
         print(f"wrote {out}/model.onnx{kl}; see {out}/REPORT.md", file=sys.stderr)

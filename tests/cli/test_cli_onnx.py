@@ -112,3 +112,21 @@ def test_missing_builder_dependency_is_one_line(cli, tiny_qwen3, eval_text, tmp_
     res = _export(cli, tiny_qwen3, tmp_path / "x", tiny_qwen3, eval_text)
     assert res.code == 2 and "needs onnx-ir" in res.error_lines[0] and "qwenquant[onnx]" in res.error_lines[0]
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.slow  # ~20 s idle: one builder run and its verification
+def test_cuda_build_where_onnxruntime_cannot_run_it(cli, gptq_g32, tiny_qwen3, eval_text, tmp_path):
+    from qwenquant.eval.onnx_verify import provider_for
+
+    res = _export(cli, gptq_g32, tmp_path / "c", tiny_qwen3, eval_text, "--ep", "cuda")
+    assert res.code == 0, res.err
+    report = _report(tmp_path / "c")
+    v = report["verification"]
+    assert report["onnx"]["execution_provider"] == "cuda" and v["weights"]["mismatched"] == []
+    assert v["weights"]["max_abs_deviation_from_ours"] == 0.0
+    if provider_for("cuda") is None:  # the CPU provider refuses the fused q/k-norm attention of a cuda build
+        assert v["runtime"]["available"] is False and "CUDAExecutionProvider" in v["runtime"]["reason"]
+        assert "onnxruntime not run" in v["loader"] and v["vs_source"] == v["readback_in_transformers_vs_source"]
+        assert "onnxruntime not run" in (tmp_path / "c" / "REPORT.md").read_text()
+    else:
+        assert v["runtime"]["available"] and v["passed"]
