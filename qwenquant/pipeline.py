@@ -141,7 +141,8 @@ def run_sequential(
                     ctx.unfreeze_all()  # a frozen attention returns stored outputs: its K/V would not be computed
                 attention = f"{ctx.prefix}{adapter.attention}"
                 with activation_quantization(layer, ctx.activation_specs()), routing_counts(layer) as routing, \
-                        kv_calibration(layer, attention, ctx.prefix, kv_strategy, state, model.dtype) as kv_report:
+                        kv_calibration(layer, attention, ctx.prefix, kv_strategy, state, model.dtype,
+                                       combine_max=world.max_) as kv_report:
                     cache = ActivationCache(ctx.forward(keep_outputs=True), cache.kwargs, cache.store_device)
                 report.update(routing)  # MoE: calibration tokens the router sent to each expert
                 if kv_report:

@@ -29,9 +29,6 @@ def check_ranks(world: World, recipe, options, weight_files, streamed: bool) -> 
     if options.resume:
         raise BadInputError(f"--resume is not supported for {what}: rank 0 journals only its own shard of the "
                             "calibration activations; run without --resume (or resume with one process)")
-    kv = getattr(recipe, "kv_cache", None)
-    if kv is not None and getattr(kv, "enabled", False):
-        raise BadInputError(f"--kv-cache is not supported for {what} (its scales are not combined over ranks); drop it")
     if options.offload_dir is not None:
         raise BadInputError(f"--offload-dir is not supported for {what}; drop it")
     unsupported = [spec_of(cfg).name for cfg in recipe.stages if not spec_of(cfg).data_parallel(cfg)]
