@@ -196,6 +196,9 @@ def relaunch(nproc: int, argv: list[str]) -> int:
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p)
     args = get_args_parser().parse_args(["--standalone", "--nproc-per-node", str(nproc), "--module", "qwenquant",
                                          *argv])
+    import logging
+
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR + 10)  # qwenquant's one line says it
     try:
         run(args)
     except ChildFailedError as err:

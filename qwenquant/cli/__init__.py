@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import typer
@@ -64,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         app(args=args, standalone_mode=False, prog_name="qwenquant", obj={"argv": list(args)})
     except QwenquantError as err:
+        if os.environ.get("RANK", "0") not in ("", "0"):  # a distributed run: rank 0 prints the same error once
+            return err.exit_code
         return _fail(str(err), err.exit_code, want_json, getattr(err, "details", None))
     except typer.Abort:
         return _fail("aborted", 130, want_json)
