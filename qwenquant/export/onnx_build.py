@@ -22,7 +22,13 @@ Traps, each refused (or worked around) with a one-line error naming the fix:
 - a model the builder does not know (it knows Qwen3ForCausalLM, not Qwen3MoeForCausalLM);
 - a checkpoint it cannot hold: compressed-tensors INT (the builder reads compressed-tensors only as ModelOpt
   FP8/NVFP4 on CUDA), bits other than 4/8 (AWQ: 4), a group size MatMulNBits cannot take (a power of two >= 16;
-  per-channel groups of 768 are not), act-order with a non-trivial g_idx, or a precision other than the codes'.
+  per-channel groups of 768 are not), act-order with a non-trivial g_idx (act-order `group`), or a precision other
+  than the codes';
+- a GPTQ folder with `desc_act: true` (qwenquant's act-order `static`, whose groups stay contiguous): the builder
+  then gives every MatMulNBits a g_idx input, which onnxruntime's CPU kernel runs unpacked (17x slower decoding
+  measured on qwen3-mini, benchmarks/results/runtimes_onnx.md) and at 8 bits not at all. The g_idx is the natural
+  k // group (checked before building), so the builder reads a staged copy of the folder (links to its files, a
+  config.json with `desc_act: false`): the same codes, no g_idx.
 """
 
 from __future__ import annotations
@@ -71,6 +77,7 @@ class BuildPlan:
     options: dict[str, str] = field(default_factory=dict)  # the builder's --extra_options
     codes: str = ""  # where the quantized weights come from, for the report
     quantized_input: bool = False
+    config_changes: dict = field(default_factory=dict)  # quantization_config keys the builder reads changed
 
 
 def _power_of_two(n: int) -> bool:
@@ -120,7 +127,13 @@ def plan_build(config: dict, precision: str | None, ep: str, qdq: bool, group_si
                                 f"use --precision {held}, or export the bf16 source folder instead")
         precision = held
         codes = f"{method} codes read from the checkpoint ({bits} bits, group {group}), packed into MatMulNBits"
+        if method == "gptq" and qconfig.get("desc_act"):
+            config_changes = {"desc_act": False}
+            codes += "; act-order groups are contiguous, so no g_idx (desc_act false for the builder)"
+        else:
+            config_changes = {}
     else:
+        config_changes = {}
         precision = precision or "int4"
         if precision not in PRECISIONS:
             raise BadInputError(f"--precision {precision}: choose one of {', '.join(PRECISIONS)}")
@@ -152,7 +165,20 @@ def plan_build(config: dict, precision: str | None, ep: str, qdq: bool, group_si
         if config.get("tie_word_embeddings"):
             options["shared_embeddings"] = "false"  # QDQ asserts on Gather (module docstring)
     return BuildPlan(precision=precision, ep=ep, qdq=qdq, options=options, codes=codes,
-                     quantized_input=bool(qconfig))
+                     quantized_input=bool(qconfig), config_changes=config_changes)
+
+
+def _staged(folder: Path, changes: dict, into: Path) -> Path:
+    """`folder` as the builder should read it: links to its files, config.json's quantization_config changed."""
+    staged = into / Path(folder).name
+    staged.mkdir()
+    for f in Path(folder).iterdir():
+        if f.is_file() and f.name != "config.json":
+            (staged / f.name).symlink_to(f.resolve())
+    config = json.loads((Path(folder) / "config.json").read_text())
+    config["quantization_config"] = config["quantization_config"] | changes
+    (staged / "config.json").write_text(json.dumps(config, indent=2))
+    return staged
 
 
 def _error_line(log: str) -> str:
@@ -166,6 +192,8 @@ def run_builder(folder: Path, out: Path, plan: BuildPlan, log_path: Path) -> Non
     """Run the builder into `out` (a fresh folder), its output in `log_path`; BadInputError with its error line."""
     require_packages()
     cache = Path(tempfile.mkdtemp(prefix="qwenquant-onnx-cache-"))
+    if plan.config_changes:
+        folder = _staged(folder, plan.config_changes, cache)
     cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(Path(folder).resolve()),
            "-o", str(out), "-p", plan.precision, "-e", plan.ep, "-c", str(cache)]
     if plan.options:

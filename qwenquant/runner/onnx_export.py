@@ -82,7 +82,8 @@ def our_weights(config: dict, tensors: dict, names: list[str]) -> dict[str, torc
 
 
 @torch.no_grad()
-def _verify(request: ONNXExportRequest, tmp: Path, names: list[str], expected, quantized: bool, tokenizer) -> dict:
+def _verify(request: ONNXExportRequest, tmp: Path, names: list[str], expected, quantized: bool, tokenizer,
+            tensors: dict) -> dict:
     from transformers import AutoModelForCausalLM
 
     device = resolve_device(request.device)
@@ -93,6 +94,11 @@ def _verify(request: ONNXExportRequest, tmp: Path, names: list[str], expected, q
     with evaluation_precision(model, device):
         model.to(device)
         src_logp = next_token_logprobs(model, windows, device)
+    if quantized:  # the folder's own float tensors (AWQ folds its scales into the norms), then its Linears swapped in
+        params = dict(model.named_parameters())
+        for key, t in tensors.items():
+            if key in params and key.rsplit(".", 1)[0] not in expected:
+                params[key].data = t.to(torch.float32).to(params[key].device)
     result = verify_onnx(tmp, model, names, expected, tokenizer, windows, src_logp, device, request.verify_max_kl,
                          onnx_build.builder_versions(), request.ep)
     model.to("cpu")
@@ -124,7 +130,7 @@ def export_onnx(request: ONNXExportRequest, command: str = "", log=lambda msg: N
         verification = None
         if request.verify:
             log("verifying in onnxruntime (weights read back, KL on held-out text, greedy chat prompts)")
-            verification = _verify(request, tmp, names, expected, plan.quantized_input, tokenizer)
+            verification = _verify(request, tmp, names, expected, plan.quantized_input, tokenizer, tensors)
         files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
         report = report_header(1, command=command, started=started, kind="export-onnx") | {
             "input": str(folder), "codes": plan.codes,

@@ -1,10 +1,11 @@
-"""`qwenquant export onnx DIR` end to end in process on the tiny random model: our GPTQ codes survive the builder
+"""`qwenquant export onnx DIR` end to end in process on the tiny random model: our GPTQ/AWQ codes survive the builder
 (every MatMulNBits weight dequantizes to exactly our (q - z) * s, so onnxruntime computes our model), an fp32 build
 reproduces the source, QDQ works on a tied-embedding model (the builder's Gather trap), a disagreement exits 4 with
 its folder kept, and bad input is one line, exit 2, nothing written."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 
@@ -27,15 +28,29 @@ def _export(cli, folder, out, tiny_qwen3, eval_text, *flags):
 
 
 @pytest.fixture(scope="module")
-def gptq_g32(cli, tiny_args, tmp_path_factory):
-    out = tmp_path_factory.mktemp("onnx-src") / "gptq"
-    res = cli(["gptq", *tiny_args, "--group-size", "32", "--format", "gptq", "--out", out, "--quiet"])
-    assert res.code == 0, res.err
-    return out
+def quantized_g32(cli, tiny_args, tmp_path_factory):
+    """quantized_g32("gptq" | "awq") -> a `--format gptq|awq --group-size 32` folder of the tiny model, made once."""
+    root, made = tmp_path_factory.mktemp("onnx-src"), {}
+
+    def make(method: str):
+        if method not in made:
+            out = root / method
+            res = cli([method, *tiny_args, "--group-size", "32", "--format", method, "--out", out, "--quiet"])
+            assert res.code == 0, res.err
+            made[method] = out
+        return made[method]
+
+    return make
 
 
-def test_gptq_codes_survive_into_onnxruntime(cli, gptq_g32, tiny_qwen3, eval_text, tmp_path):
-    res = _export(cli, gptq_g32, tmp_path / "o", tiny_qwen3, eval_text)
+@pytest.fixture(scope="module")
+def gptq_g32(quantized_g32):
+    return quantized_g32("gptq")
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_codes_survive_into_onnxruntime(cli, quantized_g32, method, tiny_qwen3, eval_text, tmp_path):
+    res = _export(cli, quantized_g32(method), tmp_path / "o", tiny_qwen3, eval_text)
     assert res.code == 0, res.err
     out = tmp_path / "o"
     assert {"model.onnx", "model.onnx.data", "genai_config.json", "builder.log", "REPORT.md",
@@ -45,12 +60,16 @@ def test_gptq_codes_survive_into_onnxruntime(cli, gptq_g32, tiny_qwen3, eval_tex
     assert report["kind"] == "export-onnx" and report["onnx"]["precision"] == "int4"
     assert v["passed"] and w["checked"] == 14 and w["mismatched"] == [] and w["missing"] == []
     assert w["max_abs_deviation_from_ours"] == 0.0  # bit for bit in float32
-    assert len(w["stored_as"]) == 1 and w["stored_as"][0].startswith("MatMulNBits 4-bit block 32")
-    # onnxruntime vs the same (our) weights in transformers: only the runtime's arithmetic (int8 activations at
-    # accuracy level 4) differs; vs the source it carries the quantization error on top
+    # GPTQ act-order static: contiguous groups, so the builder is given desc_act false and writes no g_idx (with
+    # one, onnxruntime's CPU kernel decodes ~17x slower); AWQ: asymmetric, zero points
+    assert w["stored_as"] == ["MatMulNBits 4-bit block 32 with zero points"]
+    assert ("no g_idx" in report["codes"]) is (method == "gptq")
+    # onnxruntime vs the same (our) model in transformers (its Linears read back, its norms: AWQ folds scales into
+    # them): only the runtime's arithmetic (int8 activations at accuracy level 4) differs; vs the source it
+    # carries the quantization error on top
     runtime_only = v["runtime"]["vs_readback_in_transformers"]["mean_kl"]
     vs_source = v["runtime"]["vs_source"]["mean_kl"]
-    print(f"onnxruntime vs our weights {runtime_only:.2e}, vs source {vs_source:.2e}")
+    print(f"{method}: onnxruntime vs our weights {runtime_only:.2e}, vs source {vs_source:.2e}")
     assert runtime_only < 0.25 * vs_source
     assert abs(vs_source - v["readback_in_transformers_vs_source"]["mean_kl"]) < 0.25 * vs_source
     assert len(v["runtime"]["greedy"]["prompts"]) == 3 and v["runtime"]["version"]
@@ -103,6 +122,14 @@ def test_folders_the_builder_cannot_hold(cli, gptq_g32, tiny_qwen3, eval_text, t
     (moe / "model.safetensors").write_bytes((tiny_qwen3 / "model.safetensors").read_bytes())
     res = _export(cli, moe, tmp_path / "x", tiny_qwen3, eval_text)
     assert res.code == 2 and "does not know Qwen3MoeForCausalLM" in res.error_lines[0]
+    qcfg = json.loads((gptq_g32 / "config.json").read_text())["quantization_config"]
+    for change, message in [({"bits": 3}, "--bits 4"),
+                            ({"group_size": 24}, "powers of two"),
+                            ({"quant_method": "compressed-tensors"}, "--format gptq or --format awq")]:
+        (moe / "config.json").write_text(json.dumps(cfg | {"architectures": ["Qwen3ForCausalLM"],
+                                                           "quantization_config": qcfg | change}))
+        res = _export(cli, moe, tmp_path / "x", tiny_qwen3, eval_text)
+        assert res.code == 2 and len(res.error_lines) == 1 and message in res.error_lines[0], (change, res.err)
     assert not (tmp_path / "x").exists()
 
 
@@ -118,13 +145,15 @@ def test_missing_builder_dependency_is_one_line(cli, tiny_qwen3, eval_text, tmp_
 def test_cuda_build_where_onnxruntime_cannot_run_it(cli, gptq_g32, tiny_qwen3, eval_text, tmp_path):
     from qwenquant.eval.onnx_verify import provider_for
 
-    res = _export(cli, gptq_g32, tmp_path / "c", tiny_qwen3, eval_text, "--ep", "cuda")
+    missing = provider_for("cuda") is None
+    with pytest.warns(UserWarning, match="CUDAExecutionProvider") if missing else contextlib.nullcontext():
+        res = _export(cli, gptq_g32, tmp_path / "c", tiny_qwen3, eval_text, "--ep", "cuda")
     assert res.code == 0, res.err
     report = _report(tmp_path / "c")
     v = report["verification"]
     assert report["onnx"]["execution_provider"] == "cuda" and v["weights"]["mismatched"] == []
     assert v["weights"]["max_abs_deviation_from_ours"] == 0.0
-    if provider_for("cuda") is None:  # the CPU provider refuses the fused q/k-norm attention of a cuda build
+    if missing:  # the CPU provider refuses the fused q/k-norm attention of a cuda build
         assert v["runtime"]["available"] is False and "CUDAExecutionProvider" in v["runtime"]["reason"]
         assert "onnxruntime not run" in v["loader"] and v["vs_source"] == v["readback_in_transformers_vs_source"]
         assert "onnxruntime not run" in (tmp_path / "c" / "REPORT.md").read_text()
