@@ -20,6 +20,7 @@ import typer
 
 from qwenquant.cli import app, expand_multi_value
 from qwenquant.export.gguf_meta import llama_cpp_module
+from qwenquant.export.onnx_build import missing_packages
 from tests.conftest import REPO_ROOT, SHARED, run_cli
 
 README = REPO_ROOT / "README.md"
@@ -143,6 +144,8 @@ def test_readme_commands_run_in_order(tiny_qwen3, tiny_args, tmp_path, monkeypat
                                                             "SRC_DIR": str(mini_model)})
         if args[0] in ("report",):  # OUT_B: the first folder written by a quantize command below DIR
             args = [a if a != "out/b" else str(_latest_output(work, out)) for a in args]
+        if args[:2] == ["export", "onnx"] and missing_packages():
+            continue  # parsed above; running it needs the [onnx] extra (tests/cli/test_cli_onnx.py skips likewise)
         if args[:2] == ["export", "gguf"] and "q4_k_m" in args and llama_cpp_module() is None:
             continue  # parsed above; a K-quant needs llama.cpp's quantizer, the [gguf] extra
         args = args + fast_flags(fast, args[0])

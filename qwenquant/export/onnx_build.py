@@ -18,14 +18,16 @@ Traps, each refused (or worked around) with a one-line error naming the fix:
 - `--qdq` with tied embeddings: the builder adds `Gather` to the op types to quantize, and onnxruntime's QDQ
   quantizer asserts on every Gather ("Gather only supports QOperator format"): the build passes
   `shared_embeddings=false`, so the embedding table and lm_head are stored separately (both float);
-- `--qdq` with int8 (the builder has no 8-bit QDQ form), `fp32` with `--qdq` (nothing to quantize);
+- `--qdq` with int8 (the builder has no 8-bit QDQ form), `fp32` with `--qdq` (nothing to quantize), and `--qdq`
+  from a GPTQ/AWQ folder (the builder's QDQ graph of a prequantized checkpoint gave KL 5.8 nats in onnxruntime on
+  qwen3-mini, and no Linear could be read back from it: refused until understood; QDQ works from a bf16 folder);
 - a model the builder does not know (it knows Qwen3ForCausalLM, not Qwen3MoeForCausalLM);
 - a checkpoint it cannot hold: compressed-tensors INT (the builder reads compressed-tensors only as ModelOpt
   FP8/NVFP4 on CUDA), bits other than 4/8 (AWQ: 4), a group size MatMulNBits cannot take (a power of two >= 16;
   per-channel groups of 768 are not), act-order with a non-trivial g_idx (act-order `group`), or a precision other
   than the codes';
 - a GPTQ folder with `desc_act: true` (qwenquant's act-order `static`, whose groups stay contiguous): the builder
-  then gives every MatMulNBits a g_idx input, which onnxruntime's CPU kernel runs unpacked (17x slower decoding
+  then gives every MatMulNBits a g_idx input, which onnxruntime's CPU kernel runs unpacked (about 7x slower decoding
   measured on qwen3-mini, benchmarks/results/runtimes_onnx.md) and at 8 bits not at all. The g_idx is the natural
   k // group (checked before building), so the builder reads a staged copy of the folder (links to its files, a
   config.json with `desc_act: false`): the same codes, no g_idx.
@@ -149,6 +151,10 @@ def plan_build(config: dict, precision: str | None, ep: str, qdq: bool, group_si
             options["block_size"] = str(group)
             codes = (f"onnxruntime's own round-to-nearest (MatMulNBitsQuantizer, symmetric, block {group}) from the "
                      "unquantized weights")
+    if qdq and qconfig:
+        raise BadInputError("--qdq from a gptq/awq folder: onnxruntime-genai 0.18's QDQ form of a prequantized "
+                            "checkpoint computed wrong logits in onnxruntime (KL 5.8 nats on qwen3-mini, measured); "
+                            "drop --qdq, or pass the bf16 folder (onnxruntime's own RTN) for QDQ")
     if qdq and precision != "int4":
         raise BadInputError(f"--qdq holds 4-bit weights (the builder has no {precision} QDQ form); use "
                             "--precision int4 or drop --qdq")

@@ -61,7 +61,7 @@ def test_codes_survive_into_onnxruntime(cli, quantized_g32, method, tiny_qwen3, 
     assert v["passed"] and w["checked"] == 14 and w["mismatched"] == [] and w["missing"] == []
     assert w["max_abs_deviation_from_ours"] == 0.0  # bit for bit in float32
     # GPTQ act-order static: contiguous groups, so the builder is given desc_act false and writes no g_idx (with
-    # one, onnxruntime's CPU kernel decodes ~17x slower); AWQ: asymmetric, zero points
+    # one, onnxruntime's CPU kernel decoded ~7x slower); AWQ: asymmetric, zero points
     assert w["stored_as"] == ["MatMulNBits 4-bit block 32 with zero points"]
     assert ("no g_idx" in report["codes"]) is (method == "gptq")
     # onnxruntime vs the same (our) model in transformers (its Linears read back, its norms: AWQ folds scales into
@@ -115,6 +115,8 @@ def test_bad_options_are_one_line(cli, tiny_qwen3, eval_text, tmp_path, flags, m
 def test_folders_the_builder_cannot_hold(cli, gptq_g32, tiny_qwen3, eval_text, tmp_path):
     res = _export(cli, gptq_g32, tmp_path / "x", tiny_qwen3, eval_text, "--precision", "int8")
     assert res.code == 2 and "cannot hold this folder's 4-bit gptq codes" in res.error_lines[0]
+    res = _export(cli, gptq_g32, tmp_path / "x", tiny_qwen3, eval_text, "--qdq")
+    assert res.code == 2 and "--qdq from a gptq/awq folder" in res.error_lines[0]
     moe = tmp_path / "moe"
     moe.mkdir()
     cfg = json.loads((tiny_qwen3 / "config.json").read_text()) | {"architectures": ["Qwen3MoeForCausalLM"]}
