@@ -7,17 +7,21 @@ BF16 GGUF, in the same runtime:
   held-out windows (WikiText-2 test, the run's `--kl-tokens`), from each run's report (`verification.runtime`);
   beside it the same KL with the quantized weights in transformers (`evaluation.kl_vs_source`), so a runtime
   difference would show;
-- greedy agreement of llama.cpp with the same weights in transformers on the report's chat prompts;
-- decode tokens/s at batch 1 in llama.cpp (a 32-token chat prompt, 64 generated tokens, greedy; median of
-  --repeats, the files alternating within each repeat; n_threads = --threads).
-Optionally (--kquants) Q4_K_M / Q6_K made by llama.cpp's own quantizer (`llama_model_quantize`) from the BF16 file,
-without and with an importance matrix computed from qwenquant's calibration activations (mean x^2 per input column
-of every decoder Linear over 64 x 512 builtin calibration tokens, the statistic llama-imatrix collects).
+- greedy agreement of llama.cpp with the same weights in transformers and with the source model (chat prompts);
+- decode tokens/s at batch 1 in llama.cpp beside the BF16 source file in the same runtime and the same repeats.
+Then (unless --no-kquants) Q4_K_M / Q5_K_M / Q6_K from the CLI (`qwenquant export gguf MODEL --type ...`: llama.cpp's
+own quantizer), with --no-imatrix and with our importance matrix for each of --seeds calibration seeds (mean x^2 per
+input column of every decoder Linear, qwenquant/export/gguf_imatrix.py), so the imatrix's effect stands beside the
+seed spread.
 
     python benchmarks/runtimes.py                 # ~15-25 min on the shared 2-core box
-    python benchmarks/runtimes.py --quick         # RTN only, one repeat
+    python benchmarks/runtimes.py --quick         # RTN and Q4_K_M only, two repeats
 
-Writes benchmarks/results/runtimes.json and .md (--quick: runtimes_quick.*).
+Writes benchmarks/results/runtimes.json and .md (--name, --quick: runtimes_quick.*). The K-quant and decode run
+of issue 14 (benchmarks/results/runtimes_kquant_decode.*):
+
+    python benchmarks/runtimes.py --methods --speed-only-types Q8_0 Q4_0 --kquant-types Q4_K_M --repeats 5 \
+        --name runtimes_kquant_decode
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -45,6 +50,8 @@ TYPES = {"Q8_0": ("--bits", "8", "--sym"), "Q4_0": ("--bits", "4", "--sym"), "Q4
 METHODS = ("rtn", "gptq", "awq")
 PROMPT = "Write a short paragraph about the history of the printing press and why it mattered."
 DECODE_TOKENS = 64
+KQUANTS = ("Q4_K_M", "Q5_K_M", "Q6_K")
+IMATRIX_SAMPLES = 64
 
 
 def quantize(method: str, qtype: str, out: Path, kl_tokens: int) -> dict:
@@ -61,6 +68,7 @@ def quantize(method: str, qtype: str, out: Path, kl_tokens: int) -> dict:
             "file_bytes": (out / "model.gguf").stat().st_size,
             "kl_llama_cpp": v["runtime"].get("vs_source"), "kl_transformers": report["evaluation"]["kl_vs_source"],
             "greedy_agreement": (v["runtime"].get("greedy") or {}).get("token_agreement"),
+            "greedy_vs_source": (v["runtime"].get("greedy_vs_source") or {}).get("token_agreement"),
             "runtime": v["runtime"].get("version"), "passed": v["passed"]}
 
 
@@ -102,109 +110,145 @@ def source_row(path: Path, kl_tokens: int) -> dict:
             "greedy_agreement": None, "runtime": llama_cpp.__version__, "passed": None}
 
 
-@torch.no_grad()
-def importance_matrix(num_samples: int, seq_len: int) -> dict[str, torch.Tensor]:
-    """Per GGUF Linear tensor, the mean over calibration tokens of each input column's square (what llama-imatrix
-    collects), from the source model in float32 on qwenquant's builtin calibration set (seed 0)."""
-    import gguf
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def speed_only(qtype: str, out: Path) -> dict:
+    """An RTN block file for the decode timing alone (KL not measured in this run)."""
+    from qwenquant.cli import main
 
-    from qwenquant.calibration import load_calibration
-
-    tok = AutoTokenizer.from_pretrained(MODEL)
-    model = AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.float32).eval()
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN3, model.config.num_hidden_layers)
-    sums, counts, hooks = {}, {}, []
-    for name, mod in model.named_modules():
-        if isinstance(mod, torch.nn.Linear) and ".layers." in name:
-            target = names.get_name(name + ".weight", try_suffixes=(".weight",))
-
-            def hook(_m, inputs, _out, target=target):
-                x = inputs[0].reshape(-1, inputs[0].shape[-1]).float()
-                sums[target] = sums.get(target, 0) + (x * x).sum(0)
-                counts[target] = counts.get(target, 0) + x.shape[0]
-
-            hooks.append(mod.register_forward_hook(hook))
-    calib = load_calibration("builtin", tok, num_samples, seq_len, 0)
-    for row in calib:
-        model(input_ids=row.unsqueeze(0), use_cache=False)
-    for h in hooks:
-        h.remove()
-    return {k: sums[k] / counts[k] for k in sums}
+    code = main(["export", "gguf", str(MODEL), "--out", str(out), "--type", qtype.lower(), "--no-verify", "--quiet"])
+    return {"variant": f"RTN {qtype} (speed only)", "method": "rtn", "type": qtype, "exit_code": code,
+            "file": str(out / "model.gguf"), "file_bytes": (out / "model.gguf").stat().st_size}
 
 
-def kquant(src: Path, qtype: str, folder: Path, imatrix: dict[str, torch.Tensor] | None = None) -> Path:
-    """llama.cpp's own quantizer (llama_model_quantize), optionally fed an importance matrix: a NULL-terminated
-    array of llama_model_imatrix_data {tensor name, float per input column, size}."""
-    import ctypes
+def kquant(qtype: str, out: Path, kl_tokens: int, seed: int | None) -> dict:
+    """A K-quant through the CLI (`qwenquant export gguf MODEL --type ...`): llama.cpp's quantizer, with our
+    importance matrix from calibration seed `seed` (None: --no-imatrix), verified in llama.cpp."""
+    from qwenquant.cli import main
 
+    imat = ["--no-imatrix"] if seed is None else ["--seed", str(seed), "--num-samples", str(IMATRIX_SAMPLES)]
+    args = ["export", "gguf", str(MODEL), "--out", str(out), "--type", qtype.lower(), *imat, "--eval-window", "2048",
+            "--kl-tokens", str(kl_tokens), "--device", "cpu", "--quiet"]
+    t = time.perf_counter()
+    code = main(args)
+    report = json.loads((out / "qwenquant_report.json").read_text())
+    v = report["verification"]
+    label = "no imatrix" if seed is None else f"our imatrix, seed {seed}"
+    return {"variant": f"llama.cpp {qtype} ({label})", "method": "llama.cpp", "type": qtype, "imatrix_seed": seed,
+            "exit_code": code, "seconds": round(time.perf_counter() - t, 1), "file": str(out / "model.gguf"),
+            "file_bytes": (out / "model.gguf").stat().st_size, "kl_llama_cpp": v["runtime"].get("vs_source"),
+            "kl_transformers": v["gguf_reader_vs_source"],
+            "greedy_agreement": (v["runtime"].get("greedy") or {}).get("token_agreement"),
+            "greedy_vs_source": (v["runtime"].get("greedy_vs_source") or {}).get("token_agreement"),
+            "runtime": v["runtime"].get("version"), "passed": v["passed"]}
+
+
+def load_average() -> str:
+    """The 1/5/15-minute load averages as `uptime` prints them (the machine's load during the timing)."""
+    return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+
+
+def open_for_decode(path: Path, threads: int):
     import llama_cpp
 
-    out = folder / f"llama-{qtype}{'-imatrix' if imatrix else ''}.gguf"
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{qtype}")
-    keep = []
-    if imatrix:
-        entries = (llama_cpp.llama_model_imatrix_data * (len(imatrix) + 1))()
-        for i, (name, values) in enumerate(imatrix.items()):
-            arr = (ctypes.c_float * values.numel())(*values.tolist())
-            keep.append(arr)
-            entries[i].name, entries[i].data, entries[i].size = name.encode(), arr, values.numel()
-        entries[len(imatrix)].name = None
-        params.imatrix = entries
-        keep.append(entries)
-    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(out).encode(), params)
-    if rc != 0:
-        raise RuntimeError(f"llama_model_quantize {qtype} failed: {rc}")
-    return out
+    return llama_cpp.Llama(model_path=str(path), n_ctx=512, verbose=False, n_threads=threads, n_batch=512)
 
 
-def decode_speed(path: Path, threads: int) -> float:
-    import llama_cpp
-
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=512, verbose=False, n_threads=threads, n_batch=512)
+def decode_once(llm) -> tuple[float, float]:
+    """(tokens/s wall clock, CPU seconds of this process per token) for DECODE_TOKENS greedy tokens at batch 1
+    after the chat prompt (prefill not timed)."""
+    llm.reset()
     ids = llm.tokenize(f"<|im_start|>user\n{PROMPT}<|im_end|>\n<|im_start|>assistant\n".encode(), special=True)
-    llm.eval(ids)  # prefill, not timed
-    t, n = time.perf_counter(), 0
+    llm.eval(ids)
+    t, c = time.perf_counter(), time.process_time()
     for _ in range(DECODE_TOKENS):
-        tok = llm.sample(temp=0.0, top_k=1)
-        llm.eval([tok])
-        n += 1
-    seconds = time.perf_counter() - t
-    llm.close()
-    return n / seconds
+        llm.eval([llm.sample(temp=0.0, top_k=1)])
+    return DECODE_TOKENS / (time.perf_counter() - t), (time.process_time() - c) / DECODE_TOKENS
+
+
+def time_decode(rows: list[dict], repeats: int, threads: int) -> dict:
+    """Every file loaded once; each repeat times every file in turn (the order rotating), so load changes hit all
+    rows alike; per repeat each row's speed is also divided by the BF16 source's in the same repeat."""
+    llms = [open_for_decode(Path(r["file"]), threads) for r in rows]
+    before = load_average()
+    for r in rows:
+        r["decode_tok_s"], r["decode_cpu_ms_per_token"], r["decode_vs_bf16"] = [], [], []
+    for rep in range(repeats):
+        order = list(range(len(rows)))[rep % len(rows):] + list(range(len(rows)))[: rep % len(rows)]
+        speeds = {}
+        for i in order:
+            tok_s, cpu = decode_once(llms[i])
+            speeds[i] = tok_s
+            rows[i]["decode_tok_s"].append(round(tok_s, 2))
+            rows[i]["decode_cpu_ms_per_token"].append(round(1000 * cpu, 3))
+        for i in order:
+            rows[i]["decode_vs_bf16"].append(round(speeds[i] / speeds[0], 3))
+    for llm in llms:
+        llm.close()
+    return {"load_before": before, "load_after": load_average()}
+
+
+def _spread(values: list[float], fmt: str) -> str:
+    if not values:
+        return "-"
+    return f"{statistics.median(values):{fmt}} ({min(values):{fmt}}-{max(values):{fmt}})"
 
 
 def render(rows: list[dict], meta: dict) -> str:
     lines = ["# GGUF in llama.cpp (qwen3-mini)", "", meta["setup"], "",
-             "| variant | file MiB | KL llama.cpp | top-1 llama.cpp | KL transformers (same weights) | greedy agree | "
-             "decode tok/s (median, min-max) | verified |", "|---|---:|---:|---:|---:|---:|---:|---|"]
+             "| variant | file MiB | KL llama.cpp | top-1 llama.cpp | KL transformers (same weights) | greedy agree "
+             "(same weights) | greedy agree (source) | decode tok/s median (min-max) | x BF16 median (min-max) | "
+             "CPU ms/token median | verified |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         kl, klt = r.get("kl_llama_cpp") or {}, r.get("kl_transformers") or {}
-        s = r.get("decode_tok_s") or []
-        speed = f"{statistics.median(s):.1f} ({min(s):.1f}-{max(s):.1f})" if s else "-"
-        lines.append(f"| {r['variant']} | {r['file_bytes'] / 2**20:.2f} | {kl.get('mean_kl', float('nan')):.3e} | "
-                     f"{100 * kl.get('top1_agreement', float('nan')):.2f}% | "
-                     f"{klt['mean_kl']:.3e} | " if klt else
-                     f"| {r['variant']} | {r['file_bytes'] / 2**20:.2f} | {kl.get('mean_kl', float('nan')):.3e} | "
-                     f"{100 * kl.get('top1_agreement', float('nan')):.2f}% | - | ")
-        lines[-1] += (f"{100 * r['greedy_agreement']:.1f}% | " if r.get("greedy_agreement") is not None else "- | ")
-        lines[-1] += f"{speed} | {r.get('passed') if r.get('passed') is not None else '-'} |"
+        cells = [r["variant"], f"{r['file_bytes'] / 2**20:.2f}", f"{kl['mean_kl']:.3e}" if kl else "-",
+                 f"{100 * kl['top1_agreement']:.2f}%" if kl else "-",
+                 f"{klt['mean_kl']:.3e}" if klt else "-"]
+        cells += [f"{100 * r[k]:.1f}%" if r.get(k) is not None else "-" for k in ("greedy_agreement", "greedy_vs_source")]
+        cpu = r.get("decode_cpu_ms_per_token") or []
+        cells += [_spread(r.get("decode_tok_s") or [], ".0f"), _spread(r.get("decode_vs_bf16") or [], ".2f"),
+                  f"{statistics.median(cpu):.2f}" if cpu else "-",
+                  str(r["passed"]) if r.get("passed") is not None else "-"]
+        lines.append("| " + " | ".join(cells) + " |")
     lines += ["", *meta["notes"], ""]
     return "\n".join(lines)
+
+
+def imatrix_effect(rows: list[dict]) -> list[str]:
+    """Per K-quant type: KL without the importance matrix, with it per calibration seed, the difference beside
+    the seed spread."""
+    out = []
+    for qtype in KQUANTS:
+        mine = [r for r in rows if r["type"] == qtype]
+        plain = next((r["kl_llama_cpp"]["mean_kl"] for r in mine if r.get("imatrix_seed") is None), None)
+        seeded = [r["kl_llama_cpp"]["mean_kl"] for r in mine if r.get("imatrix_seed") is not None]
+        if plain is None or not seeded:
+            continue
+        mean = statistics.mean(seeded)
+        out.append(f"{qtype}: KL without imatrix {plain:.4e}, with ours {', '.join(f'{k:.4e}' for k in seeded)} "
+                   f"(seeds {', '.join(str(r['imatrix_seed']) for r in mine if r.get('imatrix_seed') is not None)}); "
+                   f"mean change {100 * (mean - plain) / plain:+.1f}%, seed spread {100 * (max(seeded) - min(seeded)) / plain:.1f}% "
+                   "of the no-imatrix KL.")
+    return out
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--kquants", action="store_true", help="also Q4_K_M / Q6_K from llama.cpp's quantizer")
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-kquants", action="store_true", help="skip the K-quants from llama.cpp's quantizer")
+    ap.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS, help="INT methods of the block rows")
+    ap.add_argument("--speed-only-types", nargs="*", default=[], choices=list(TYPES),
+                    help="block files written with `export gguf --no-verify` (RTN) for the decode timing only")
+    ap.add_argument("--kquant-types", nargs="+", default=list(KQUANTS), choices=KQUANTS)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="calibration seeds of the importance matrix")
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (quality rows)")
+    ap.add_argument("--decode-threads", type=int, default=1,
+                    help="llama.cpp threads when timing decode (1: no thread barriers spinning on a loaded machine)")
     ap.add_argument("--kl-tokens", type=int, default=4096)
+    ap.add_argument("--name", default="runtimes", help="results file name under benchmarks/results/")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    methods = ("rtn",) if args.quick else METHODS
-    repeats = 1 if args.quick else args.repeats
+    methods = ("rtn",) if args.quick else tuple(args.methods)
+    repeats = 2 if args.quick else args.repeats
     with tempfile.TemporaryDirectory(prefix="runtimes-") as tmp:
         folder = Path(tmp)
         src = source_gguf(folder)
@@ -213,32 +257,39 @@ def main() -> int:
             for qtype in TYPES:
                 print(f"[runtimes] {method} {qtype}", file=sys.stderr, flush=True)
                 rows.append(quantize(method, qtype, folder / f"{method}-{qtype}", args.kl_tokens))
-        if args.kquants:
-            imatrix = importance_matrix(64, 512)
-            for qtype in ("Q4_K_M", "Q6_K"):
-                for imat in (None, imatrix):
-                    path = kquant(src, qtype, folder, imat)
-                    label = "imatrix: ours, 64x512 calibration tokens" if imat else "no imatrix"
-                    rows.append(source_row(path, args.kl_tokens) | {"variant": f"llama.cpp {qtype} ({label})",
-                                                                    "type": qtype})
-        for r in rows:
-            r["decode_tok_s"] = []
-        for _ in range(repeats):  # the files alternate within each repeat
-            for r in rows:
-                r["decode_tok_s"].append(round(decode_speed(Path(r["file"]), args.threads), 2))
+        for qtype in args.speed_only_types:
+            rows.append(speed_only(qtype, folder / f"speed-{qtype}"))
+        if not args.no_kquants:
+            for qtype in (KQUANTS[:1] if args.quick else args.kquant_types):
+                for seed in (None, *args.seeds):
+                    print(f"[runtimes] {qtype} imatrix seed {seed}", file=sys.stderr, flush=True)
+                    rows.append(kquant(qtype, folder / f"{qtype}-{seed}", args.kl_tokens, seed))
+        print("[runtimes] decode timing", file=sys.stderr, flush=True)
+        load = time_decode(rows, repeats, args.decode_threads)
     import llama_cpp
 
     meta = {"setup": (f"qwen3-mini (6 layers, hidden 256, vocab 8192, tied embeddings; 13.0 MiB bf16). KL: mean "
                       f"per-token KL(source in transformers float32 || file in llama.cpp) over {args.kl_tokens} "
-                      "WikiText-2 test tokens (2048-token windows), top-1 = argmax agreement. Decode: batch 1, "
-                      f"{DECODE_TOKENS} greedy tokens after a chat prompt, {args.threads} threads, median of "
-                      f"{repeats} (files alternating). llama-cpp-python {llama_cpp.__version__}, CPU."),
-            "notes": ["Every quantized Linear of the Q8_0/Q4_0/Q4_1 files carries the method's codes as they are "
-                      "(qwenquant/export/gguf_blocks.py); embeddings stay BF16, norms F32.",
-                      "On a 2-core machine shared with other jobs single speed runs swing by tens of percent; the "
-                      "embedding table (4 MiB BF16) dominates this small model's file size."],
+                      "WikiText-2 test tokens (2048-token windows), top-1 = argmax agreement. Greedy agreement: "
+                      "tokens before the first difference over all generated tokens, 3 chat prompts x 24 tokens, "
+                      "against the same weights in transformers and against the source model. Decode: batch 1, "
+                      f"{DECODE_TOKENS} greedy tokens after a chat prompt, {args.decode_threads} llama.cpp thread(s), every file loaded "
+                      f"once and timed in turn in each of {repeats} repeats (order rotating); x BF16 = the row's "
+                      "speed over the BF16 source file's in the same repeat; CPU ms/token = this process's CPU time "
+                      f"(less sensitive to other jobs than wall time). llama-cpp-python {llama_cpp.__version__}, CPU."),
+            "load": load,
+            "notes": [f"Machine load (uptime) before the decode timing: `{load['load_before']}`; after: "
+                      f"`{load['load_after']}`. 2 cores shared with other jobs: wall-clock speeds are medians over "
+                      "repeats with min-max beside them; compare rows through the x BF16 column.",
+                      "Every quantized Linear of the Q8_0/Q4_0/Q4_1 files carries the method's codes as they are "
+                      "(qwenquant/export/gguf_blocks.py); embeddings stay BF16, norms F32. K-quant rows come from "
+                      "`qwenquant export gguf MODEL --type q4_k_m|q5_k_m|q6_k` (llama.cpp's quantizer; it also "
+                      "quantizes token_embd, so its files are smaller), with `--no-imatrix` or our importance "
+                      f"matrix ({IMATRIX_SAMPLES} x 512 builtin calibration tokens, the seed given); their 'KL "
+                      "transformers' is gguf-py's dequantization of the file run in transformers.",
+                      *imatrix_effect(rows)],
             "code": code_state(), "environment": environment_meta()}
-    name = "runtimes_quick" if args.quick else "runtimes"
+    name = f"{args.name}_quick" if args.quick else args.name
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     (RESULTS / f"{name}.md").write_text(render(rows, meta))
