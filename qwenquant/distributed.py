@@ -3,7 +3,7 @@
 
 A `World` is passed to what needs it (the run, the layer loop, the stages through `LayerContext.world`); there is
 no module state. Its collectives are the only ones the stages use:
-- `sum_` / `max_`: in-place all-reduce of a statistic (GPTQ Hessians weighted by token counts, activation maxima);
+- `sum_` / `max_`: in-place all-reduce of a statistic (GPTQ's float64 X^T X sums and token counts, activation maxima);
 - `gather_rows`: every rank's rows of a tensor, concatenated in rank order (weight-parallel GPTQ: each rank solves
   some output rows of a Linear group);
 - `all_same`: the ranks' answers to one question (recipe and source hash) compared before any work.

@@ -1,6 +1,8 @@
 """GPTQ (Frantar et al., 2022) as pure tensor functions, in the paper's symbols.
 
-Minimise ||W X - W_hat X||^2 one column at a time with H = 2 X X^T / n (here X is [T, K], so H = 2 X^T X / n):
+Minimise ||W X - W_hat X||^2 one column at a time with H = 2 X X^T / n (here X is [T, K], so H = 2 X^T X / n,
+accumulated over calibration batches as a float64 sum S = sum_b X_b^T X_b and rounded to float32 once, just before
+the solve: `accumulate_hessian_sum`, `hessian_from_sum`):
 quantize column k, then spread its error over the columns not yet quantized,
     err = (w_k - q_k) / [Hinv]_kk,    W[:, k+1:] -= err [Hinv]_{k, k+1:},
 where Hinv is the upper Cholesky factor of (H + lambda I)^-1, lambda = dampening_frac * mean(diag H).
@@ -35,7 +37,7 @@ from qwenquant.quant.records import QuantizedWeight
 ACTORDERS = ("none", "static", "group")
 CHOLESKY_RETRIES = 3  # each retry multiplies the dampening by 10
 MIN_RETRY_DAMPENING_FRAC = 1e-4  # retry base when dampening_frac is 0
-HESSIAN_PANEL = 128  # rows of X^T X per matmul in accumulate_hessian
+HESSIAN_PANEL = 128  # rows of X^T X per matmul in accumulate_hessian_sum (and of S per division)
 
 
 @dataclass
@@ -78,27 +80,49 @@ class ColumnGrid:
 
 
 @torch.no_grad()
-def accumulate_hessian(H: torch.Tensor | None, x: torch.Tensor, n_seen: int) -> tuple[torch.Tensor, int]:
-    """Running mean H = 2 X^T X / n over all tokens seen, updated with x [..., K] (float32).
+def accumulate_hessian_sum(S: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    """S + X_b^T X_b [K, K] float64 for one batch x [..., K] (X_b its rows as [T, K] float32); S None starts at 0.
 
-    H [K, K] is symmetric, so only its upper triangle is multiplied out, in row panels of HESSIAN_PANEL rows
-    (X_p^T X[:, p0:] for panel p = [p0, p1)), and mirrored: ~(1/2 + panel / 2K) of the full product's flops, each
-    entry the same dot product over the tokens."""
+    The batch's product is a float32 matmul, each entry the same dot product over the batch's tokens; it is added
+    to the float64 sum exactly (float32 -> float64 is exact). X_b^T X_b is symmetric, so only its upper triangle is
+    multiplied out, in row panels of HESSIAN_PANEL rows (X_p^T X[:, p0:] for panel p = [p0, p1)), and mirrored:
+    ~(1/2 + panel / 2K) of the full product's flops. Returns a new tensor (S is not changed)."""
     x = x.reshape(-1, x.shape[-1]).float()  # [T, K]
-    t, k = x.shape
-    if H is None:
-        H = torch.zeros(k, k, dtype=torch.float32, device=x.device)
-    if t == 0:
-        return H, n_seen
-    n_total = n_seen + t
-    H = H * (n_seen / n_total)
-    x = x * math.sqrt(2.0 / n_total)
+    k = x.shape[1]
+    S = torch.zeros(k, k, dtype=torch.float64, device=x.device) if S is None else S.clone()
+    if x.shape[0] == 0:
+        return S
     for p0 in range(0, k, HESSIAN_PANEL):
         p1 = min(p0 + HESSIAN_PANEL, k)
-        panel = x[:, p0:p1].T @ x[:, p0:]  # [p1 - p0, K - p0]: rows p0..p1 of X^T X from the diagonal on
-        H[p0:p1, p0:] += panel
-        H[p1:, p0:p1] += panel[:, p1 - p0 :].T  # the mirror below the diagonal block
-    return H, n_total
+        panel = x[:, p0:p1].T @ x[:, p0:]  # [p1 - p0, K - p0] float32: rows p0..p1 of X_b^T X_b from the diagonal on
+        S[p0:p1, p0:] += panel
+        S[p1:, p0:p1] += panel[:, p1 - p0 :].T  # the mirror below the diagonal block
+    return S
+
+
+@torch.no_grad()
+def hessian_from_sum(S: torch.Tensor, n: int) -> torch.Tensor:
+    """H = 2 S / n [K, K] float32 from the float64 sum S = sum_b X_b^T X_b over n tokens, rounded to float32 once
+    (computed as S / (n / 2) in float64, which is exactly 2 S / n correctly rounded; then to float32), one row panel
+    at a time so the float64 temporary stays [HESSIAN_PANEL, K]. n = 0 (no tokens) gives zeros.
+
+    Order independence: each entry of S is a float64 sum of float32 terms (one per batch). When the terms' magnitudes
+    span less than ~2^29 (float64 has 29 more mantissa bits than float32), every partial sum is exact, so S, and H,
+    do not depend on the order or grouping of the batches (one process adding batch after batch, or ranks adding
+    their own batches and then all-reducing the partial sums). Otherwise a partial sum rounds at 2^-53 relative,
+    and H's float32 rounding can differ only if 2 S / n lies within that distance of a float32 rounding boundary:
+    about 2^-29 (~2e-9) of such entries."""
+    k = S.shape[0]
+    H = torch.empty(k, k, dtype=torch.float32, device=S.device)
+    half_n = max(n, 1) / 2  # exact in float64 for any token count below 2^53
+    for p0 in range(0, k, HESSIAN_PANEL):
+        H[p0:p0 + HESSIAN_PANEL] = S[p0:p0 + HESSIAN_PANEL] / half_n
+    return H
+
+
+def hessian(x: torch.Tensor) -> torch.Tensor:
+    """H = 2 X^T X / T [K, K] float32 of one set of inputs x [..., K] (T rows): `hessian_from_sum` of one batch."""
+    return hessian_from_sum(accumulate_hessian_sum(None, x), x.reshape(-1, x.shape[-1]).shape[0])
 
 
 def _factor_hinv(H: torch.Tensor, dampening_frac: float) -> torch.Tensor | None:

@@ -70,18 +70,23 @@ def solve_shared(world: World, weights: list[torch.Tensor], H: torch.Tensor, cfg
     return gptqq.split_shared(weights, rows)
 
 
-def combined_hessian(ctx: LayerContext, name: str, H: torch.Tensor | None, n: int) -> torch.Tensor:
-    """The Hessian of Linear `name`'s input over every rank's calibration tokens, from this rank's running mean H
-    over its n tokens: sum_r n_r H_r / sum_r n_r, summed in float64 and rounded to float32 once (a single
-    process: H itself)."""
-    if not ctx.world.distributed:
-        return H
-    k = ctx.linear(name).weight.shape[1]
-    weighted = H.double() * n if H is not None else torch.zeros(k, k, dtype=torch.float64, device=ctx.device)
-    tokens = torch.tensor([float(n)], dtype=torch.float64, device=weighted.device)
-    ctx.world.sum_(weighted)
-    ctx.world.sum_(tokens)
-    return (weighted / tokens.clamp(min=1.0)).float()
+def combined_hessian(ctx: LayerContext, name: str, S: torch.Tensor | None, n: int) -> torch.Tensor:
+    """The Hessian H = 2 S / n (float32) of Linear `name`'s input over every rank's calibration tokens, from this
+    rank's float64 sum S = sum_b X_b^T X_b over its n tokens (`gptqq.accumulate_hessian_sum`; None: no tokens).
+    In a distributed world S and n are all-reduced (float64 sums, S in place) first; then `gptqq.hessian_from_sum`
+    rounds to float32 once, as a single process does. The ranks hold whole calibration batches, so the float32
+    batch products are the single process's; only the float64 association of the per-rank partial sums differs,
+    which is exact (bit-identical H) unless an entry's terms span more than ~2^29 in magnitude, and then flips the
+    float32 rounding of about 2e-9 of such entries (`hessian_from_sum`)."""
+    if S is None:
+        k = ctx.linear(name).weight.shape[1]
+        S = torch.zeros(k, k, dtype=torch.float64, device=ctx.device)
+    if ctx.world.distributed:
+        tokens = torch.tensor([float(n)], dtype=torch.float64, device=S.device)
+        ctx.world.sum_(S)
+        ctx.world.sum_(tokens)
+        n = int(tokens.item())
+    return gptqq.hessian_from_sum(S, n)
 
 
 def sequential_gptq(ctx: LayerContext, solve) -> dict:
@@ -114,13 +119,14 @@ def sequential_gptq(ctx: LayerContext, solve) -> dict:
         groups = [g for g in (quantized_names(ctx, group) for group in wave) if g]
         if not groups:
             continue
-        hessians: dict[str, dict] = {g[0]: {"H": None, "n": 0} for g in groups}
+        hessians: dict[str, dict] = {g[0]: {"S": None, "n": 0} for g in groups}  # float64 sums of X_b^T X_b
         if keep_inputs:
             kept_inputs.update({g[0]: {} for g in groups if len(g) == 1 and _submodule_of(g[0]) is not None})
 
         def observe(name: str, x: torch.Tensor) -> None:
             h = hessians[name]
-            h["H"], h["n"] = gptqq.accumulate_hessian(h["H"], x, h["n"])
+            h["S"] = gptqq.accumulate_hessian_sum(h["S"], x)
+            h["n"] += x.reshape(-1, x.shape[-1]).shape[0]
             if name in kept_inputs:
                 kept_inputs[name][ctx.batch] = x
 
@@ -128,7 +134,9 @@ def sequential_gptq(ctx: LayerContext, solve) -> dict:
             ctx.forward()
         for group in groups:
             weights = [ctx.linear(name).weight.data for name in group]
-            H = combined_hessian(ctx, group[0], hessians[group[0]]["H"], hessians[group[0]]["n"])
+            h = hessians.pop(group[0])  # the float64 sum is freed before the solve
+            H = combined_hessian(ctx, group[0], h["S"], h["n"])
+            del h
             for name, (res, extra) in zip(group, solve(list(group), weights, H)):
                 store_int(ctx, name, res.record, report, {"gptq_loss": res.loss} | extra)
                 ctx.pre_rounding[name] = res.pre_rounding  # a later compensate stage tunes the rounding from here
@@ -165,12 +173,15 @@ def observation_waves(adapter) -> list[list[tuple[str, ...]]]:
 
 
 def _host_bytes(cfg: GPTQStage, need) -> tuple[int, str]:
-    """H, damped H, its factors and inverse of the widest input, plus (CPU runs) the widest Linear's inputs over the
-    calibration set, kept from its observation to the propagation (gptq_layer; not kept on CUDA, where this
-    over-counts)."""
+    """For the widest input (K features), the larger of the accumulation (the float64 sum S of X_b^T X_b and its
+    next value, 2 x 8 K^2 bytes; then S and the float32 H formed from it, 12 K^2) and the solve (S freed: H, damped
+    H, its factors and inverse, 5 x 4 K^2), plus (CPU runs) the widest Linear's inputs over the calibration set,
+    kept from its observation to the propagation (gptq_layer; not kept on CUDA, where this over-counts). Not
+    counted: MoE experts observed together keep one float64 sum each (8 K_expert^2 bytes per expert)."""
     copies, _ = need.weight_copies()
     kept = need.calib_tokens * need.widest_input * need.dtype_bytes
-    return copies + 5 * 4 * need.widest_input**2 + kept, "GPTQ Hessian and Cholesky factors, kept Linear inputs"
+    hessian = max(2 * 8, 8 + 4, 5 * 4) * need.widest_input**2
+    return copies + hessian + kept, "GPTQ Hessian (float64 sum) and Cholesky factors, kept Linear inputs"
 
 
 def _seconds(cfg: GPTQStage, need) -> tuple[float, str]:

@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 
-from qwenquant.quant.gptq import GPTQConfig, accumulate_hessian, quantize_weight
+from qwenquant.quant.gptq import GPTQConfig, accumulate_hessian_sum, hessian, hessian_from_sum, quantize_weight
 from qwenquant.quant.intq import quantize_codes, quantize_rtn
 
 
@@ -29,10 +29,9 @@ def output_error(x: torch.Tensor, w: torch.Tensor, w_hat: torch.Tensor) -> float
 def layer() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     x = correlated_inputs(512, 256, seed=0)
     w = torch.randn(64, 256, generator=torch.Generator().manual_seed(1))
-    h, n = accumulate_hessian(None, x[:200], 0)
-    h, n = accumulate_hessian(h, x[200:].view(2, 156, 256), n)  # batches of any leading shape
-    assert n == 512
-    return x, w, h
+    s = accumulate_hessian_sum(None, x[:200])
+    s = accumulate_hessian_sum(s, x[200:].view(2, 156, 256))  # batches of any leading shape
+    return x, w, hessian_from_sum(s, 512)
 
 
 def reference_gptq(W, H, bits, G, symmetric, actorder, dampening_frac, scale_dtype=torch.bfloat16):
@@ -108,7 +107,7 @@ def test_gptq_beats_rtn(layer, bits: int, symmetric: bool, actorder: str) -> Non
 def test_gptq_matches_dense_reference(actorder, group_size: int, block_size: int, symmetric: bool) -> None:
     x = correlated_inputs(256, 128, seed=2)
     w = torch.randn(16, 128, generator=torch.Generator().manual_seed(3))
-    h, _ = accumulate_hessian(None, x, 0)
+    h = hessian(x)
     config = GPTQConfig(4, group_size, symmetric, actorder, dampening_frac=0.01, block_size=block_size)
     qw, loss = quantize_weight(w, h, config)
     g = 128 if group_size == -1 else group_size
@@ -125,7 +124,7 @@ def test_dequantize_reproduces_final_weights_and_dead_columns() -> None:
     x = correlated_inputs(256, 128, seed=4)
     x[:, 10] = 0.0  # a dead input channel
     w = torch.randn(16, 128, generator=torch.Generator().manual_seed(5))
-    h, _ = accumulate_hessian(None, x, 0)
+    h = hessian(x)
     for actorder in ("none", "static", "group"):
         qw, loss = quantize_weight(w, h, GPTQConfig(4, 32, False, actorder, block_size=64))
         w_hat = qw.dequantize()
@@ -142,7 +141,7 @@ def test_dequantize_reproduces_final_weights_and_dead_columns() -> None:
 def test_static_actorder_uses_natural_group_params() -> None:
     x = correlated_inputs(256, 128, seed=6)
     w = torch.randn(16, 128, generator=torch.Generator().manual_seed(7))
-    h, _ = accumulate_hessian(None, x, 0)
+    h = hessian(x)
     qw, _ = quantize_weight(w, h, GPTQConfig(4, 32, True, "static"))
     rtn = quantize_rtn(w, 4, 32, True)
     assert torch.equal(qw.scale, rtn.scale) and qw.g_idx is None
@@ -152,7 +151,7 @@ def test_rank_deficient_hessian_warns_and_stays_finite() -> None:
     g = torch.Generator().manual_seed(8)
     x = torch.randn(16, 64, generator=g)  # 16 tokens for 64 channels: H has rank 16
     w = torch.randn(32, 64, generator=g)
-    h, _ = accumulate_hessian(None, x, 0)
+    h = hessian(x)
     with pytest.warns(RuntimeWarning, match="Cholesky failed"):
         qw, loss = quantize_weight(w, h, GPTQConfig(4, 32, dampening_frac=0.0))
     assert torch.isfinite(qw.dequantize()).all() and loss == loss
@@ -162,7 +161,7 @@ def test_indefinite_hessian_falls_back_to_rtn() -> None:
     g = torch.Generator().manual_seed(9)
     x = torch.randn(128, 64, generator=g)
     w = torch.randn(32, 64, generator=g)
-    h, _ = accumulate_hessian(None, x, 0)
+    h = hessian(x)
     h = h - 5 * h.diagonal().mean() * torch.eye(64)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -198,14 +197,25 @@ def test_config_validation(kwargs) -> None:
         GPTQConfig(**kwargs)
 
 
-def test_accumulate_hessian_is_running_mean() -> None:
+def test_hessian_from_sum_is_two_x_t_x_over_n() -> None:
     x = torch.randn(3, 10, 8)
-    h, n = None, 0
+    S = None
     for batch in x:
-        h, n = accumulate_hessian(h, batch, n)
+        S = accumulate_hessian_sum(S, batch)
     flat = x.reshape(-1, 8).double()
-    assert n == 30
-    assert torch.allclose(h.double(), 2 * flat.T @ flat / 30, atol=1e-5)
+    h = hessian_from_sum(S, 30)
+    assert S.dtype == torch.float64 and h.dtype == torch.float32
+    err = float((h.double() - 2 * flat.T @ flat / 30).abs().max())
+    print(f"max abs error vs float64 2 X^T X / n: {err:.2e}")
+    assert err < 1e-5
+
+
+def test_accumulate_hessian_sum_is_pure() -> None:
+    x = torch.randn(20, 8)
+    S = accumulate_hessian_sum(None, x[:10])
+    before = S.clone()
+    S2 = accumulate_hessian_sum(S, x[10:])
+    assert torch.equal(S, before) and not torch.equal(S2, before)
 
 
 @pytest.mark.parametrize("k", [64, 200, 384])  # below, off and on the panel width (HESSIAN_PANEL = 128)
@@ -213,12 +223,53 @@ def test_accumulate_hessian_panels_equal_the_full_product(k: int) -> None:
     """The upper-triangle panels and their mirror give X^T X: exactly symmetric, equal to the full product."""
     g = torch.Generator().manual_seed(k)
     x = torch.randn(300, k, generator=g).to(torch.bfloat16)
-    h, n = accumulate_hessian(None, x[:100], 0)
-    h, n = accumulate_hessian(h, x[100:], n)
+    h = hessian_from_sum(accumulate_hessian_sum(accumulate_hessian_sum(None, x[:100]), x[100:]), 300)
     xf = x.float()
     full = (xf.T @ xf) * (2.0 / 300)
-    assert n == 300 and torch.equal(h, h.T)
+    assert torch.equal(h, h.T)
     torch.testing.assert_close(h, full, rtol=1e-5, atol=1e-6)
+
+
+def _outlier_batches(seed: int, batches: int, tokens: int, k: int) -> list[torch.Tensor]:
+    """Random batches with outlier channels (x100, x1e4) and a few huge tokens, so the per-batch products of an
+    entry span many orders of magnitude."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(batches):
+        x = torch.randn(tokens, k, generator=g)
+        x[:, 3] *= 100.0
+        x[:, 7] *= 1e4
+        x[torch.randint(0, tokens, (2,), generator=g)] *= 50.0
+        out.append(x)
+    return out
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_hessian_sum_split_in_halves_equals_the_whole(seed: int) -> None:
+    """What two ranks do (each sums its half of the batches in float64, then the halves are added) gives the one
+    process's float32 H (batch after batch) bit for bit: the float64 sums of float32 products are exact here."""
+    batches = _outlier_batches(seed, batches=8, tokens=64, k=144)  # 144: off the panel width
+    whole = None
+    for b in batches:
+        whole = accumulate_hessian_sum(whole, b)
+    halves = []
+    for part in (batches[:3], batches[3:]):  # uneven halves: 3 + 5 batches
+        S = None
+        for b in part:
+            S = accumulate_hessian_sum(S, b)
+        halves.append(S)
+    n = 8 * 64
+    h_whole, h_split = hessian_from_sum(whole, n), hessian_from_sum(halves[1] + halves[0], n)
+    span = float(whole.abs().max() / whole.abs()[whole != 0].min())
+    f64_diff = int((whole != halves[1] + halves[0]).sum())
+    print(f"entry magnitudes span {span:.1e}; float64 sums differing: {f64_diff}; float32 H differing: "
+          f"{int((h_whole != h_split).sum())}")
+    assert torch.equal(h_whole, h_split)
+    # the data can tell: the same sums in float32 depend on the grouping in many entries
+    whole32 = sum(b.T @ b for b in batches)
+    split32 = sum(b.T @ b for b in batches[3:]) + sum(b.T @ b for b in batches[:3])
+    print(f"float32 sums differing: {int((whole32 != split32).sum())} of {whole32.numel()}")
+    assert (whole32 != split32).sum() > 100
 
 
 def column_loop_reference(W, H, config: GPTQConfig, clip_ratio=1.0):

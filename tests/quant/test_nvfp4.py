@@ -143,7 +143,7 @@ def output_error(x: torch.Tensor, w: torch.Tensor, w_hat: torch.Tensor) -> float
 @pytest.mark.parametrize("actorder", ["none", "static"])
 def test_gptq_with_nvfp4_grid_beats_rtn(actorder: str) -> None:
     x, w = toy()
-    H, _ = gptqq.accumulate_hessian(None, x, 0)
+    H = gptqq.hessian(x)
     g = nvfp4.global_scale(w.abs().max())
     cfg = gptqq.GPTQConfig(bits=4, group_size=16, actorder=actorder)
     (res,) = gptqq.quantize_weights_shared([w], H, cfg, grid=nvfp4.gptq_grid(g))
@@ -160,7 +160,7 @@ def test_gptq_with_nvfp4_grid_beats_rtn(actorder: str) -> None:
 
 def test_gptq_shared_rows_equal_separate_runs() -> None:
     x, w = toy(seed=1, n=48, k=64, t=512)
-    H, _ = gptqq.accumulate_hessian(None, x, 0)
+    H = gptqq.hessian(x)
     g = nvfp4.global_scale(w.abs().max())
     cfg = gptqq.GPTQConfig(bits=4, group_size=16, actorder="none")
     together = gptqq.quantize_weights_shared([w[:16], w[16:]], H, cfg, grid=nvfp4.gptq_grid(g))

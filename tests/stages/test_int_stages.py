@@ -85,10 +85,11 @@ def layer0_branch_error(source, quantized, adapter, ids) -> float:
 @torch.no_grad()
 def hessian_of_input(layer, linear: str, cache) -> torch.Tensor:
     """H = 2 X^T X / n of `linear`'s input over the cached layer inputs, accumulated like gptq_layer does."""
-    acc = {"H": None, "n": 0}
+    acc = {"S": None, "n": 0}
 
     def hook(_m, args):
-        acc["H"], acc["n"] = gptqq.accumulate_hessian(acc["H"], args[0], acc["n"])
+        acc["S"] = gptqq.accumulate_hessian_sum(acc["S"], args[0])
+        acc["n"] += args[0].reshape(-1, args[0].shape[-1]).shape[0]
 
     handle = layer.get_submodule(linear).register_forward_pre_hook(hook)
     try:
@@ -96,7 +97,7 @@ def hessian_of_input(layer, linear: str, cache) -> torch.Tensor:
             layer(h, **kw)
     finally:
         handle.remove()
-    return acc["H"]
+    return gptqq.hessian_from_sum(acc["S"], acc["n"])
 
 
 def test_gptq_is_true_sequential(tiny, monkeypatch) -> None:
