@@ -28,6 +28,7 @@ import shutil
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -50,6 +51,7 @@ VARIANTS = {
     "fp8-static": ["fp8", "--activations", "static", "--num-samples", "16", "--seq-len", "256"],
     "w4a16": ["rtn", "--bits", "4", "--group-size", "128"],
 }
+DATA_FREE = {"fp8-dynamic", "w4a16"}  # streamed from the source files, no calibration
 TARGETS = {"fp8-dynamic": 1.6, "fp8-static": 1.6, "w4a16": 2.5}  # batch-1 decode speedup over bf16
 
 
@@ -83,17 +85,18 @@ def make_tokenizer(folder: Path, source: Path | None) -> None:
     PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>").save_pretrained(folder)
 
 
-def build_source(name: str, root: Path, tiny: bool, tokenizer: Path | None) -> Path:
+def build_source(name: str, root: Path, tiny: bool, tokenizer: Path | None, fill_device: str) -> Path:
     """Random-weight bf16 Qwen3 with the model's real shapes (benchmarks/random_models.py, reused when built),
     with a tokenizer."""
     from random_models import MINI, build_random_qwen3
 
     spec = MODELS[name] + (TINY if tiny else "")
     t = time.time()
-    folder = build_random_qwen3(spec, root, tokenizer_src=tokenizer or MINI)
+    folder = build_random_qwen3(spec, root, tokenizer_src=tokenizer or MINI, fill_device=fill_device)
     if not (folder / "tokenizer.json").is_file():
         make_tokenizer(folder, None)
-    (folder / "RANDOM_WEIGHTS.txt").write_text(f"{name} ({spec}): shape-true config, random weights (seed 0)\n")
+    (folder / "RANDOM_WEIGHTS.txt").write_text(f"{name} ({spec}): shape-true config, random weights (seed 0, "
+                                               f"filled on {fill_device})\n")
     log(f"{name}: random-weight source {folder} ready in {time.time() - t:.0f}s")
     return folder
 
@@ -110,6 +113,8 @@ def quantize(source: Path, variant: str, folder: Path, device: str, eval_text: P
             "--overwrite"]
     if VARIANTS[variant][0] != "rtn":
         args += ["--calib", "builtin"]
+    if variant in DATA_FREE:
+        args += ["--kl-tokens", "0"]  # with --no-ppl --no-verify: no evaluation pass (this script measures speed)
     t = time.time()
     code = main(args)
     if code != 0:
@@ -130,6 +135,14 @@ def row_for(model: str, variant: str, result: dict) -> dict:
             "kernels": kernels, "points": result["points"], "bandwidth_bytes_per_s": result["bandwidth"]["bytes_per_s"]}
 
 
+def failed_row(model: str, variant: str, error: Exception) -> dict:
+    """A variant whose quantization or bench raised: recorded with the error, measured as nothing."""
+    keys = ("weights_gib", "context", "decode_tokens_per_s", "bound_tokens_per_s", "fraction_of_bound",
+            "prefill_tokens_per_s", "itl_ms_p50", "bandwidth_bytes_per_s")
+    return {"model": model, "variant": variant, **dict.fromkeys(keys), "kernels": [], "points": [],
+            "error": f"{type(error).__name__}: {error}".splitlines()[0][:300]}
+
+
 def add_speedups(rows: list[dict], on_gpu: bool) -> None:
     """Speedup vs the same model's bf16 row; targets are judged on GPU runs only."""
     for r in rows:
@@ -148,22 +161,38 @@ def _f(v, spec: str) -> str:
 
 def render(rows: list[dict], meta: dict) -> str:
     dev = meta["device"]
+    ok = [r for r in rows if not r.get("error")]
     where = f"{dev['type']} {dev['name']}" + (f" (SM {dev['capability']}, CUDA {dev['cuda']})" if dev.get("capability") else "")
     lines = [f"# GPU bench: Qwen3 shapes with random weights ({dev['name']})", "", f"{meta['note']}", "",
              f"- device: {where}; torch {meta['torch']}; {meta['date']}; settings {meta['settings']}",
-             f"- measured copy bandwidth: {rows[0]['bandwidth_bytes_per_s'] / 1e9:.0f} GB/s" if rows else "", "",
+             f"- measured copy bandwidth: {ok[0]['bandwidth_bytes_per_s'] / 1e9:.0f} GB/s" if ok else "", "",
              "| model | variant | weights GiB | ctx | decode tok/s (batch 1) | speedup vs bf16 | target | bound tok/s | "
              "% of bound | ITL ms p50 | prefill tok/s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         verdict = {True: "PASS", False: "FAIL", None: "not judged (not a GPU run)"}[r["meets_target"]]
         target = "" if r["target"] is None else f">= {r['target']}x: {verdict}"
         frac = None if r["fraction_of_bound"] is None else 100 * r["fraction_of_bound"]
+        if r.get("error"):
+            lines.append(f"| {r['model']} | {r['variant']} | failed: {r['error']} |  |  |  |  |  |  |  |  |")
+            continue
         lines.append(f"| {r['model']} | {r['variant']} | {r['weights_gib']:.2f} | {r['context']} | "
                      f"{_f(r['decode_tokens_per_s'], '.1f')} | {_f(r['speedup_vs_bf16'], '.2f')} | {target} | "
                      f"{_f(r['bound_tokens_per_s'], '.1f')} | {_f(frac, '.0f')} | {_f(r['itl_ms_p50'], '.2f')} | "
                      f"{_f(r['prefill_tokens_per_s'], '.0f')} |")
     lines += ["", "Kernels per variant:"] + [f"- {r['model']} {r['variant']}: {'; '.join(r['kernels'])}" for r in rows]
     return "\n".join(lines) + "\n"
+
+
+def write_results(rows: list[dict], meta: dict, on_gpu: bool, out_dir: Path, started: str) -> str:
+    """Speed-ups, then <name>.json and .md in out_dir (after every variant, so a run cut short keeps what it
+    measured). Returns the file stem."""
+    add_speedups(rows, on_gpu)
+    slug = "".join(ch if ch.isalnum() else "-" for ch in meta["device"]["name"]).strip("-").lower()
+    name = f"gpu_bench_{slug}_{started[:10]}" if on_gpu else "gpu_bench_smoke"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2, default=str) + "\n")
+    (out_dir / f"{name}.md").write_text(render(rows, meta))
+    return name
 
 
 def main() -> int:
@@ -205,24 +234,6 @@ def main() -> int:
     eval_text.write_text("\n\n".join(calibration_texts()[:40]) + "\n", encoding="utf-8")
     tokenizer = args.tokenizer if args.tokenizer.is_dir() else None
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    rows = []
-    for model in models:
-        work = args.work_dir / model
-        source = build_source(model, work, args.tiny, tokenizer)
-        for variant in variants:
-            folder = source if variant == "bf16" else quantize(source, variant, work / variant, device.type, eval_text)
-            t = time.time()
-            result = run_bench(folder, settings, device, command=f"benchmarks/gpu_bench.py {model} {variant}")
-            result.pop("_generated", None)
-            result["model"]["random_weights"] = True
-            write_bench(result, out_dir / "gpu_bench_runs" / model / variant)
-            rows.append(row_for(model, variant, result))
-            r = rows[-1]
-            log(f"{model} {variant}: decode {_f(r['decode_tokens_per_s'], '.1f')} tok/s at batch 1 "
-                f"(bound {_f(r['bound_tokens_per_s'], '.1f')}), bench {time.time() - t:.0f}s")
-        if not args.keep:
-            shutil.rmtree(work, ignore_errors=True)
-    add_speedups(rows, on_gpu)
     from qwenquant.bench.document import CPU_NOTE, device_info
 
     note = ("Random weights: shape-true Qwen3 configs (../shared/docs/formats.md) with random bf16 weights; speed and "
@@ -233,16 +244,35 @@ def main() -> int:
             "settings": {"batch_sizes": settings.batch_sizes, "contexts": settings.contexts,
                          "decode_tokens": settings.decode_tokens, "kv_cache": settings.kv_cache,
                          "compile": settings.compile}, "models": models, "variants": variants, "random_weights": True}
-    slug = "".join(ch if ch.isalnum() else "-" for ch in meta["device"]["name"]).strip("-").lower()
-    name = f"gpu_bench_{slug}_{started[:10]}" if on_gpu else "gpu_bench_smoke"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"{name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2, default=str) + "\n")
-    md = render(rows, meta)
-    (out_dir / f"{name}.md").write_text(md)
-    print(md)
+    rows = []
+    for model in models:
+        work = args.work_dir / model
+        source = build_source(model, work, args.tiny, tokenizer, device.type)
+        for variant in variants:
+            t = time.time()
+            try:
+                folder = source if variant == "bf16" else quantize(source, variant, work / variant, device.type,
+                                                                   eval_text)
+                result = run_bench(folder, settings, device, command=f"benchmarks/gpu_bench.py {model} {variant}")
+            except Exception as e:  # noqa: BLE001 -- a benchmark records a failed variant and measures the others
+                log(f"{model} {variant}: FAILED\n{traceback.format_exc()}")
+                rows.append(failed_row(model, variant, e))
+                write_results(rows, meta, on_gpu, out_dir, started)
+                continue
+            result.pop("_generated", None)
+            result["model"]["random_weights"] = True
+            write_bench(result, out_dir / "gpu_bench_runs" / model / variant)
+            rows.append(row_for(model, variant, result))
+            write_results(rows, meta, on_gpu, out_dir, started)
+            r = rows[-1]
+            log(f"{model} {variant}: decode {_f(r['decode_tokens_per_s'], '.1f')} tok/s at batch 1 "
+                f"(bound {_f(r['bound_tokens_per_s'], '.1f')}), bench {time.time() - t:.0f}s")
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    name = write_results(rows, meta, on_gpu, out_dir, started)
+    print(render(rows, meta))
     log(f"wrote {out_dir / name}.json and .md")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

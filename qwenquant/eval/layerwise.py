@@ -53,8 +53,9 @@ class HeadModel:
 
     def __init__(self, model: nn.Module, adapter, windows: torch.Tensor, hidden: list[torch.Tensor],
                  device: torch.device):
-        self.norm = model.get_submodule(adapter.final_norm)
-        self.lm_head = model.get_submodule(adapter.lm_head)
+        # the head runs where the hidden states are taken (a streamed run keeps the model itself on the CPU)
+        self.norm = model.get_submodule(adapter.final_norm).to(device)
+        self.lm_head = model.get_submodule(adapter.lm_head).to(device)
         self.device = device
         self.hidden = {self._key(row): h for row, h in zip(windows, hidden)}
 

@@ -61,7 +61,7 @@ class _Checker:
         self.others_checked += 1
         if ours.is_floating_point():
             ours = ours.to(self.dtype)
-        stored = self.out.read(key) if key in self.out.entries else None
+        stored = self.out.read(key).to(ours.device) if key in self.out.entries else None  # read on the CPU
         if stored is None or stored.dtype != ours.dtype or not torch.equal(stored, ours):
             self.others_mismatched.append(key)
 
@@ -71,6 +71,7 @@ class _Checker:
         theirs = self.fmt.read_linear(local, self.config, name).float()
         job = self.job_of[name]
         w = source_w[name].to(self.dtype)
+        theirs = theirs.to(w.device)  # read on the CPU; the layer (and this check) may run on a GPU
         absmax = ({n: float(source_w[n].to(self.dtype).abs().amax()) for n in job}
                   if len(job) > 1 and self.spec.shares_scale(self.cfg) else None)
         ours = self.spec.quantize_weight(self.cfg, name, w, absmax).dequantize()
