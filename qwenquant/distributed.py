@@ -6,7 +6,10 @@ no module state. Its collectives are the only ones the stages use:
 - `sum_` / `max_`: in-place all-reduce of a statistic (GPTQ's float64 X^T X sums and token counts, activation maxima);
 - `gather_rows`: every rank's rows of a tensor, concatenated in rank order (weight-parallel GPTQ: each rank solves
   some output rows of a Linear group);
-- `all_same`: the ranks' answers to one question (recipe and source hash) compared before any work.
+- `all_same`: the ranks' answers to one question (recipe and source hash) compared before any work;
+- `barrier`: every rank got here (the run journal: a layer is counted as done once every rank wrote its share).
+A collective that fails (a rank died: the connection to it broke; or stalled past --dist-timeout) raises
+`RankLost`, which keeps the journaled layers for --resume (qwenquant/export/writer.py).
 A world of size 1 runs none of them: a run without torchrun executes exactly the single-process code.
 """
 
@@ -14,6 +17,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
+import signal
 import struct
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -23,7 +28,7 @@ from typing import Iterator
 
 import torch
 
-from qwenquant.errors import BadInputError, QwenquantError
+from qwenquant.errors import BadInputError, QwenquantError, ResumableError
 
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 LAUNCHED_MARKERS = ("TORCHELASTIC_RUN_ID", "LOCAL_RANK", "RANK", "WORLD_SIZE")
@@ -33,6 +38,27 @@ class RankFailed(QwenquantError):
     """A rank of a --nproc run died or failed, so the launcher stopped the others."""
 
     exit_code = 1
+
+
+class RankLost(ResumableError):
+    """A collective of this rank failed: another rank died or stalled longer than --dist-timeout."""
+
+
+@contextmanager
+def _collective(world: World, what: str) -> Iterator[None]:
+    """Turn a failed collective (gloo: RuntimeError "Connection reset by peer" / "Timed out"; NCCL:
+    DistBackendError) into RankLost, one line. The run is over then: the launcher's SIGTERM, which follows at once,
+    is ignored so that it cannot cut the error report (or the keeping of the journal) short."""
+    try:
+        yield
+    except RuntimeError as err:
+        try:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        except ValueError:  # not the main thread
+            pass
+        first = re.sub(r"^\[[^\]]*\]\s*", "", (str(err).strip().splitlines() or [""])[0]).split(". This")[0][:200]
+        raise RankLost(f"rank {world.rank} of {world.size} lost contact with the other ranks in {what} (another rank "
+                       f"died, or stalled longer than --dist-timeout): {first}") from err
 
 
 @dataclass(frozen=True)
@@ -74,13 +100,15 @@ class World:
     def sum_(self, t: torch.Tensor) -> torch.Tensor:
         """`t` summed over the ranks, in place (returned for chaining)."""
         if self.distributed:
-            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
+            with _collective(self, "a sum"):
+                torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
         return t
 
     def max_(self, t: torch.Tensor) -> torch.Tensor:
         """`t`'s elementwise maximum over the ranks, in place."""
         if self.distributed:
-            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+            with _collective(self, "a maximum"):
+                torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
         return t
 
     def gather_rows(self, t: torch.Tensor, counts: list[int]) -> torch.Tensor:
@@ -90,7 +118,8 @@ class World:
         width = max(counts)
         pad = torch.zeros((width - t.shape[0], *t.shape[1:]), dtype=t.dtype, device=t.device)
         parts = [torch.empty((width, *t.shape[1:]), dtype=t.dtype, device=t.device) for _ in range(self.size)]
-        torch.distributed.all_gather(parts, torch.cat([t, pad]).contiguous())
+        with _collective(self, "an exchange of rows"):
+            torch.distributed.all_gather(parts, torch.cat([t, pad]).contiguous())
         return torch.cat([p[:c] for p, c in zip(parts, counts)])
 
     def gather_objects(self, obj) -> list:
@@ -98,14 +127,21 @@ class World:
         if not self.distributed:
             return [obj]
         out: list = [None] * self.size
-        torch.distributed.all_gather_object(out, obj)
+        with _collective(self, "an exchange of values"):
+            torch.distributed.all_gather_object(out, obj)
         return out
+
+    def barrier(self, what: str) -> None:
+        """Wait until every rank got here (`what`: where, for the error when a rank does not)."""
+        if self.distributed:
+            with _collective(self, what):
+                torch.distributed.barrier()
 
     def leave(self) -> None:
         """End this process's membership after the last collective (rank 0 then evaluates, exports and verifies as
         a single process: transformers' loader must not see a process group)."""
         if self.distributed and torch.distributed.is_initialized():
-            torch.distributed.barrier()
+            self.barrier("the end of the layer loop")
             torch.distributed.destroy_process_group()
 
     def all_same(self, what: str, value: str) -> None:
@@ -203,13 +239,15 @@ def relaunch(nproc: int, argv: list[str]) -> int:
         run(args)
     except ChildFailedError as err:
         failed = {f.local_rank: f.exitcode for f in err.failures.values()}
-        if failed.get(0, 0) > 0:  # rank 0 failed on its own: its one-line error is above, its exit code stands
+        killed = {r: c for r, c in failed.items() if r and c < 0 and c != -signal.SIGTERM}
+        if failed.get(0, 0) > 0 and not killed:  # rank 0 failed on its own: its one-line error is above
             return failed[0]
-        # the rank that failed first, not one the launcher then stopped with SIGTERM (-15)
-        rank, code = min(failed.items(), key=lambda rc: (rc[1] == -15, rc[0]))
+        # the rank that failed first: one killed by a signal, not one the launcher then stopped with SIGTERM
+        rank, code = min(killed.items() or failed.items(), key=lambda rc: (rc[1] == -signal.SIGTERM, rc[0]))
         how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
-        raise RankFailed(f"rank {rank} {how}; the other ranks were stopped and no output folder was finished "
-                         "(a rank's own error, if it printed one, is above)") from err
+        raise RankFailed(f"rank {rank} {how}; the other ranks were stopped and no output folder was finished (rerun "
+                         "the same command with --resume to continue from the layers journaled so far; a rank's own "
+                         "error, if it printed one, is above)") from err
     finally:  # the ranks' environment, not this process's
         os.environ.clear()
         os.environ.update(saved)

@@ -39,6 +39,13 @@ class ResourceError(QwenquantError):
     exit_code = EXIT_RESOURCES
 
 
+class ResumableError(QwenquantError):
+    """A failure that ends a run part-way without making its finished layers wrong (a rank of a distributed run
+    died or stalled): the output folder code keeps them for --resume, as on Ctrl-C."""
+
+    exit_code = 1
+
+
 class InterruptedRun(QwenquantError):
     """Ctrl-C or SIGTERM stopped a run whose finished layers were kept for --resume."""
 

@@ -9,10 +9,16 @@ Two jobs, one mechanism:
   entering the next layer. `qwenquant ... --resume` restores layers 0..k-1 from it and continues at layer k; the
   checkpoint is identical to an uninterrupted run's because every layer sees exactly the inputs it would have seen.
 
-Layout (`<tmp out>/_journal/`): `journal.json` (fingerprint of the run, layers done, stage seconds),
+Layout (`<tmp out>/_journal/`): `journal.json` (fingerprint of the run, world size, layers done, stage seconds),
 `layer-00003.*` (records + params + specs + report of layer 3), `inputs-00003.*` (the inputs of layer 4, and
 its inputs in the unquantized model when compensation fits to those), `source_eval.*` (the source model's
-evaluation, measured once). Every file but journal.json is a `qwenquant.safe_store` save: safetensors + JSON +
+evaluation, measured once).
+
+A distributed run (qwenquant/distributed.py) journals the same files, but each rank propagates only its shard of
+the calibration samples, so each rank writes its own `inputs-00003-rank1of2.*`; rank 0 alone writes the rest, and
+counts layer 3 as done in journal.json only after a barrier that every rank passes once its shard is on disk. A
+rank keeps its last two shards (the one journal.json may still point to, and the newest). A resume needs the same
+number of ranks: each rank restores the finished layers from rank 0's files and its own shard of the activations. Every file but journal.json is a `qwenquant.safe_store` save: safetensors + JSON +
 sha256, no pickle, so a journal someone else wrote cannot run code in the resuming process, and one that fails its
 hashes is refused with a one-line error. Files are written to a temporary name and renamed, and `journal.json`
 last, so a run killed at any instant leaves a consistent journal.
@@ -33,6 +39,7 @@ import torch
 from torch import nn
 
 from qwenquant import safe_store
+from qwenquant.distributed import World
 from qwenquant.errors import BadInputError
 from qwenquant.eval.perplexity import PerplexityResult
 from qwenquant.quant.records import QuantizedWeight
@@ -76,13 +83,32 @@ def read_journal(out_tmp: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def layers_done_in(out_tmp: Path, fingerprint: str) -> int:
-    """Decoder layers an earlier (interrupted) run of the same recipe on the same weights finished in `out_tmp`;
-    a journal of another recipe or model is refused (and left as it is)."""
+def inputs_name(i: int, world: World) -> str:
+    """The journal file holding layer i's outputs (the inputs of layer i + 1): this rank's shard of them when the
+    run has several ranks."""
+    return f"inputs-{i:05d}-rank{world.rank}of{world.size}" if world.distributed else f"inputs-{i:05d}"
+
+
+def _ranks(n: int) -> str:
+    return "1 process" if n == 1 else f"{n} ranks"
+
+
+def layers_done_in(out_tmp: Path, fingerprint: str | None, world_size: int = 1) -> int:
+    """Decoder layers an earlier (interrupted) run of the same recipe on the same weights, with as many ranks,
+    finished in `out_tmp`; a journal of another recipe, model or world size is refused (and left as it is).
+    `fingerprint` None: not compared (the other ranks of a distributed run, whose source files may carry other
+    modification times; rank 0 compares it, and check_ranks made sure all ranks run the same recipe on the same
+    files)."""
     meta = read_journal(out_tmp)
     if meta is None:
         return 0
-    if meta.get("fingerprint") != fingerprint or meta.get("version") != JOURNAL_VERSION:
+    journaled = int(meta.get("world_size", 1))
+    if journaled != world_size:
+        how = "in one process, without --nproc or torchrun" if journaled == 1 else \
+            f"with --nproc {journaled} (or torchrun with {journaled} processes in all)"
+        raise BadInputError(f"{out_tmp} holds an interrupted run of {_ranks(journaled)} but this run has "
+                            f"{_ranks(world_size)}; resume it {how}, or run without --resume to start over")
+    if meta.get("version") != JOURNAL_VERSION or (fingerprint is not None and meta.get("fingerprint") != fingerprint):
         raise BadInputError(f"{out_tmp} holds an interrupted run of a different recipe or model; "
                             "run without --resume to start over")
     return int(meta["layers_done"])
@@ -144,10 +170,11 @@ class JournalRecords(MutableMapping):
 class Journal:
     """The `_journal/` folder of one run (see the module doc)."""
 
-    def __init__(self, out_tmp: Path, fingerprint: str):
+    def __init__(self, out_tmp: Path, fingerprint: str, world: World | None = None):
         self.folder = Path(out_tmp) / JOURNAL_DIR
         self.folder.mkdir(parents=True, exist_ok=True)
         self.fingerprint = fingerprint
+        self.world = world or World()
         self.records = JournalRecords(self.folder)
 
     # -- bookkeeping ----------------------------------------------------------------------------------------------
@@ -160,12 +187,13 @@ class Journal:
 
     def layers_done(self) -> int:
         """Decoder layers finished by an earlier (interrupted) run of the same recipe on the same weights."""
-        return layers_done_in(self.folder.parent, self.fingerprint)
+        return layers_done_in(self.folder.parent, self.fingerprint, self.world.size)
 
     def _write_meta(self, layers_done: int, stage_seconds: dict, inputs: bool) -> None:
         tmp = self._meta_path().with_name("journal.json.tmp")
         tmp.write_text(json.dumps({"version": JOURNAL_VERSION, "fingerprint": self.fingerprint,
-                                   "layers_done": layers_done, "stage_seconds": stage_seconds, "inputs": inputs}))
+                                   "world_size": self.world.size, "layers_done": layers_done,
+                                   "stage_seconds": stage_seconds, "inputs": inputs}))
         os.replace(tmp, self._meta_path())
 
     # -- source evaluation ----------------------------------------------------------------------------------------
@@ -182,14 +210,36 @@ class Journal:
         return self.folder / f"layer-{i:05d}"
 
     def inputs_path(self, i: int) -> Path:
-        """The inputs of layer i + 1 (layer i's outputs), kept per layer so that a run killed between writing them
-        and counting layer i as done still finds layer i's own inputs."""
-        return self.folder / f"inputs-{i:05d}"
+        """The inputs of layer i + 1 (layer i's outputs; in a distributed run this rank's shard of them), kept per
+        layer so that a run killed between writing them and counting layer i as done still finds layer i's own."""
+        return self.folder / inputs_name(i, self.world)
 
     def save_layer(self, i: int, prefix: str, layer: nn.Module, state, next_inputs, float_inputs=None) -> None:
         """Persist layer i (records, other parameters, activation specs, report) and the next layer's inputs,
-        then drop the layer's records from memory."""
-        records = self.records.take_layer(prefix)
+        then drop the layer's records from memory. In a distributed run every rank writes its shard of the inputs
+        and rank 0 the rest; layer i counts as done (journal.json) once every rank's shard is on disk."""
+        main = self.world.main
+        records = self.records.take_layer(prefix) if main else {}
+        if main:
+            self._save_layer_file(i, prefix, layer, state, records)
+        if next_inputs is not None:
+            safe_store.save({"hidden": next_inputs.hidden, "kwargs": next_inputs.kwargs,
+                             "float_hidden": float_inputs.hidden if float_inputs is not None else None},
+                            self.inputs_path(i))
+        self._fault_injection(i, barrier=True)
+        self.world.barrier(f"journaling decoder layer {i}")  # every rank's shard of layer i is on disk
+        if main:
+            self._write_meta(i + 1, state.stage_seconds, inputs=next_inputs is not None)
+            self.records.mark_on_disk(list(records), self.layer_path(i))
+        # the inputs journal.json can no longer point to: layer i's own (one process), layer i - 1's (ranks: the
+        # barrier above says journal.json counts at least layer i - 1 as done, perhaps not yet layer i)
+        stale = i - 2 if self.world.distributed else i - 1
+        if stale >= 0:
+            safe_store.remove(self.inputs_path(stale))
+        self._fault_injection(i, barrier=False)
+
+    def _save_layer_file(self, i: int, prefix: str, layer: nn.Module, state, records: dict) -> None:
+        """layer-0000i: the layer's records, its other final parameters, activation specs, searched choices, report."""
         # a recorded Linear's live weight is its record dequantized, so only the record is kept; verified here,
         # since resuming rebuilds the weight that way (anything else stays in `params`)
         recorded = {n[len(prefix):] + ".weight" for n, d in records.items()
@@ -200,20 +250,17 @@ class Journal:
         searched = {kind: {n: v for n, v in choices.items()  # keyed by Linear name or by layer index
                            if (n.startswith(prefix) if isinstance(n, str) else n == i)}
                     for kind, choices in state.searched.items()}
-        path = self.layer_path(i)
         kv_scales = {n: list(s) for n, s in state.kv_scales.items() if n.startswith(prefix)}  # --kv-cache fp8
         safe_store.save({"records": records, "params": params, "activations": specs, "searched": searched,
                          "report": state.layer_reports[-1] if state.layer_reports else None, "kv_scales": kv_scales},
-                        path)
-        if next_inputs is not None:
-            safe_store.save({"hidden": next_inputs.hidden, "kwargs": next_inputs.kwargs,
-                             "float_hidden": float_inputs.hidden if float_inputs is not None else None},
-                            self.inputs_path(i))
-        self._write_meta(i + 1, state.stage_seconds, inputs=next_inputs is not None)
-        if i:
-            safe_store.remove(self.inputs_path(i - 1))  # layer i's own inputs: no longer needed to resume
-        self.records.mark_on_disk(list(records), path)
-        if os.environ.get("QWENQUANT_FAULT_KILL_AFTER_LAYER") == str(i):  # fault injection for the resume tests
+                        self.layer_path(i))
+
+    def _fault_injection(self, i: int, barrier: bool) -> None:
+        """For the resume tests, QWENQUANT_FAULT_KILL_AFTER_LAYER: `i` SIGKILLs the process (every rank) once layer i
+        is journaled; `i@r` SIGKILLs rank r of a distributed run mid-way through journaling layer i (its shard
+        written, before the barrier), so that layer i is never counted as done."""
+        layer, _, rank = os.environ.get("QWENQUANT_FAULT_KILL_AFTER_LAYER", "").partition("@")
+        if layer == str(i) and (rank == str(self.world.rank) if barrier else rank == ""):
             os.kill(os.getpid(), signal.SIGKILL)
 
     def restore(self, layers: nn.ModuleList, layers_path: str, state, n_done: int, layer_store=None):

@@ -74,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         message = err.format_message() if hasattr(err, "format_message") else str(err)
         return _fail(message.replace("\n", " "), 2, want_json)
     except KeyboardInterrupt:
+        if os.environ.get("RANK", "0") not in ("", "0"):  # rank 0 says what became of the output folder
+            return 130
         return _fail("interrupted; no output folder was left behind", 130, want_json)
     except SystemExit as err:  # typer.Exit from commands
         return int(err.code or 0)

@@ -14,7 +14,7 @@ from typing import Callable, Iterator
 import torch
 from safetensors.torch import save_file
 
-from qwenquant.errors import BadInputError, InterruptedRun, ResourceError
+from qwenquant.errors import BadInputError, InterruptedRun, ResourceError, ResumableError
 
 
 def check_output_dir(out: Path, overwrite: bool) -> None:
@@ -44,8 +44,9 @@ def atomic_output_dir(out: Path, overwrite: bool, resume: bool = False,
                       keep_on_interrupt: Callable[[Path], bool] | None = None) -> Iterator[Path]:
     """Yield a temporary sibling folder; rename it to `out` only if the block succeeds, else delete it.
 
-    `resume`: reuse the folder an interrupted run left (else it is replaced). On Ctrl-C / SIGTERM the folder is
-    kept when `keep_on_interrupt(tmp)` says it holds resumable progress, and the user is told how to resume."""
+    `resume`: reuse the folder an interrupted run left (else it is replaced). On Ctrl-C / SIGTERM, or a
+    `ResumableError` (a lost rank), the folder is kept when `keep_on_interrupt(tmp)` says it holds resumable
+    progress, and the user is told how to resume."""
     out = Path(out)
     check_output_dir(out, overwrite)
     out.resolve().parent.mkdir(parents=True, exist_ok=True)
@@ -72,6 +73,12 @@ def atomic_output_dir(out: Path, overwrite: bool, resume: bool = False,
         if keep_on_interrupt is not None and keep_on_interrupt(tmp):
             raise InterruptedRun(f"interrupted; progress kept in {tmp}: rerun the same command with --resume "
                                  "to continue") from err
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    except ResumableError as err:  # e.g. a lost rank: the layers journaled so far are still right
+        if keep_on_interrupt is not None and keep_on_interrupt(tmp):
+            raise type(err)(f"{err}; progress kept in {tmp}: rerun the same command with --resume to "
+                            "continue") from err
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     except BaseException:

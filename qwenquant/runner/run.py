@@ -33,7 +33,7 @@ from qwenquant.export.model_card import render_model_card, source_license
 from qwenquant.export.registry import FORMATS
 from qwenquant.export.writer import atomic_output_dir, check_output_dir, partial_dir
 from qwenquant.gates import check_gates, merge_task_results
-from qwenquant.journal import JOURNAL_DIR, Journal, layers_done_in, read_journal, run_fingerprint
+from qwenquant.journal import JOURNAL_DIR, Journal, read_journal, run_fingerprint
 from qwenquant.model.loader import file_sha256, resolve_model
 from qwenquant.model.offload import check_offload_dir, offload_session
 from qwenquant.kv_simulation import kv_cache_quantization
@@ -46,7 +46,7 @@ from qwenquant.runner.mixed import run_mixed_precision
 from qwenquant.runner.options import RunOptions
 from qwenquant.runner.outcome import Quantized
 from qwenquant.runner.placement import OffloadedModel, ResidentModel
-from qwenquant.runner.ranks import check_ranks, check_shardable, ranks_section
+from qwenquant.runner.ranks import check_ranks, check_resume, check_shardable, ranks_section, share_journal
 from qwenquant.runner.stream import run_streamed
 from qwenquant.runner.tasks import evaluate_recipe_tasks
 from qwenquant.stages.registry import spec_of
@@ -106,6 +106,11 @@ class Run:
             raise BadInputError("--resume is not supported for mixed-precision (--keep-sensitive) runs; run without --resume")
         self.reporter.log(f"model {recipe.model.id} -> {self.resolved.path} ({self.resolved.config['architectures'][0]})")
 
+    def fingerprint(self) -> str:
+        """What the journal of this run must match to be resumed (qwenquant/journal.py)."""
+        return run_fingerprint(self.recipe.to_yaml(), self.resolved.weight_files,
+                               {"world_size": self.world.size} if self.world.distributed else None)
+
     def load(self, offload_folder: Path | None) -> None:
         if offload_folder is None:
             self.placement = ResidentModel(self.resolved, self.recipe.model.dtype)
@@ -162,7 +167,7 @@ class Run:
     def quantize_layers(self, recipe: Recipe, model) -> QuantState:
         """The layer loop alone (what every rank of a distributed run does; then their peak memory is gathered)."""
         state = QuantState()
-        if self.journal is not None:
+        if self.journal is not None and self.world.main:  # the other ranks journal only their activations
             state.records = self.journal.records
         adapter, store = self.resolved.adapter, self.placement.layer_store
         n_layers = len(model.get_submodule(adapter.layers_path))
@@ -273,13 +278,16 @@ def _run_recipe(recipe: Recipe, options: RunOptions, reporter: Reporter | None, 
         report = run_streamed(run)
         _raise_on_failure(report, out)
         return report
+    if options.resume and recipe.stage("mixed_precision") is None:  # refuse a journal this run cannot continue
+        check_resume(world, partial_dir(out), run.fingerprint())
     sessions = offload_session(options.offload_dir, out) if options.offload_dir is not None else nullcontext()
     with sessions as offload_folder:
         with run.timed("load"):
             run.load(offload_folder)
         run.calibrate()
         check_shardable(world, run.calib)
-        if not world.main:  # the other ranks quantize their shard alongside rank 0, then stop
+        if not world.main:  # the other ranks quantize and journal their shard alongside rank 0, then stop
+            run.journal = share_journal(world, None)
             run.quantize_layers(recipe, run.placement.model)
             return None
         run.prepare_eval()
@@ -292,15 +300,12 @@ def _write_output(run: Run, offload_folder: Path | None) -> dict:
     """Everything that writes into the hidden `.OUT.partial/` folder, renamed into place at the end."""
     recipe, options = run.recipe, run.options
     mixed = recipe.stage("mixed_precision") is not None
-    # a distributed run's journal holds rank 0's share of the activations only: it must not resume as a whole run
-    fingerprint = run_fingerprint(recipe.to_yaml(), run.resolved.weight_files,
-                                  {"world_size": run.world.size} if run.world.distributed else None)
-    if options.resume and not mixed:  # refuse a mismatched resume before the output folder code could touch it
-        layers_done_in(partial_dir(options.out), fingerprint)
     with atomic_output_dir(options.out, options.overwrite, resume=options.resume, keep_on_interrupt=_has_progress) as tmp:
         # the journal keeps finished layers on disk (bounded memory, --resume); mixed precision may quantize the
         # model several times, so it keeps its records in memory
-        run.journal = None if mixed else Journal(tmp, fingerprint)
+        run.journal = None if mixed else Journal(tmp, run.fingerprint(), run.world)
+        if run.world.distributed:  # the other ranks open theirs now (qwenquant/runner/ranks.py)
+            share_journal(run.world, run.journal)
         done = run.journal.layers_done() if run.journal is not None else 0
         if options.resume:
             run.reporter.log(f"resuming after {done} finished decoder layers" if done else "nothing to resume; starting")

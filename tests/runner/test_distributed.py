@@ -19,7 +19,7 @@ from qwenquant.errors import BadInputError
 from qwenquant.quant import gptq as gptqq
 from qwenquant.recipe_builder import quantize_recipe
 from qwenquant.runner.options import RunOptions
-from qwenquant.runner.ranks import check_ranks, check_shardable
+from qwenquant.runner.ranks import check_ranks, check_resume, check_shardable
 
 REPO = Path(__file__).resolve().parents[2]
 K, ROWS, TOKENS = 96, 70, 300  # ROWS odd per rank share: 35 + 35; tokens split 150 + 150
@@ -119,8 +119,7 @@ def test_refusals_before_any_work(tiny_qwen3) -> None:
     recipe = quantize_recipe({"model": {"id": str(tiny_qwen3)}, "gptq": {}})
     files = sorted(tiny_qwen3.glob("*.safetensors"))
     two = World(0, 2, "gloo")
-    with pytest.raises(BadInputError, match="--resume is not supported"):
-        check_ranks(two, recipe, RunOptions(out=Path("x"), resume=True), files, streamed=False)
+    check_ranks(_Agreeing(0, 2, "gloo"), recipe, RunOptions(out=Path("x"), resume=True), files, streamed=False)  # allowed
     with pytest.raises(BadInputError, match="uses none"):
         check_ranks(two, recipe, RunOptions(out=Path("x")), files, streamed=True)
     mixed = quantize_recipe({"model": {"id": str(tiny_qwen3)}, "gptq": {}, "mixed_precision": {"keep_sensitive": 2}})
@@ -130,6 +129,36 @@ def test_refusals_before_any_work(tiny_qwen3) -> None:
         check_ranks(_Disagreeing(0, 2, "gloo"), recipe, RunOptions(out=Path("x")), files, streamed=False)
     with pytest.raises(BadInputError, match="3 ranks but only 2 calibration samples"):
         check_shardable(World(0, 3, "gloo"), torch.zeros(2, 8, dtype=torch.long))
+
+
+class _Agreeing(World):
+    """A world of several ranks that all answer as this one (no process group needed)."""
+
+    def gather_objects(self, obj) -> list:
+        return [obj] * self.size
+
+
+def test_resume_checks_the_journals_world_size_and_shards(tmp_path) -> None:
+    """--resume: a journal of another number of ranks is refused naming both numbers and the fix; a rank without
+    its shard of the last finished layer's activations is refused; every rank raises the same line."""
+    journal = tmp_path / "_journal"
+    journal.mkdir()
+    (journal / "journal.json").write_text(json.dumps({"version": 2, "fingerprint": "f", "world_size": 2,
+                                                      "layers_done": 1, "stage_seconds": {}, "inputs": True}))
+    for world, fix in ((_Agreeing(0, 3, "gloo"), "with --nproc 2"), (World(), "with --nproc 2")):
+        with pytest.raises(BadInputError) as err:
+            check_resume(world, tmp_path, "f")
+        line = str(err.value)
+        assert "interrupted run of 2 ranks" in line and f"this run has {'3 ranks' if world.size == 3 else '1 process'}" in line
+        assert fix in line and "without --resume to start over" in line and "\n" not in line, line
+    with pytest.raises(BadInputError, match=r"has no inputs-00000-rank1of2 \(rank 1's activations\)"):
+        check_resume(_Agreeing(1, 2, "gloo"), tmp_path, "f")
+    with pytest.raises(BadInputError, match="different recipe or model"):
+        check_resume(_Agreeing(0, 2, "gloo"), tmp_path, "another fingerprint")
+    (journal / "journal.json").write_text(json.dumps({"version": 2, "fingerprint": "f", "layers_done": 1,
+                                                      "stage_seconds": {}, "inputs": True}))  # one process's
+    with pytest.raises(BadInputError, match="1 process but this run has 2 ranks; resume it in one process"):
+        check_resume(_Agreeing(0, 2, "gloo"), tmp_path, "f")
 
 
 def test_launch_refusals_are_one_line(cli, tiny_args, tmp_path, monkeypatch) -> None:
@@ -182,6 +211,65 @@ def test_two_gloo_ranks_match_one_process(scheme, cli, tiny_qwen3, calib_txt, ev
         comp = [r["layers"][0]["compensate"] for r in reports]
         assert comp[0]["samples"] == comp[1]["samples"] == 16
         assert comp[1]["output_error_before"] == pytest.approx(comp[0]["output_error_before"], rel=1e-5)
+
+
+def _nproc(args: list, out: Path, *more: str, kill: str | None = None) -> subprocess.CompletedProcess:
+    """`qwenquant ARGS --out OUT MORE --nproc 2` in a subprocess (QWENQUANT_FAULT_KILL_AFTER_LAYER=`kill`)."""
+    env = {k: v for k, v in os.environ.items() if k != "QWENQUANT_FAULT_KILL_AFTER_LAYER"} | {"OMP_NUM_THREADS": "1"}
+    if kill is not None:
+        env["QWENQUANT_FAULT_KILL_AFTER_LAYER"] = kill
+    return subprocess.run([sys.executable, "-m", "qwenquant", *map(str, args), "--out", str(out), *more,
+                           "--nproc", "2"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _journal_files(folder: Path) -> dict[str, int]:
+    return {f.name: f.stat().st_mtime_ns for f in sorted((folder / "_journal").iterdir())}
+
+
+@pytest.mark.slow  # three 2-rank runs: ~75 s idle
+def test_a_killed_rank_leaves_a_journal_that_resumes_to_the_identical_checkpoint(cli, tiny_qwen3, calib_txt,
+                                                                                  eval_text, tmp_path) -> None:
+    """Rank 1 is SIGKILLed while journaling the last decoder layer (its shard written, before the barrier): the run
+    ends (rank 0's collective fails at once) with one line naming the dead rank and --resume, the journal counts
+    layer 0 only and holds each rank's shard of its outputs; a single-process --resume is refused (exit 2, one
+    line, nothing touched); --resume on 2 ranks writes the uninterrupted 2-rank run's checkpoint bit for bit."""
+    from safetensors.torch import load_file as load
+
+    from qwenquant.export.writer import partial_dir
+
+    args = ["gptq", "--group-size", "32", "--model", tiny_qwen3, "--calib", calib_txt, "--num-samples", "16",
+            "--seq-len", "64", "--eval-windows", "1", "--eval-window", "128", "--eval-text", eval_text,
+            "--kl-tokens", "512", "--device", "cpu", "--quiet"]
+    whole = _nproc(args, tmp_path / "whole")
+    assert whole.returncode == 0, whole.stderr
+    out = tmp_path / "out"
+    killed = _nproc(args, out, kill="1@1")
+    lines = [l for l in killed.stderr.splitlines() if l.startswith("qwenquant: error:")]
+    print("killed run:", lines)
+    assert killed.returncode == 1 and not out.exists(), killed.stderr[-3000:]
+    assert any("rank 1 was killed by signal 9" in l and "--resume" in l for l in lines), killed.stderr[-3000:]
+    meta = json.loads((partial_dir(out) / "_journal" / "journal.json").read_text())
+    assert meta["layers_done"] == 1 and meta["world_size"] == 2, meta
+    before = _journal_files(partial_dir(out))
+    assert {"inputs-00000-rank0of2.sha256", "inputs-00000-rank1of2.sha256"} <= set(before), sorted(before)
+
+    one = cli([*args, "--out", out, "--resume"])  # in this process: a world of one
+    assert one.code == 2 and len(one.error_lines) == 1, one.err
+    assert "interrupted run of 2 ranks but this run has 1 process" in one.error_lines[0], one.error_lines
+    assert "--nproc 2" in one.error_lines[0] and "without --resume" in one.error_lines[0]
+    assert _journal_files(partial_dir(out)) == before and not out.exists()
+
+    resumed = _nproc(args, out, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert not partial_dir(out).exists()
+    reports = [json.loads((d / "qwenquant_report.json").read_text()) for d in (tmp_path / "whole", out)]
+    assert reports[1]["resumed_after_layers"] == 1 and reports[1]["ranks"]["world_size"] == 2
+    assert reports[1]["verification"]["passed"]
+    a, b = (load(d / "model.safetensors") for d in (tmp_path / "whole", out))
+    differ = [k for k in a if not (a[k].dtype == b[k].dtype and torch.equal(a[k].view(torch.uint8), b[k].view(torch.uint8)))]
+    print(f"resumed vs uninterrupted 2-rank run: {len(differ)}/{len(a)} tensors differ")
+    assert a.keys() == b.keys() and differ == []
+    assert reports[0]["evaluation"]["kl_vs_source"] == reports[1]["evaluation"]["kl_vs_source"]
 
 
 def test_dry_run_knows_ranks(cli, tiny_args, tmp_path) -> None:
