@@ -57,10 +57,10 @@ def decode_speed(folder: Path, repeats: int) -> dict:
     import onnxruntime_genai as og
     from transformers import AutoTokenizer
 
-    from qwenquant.eval.gguf_verify import _chat_ids
+    from qwenquant.eval.chat_prompts import chat_ids
     from qwenquant.eval.onnx_verify import genai_model
 
-    ids = _chat_ids(AutoTokenizer.from_pretrained(folder), PROMPT)
+    ids = chat_ids(AutoTokenizer.from_pretrained(folder), PROMPT)
     model, rates = genai_model(folder), []
     for _ in range(repeats):
         params = og.GeneratorParams(model)

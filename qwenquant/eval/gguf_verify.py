@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from qwenquant.eval.chat_prompts import GREEDY_TOKENS, PROMPTS, chat_ids, eos_ids
 from qwenquant.eval.perplexity import kl_stats, next_token_logprobs
 from qwenquant.eval.precision import evaluation_precision
 from qwenquant.eval.verify import _swapped_weights, verdict
@@ -41,8 +42,6 @@ from qwenquant.export.gguf_meta import INSTALL_HINT, llama_cpp_module, tensor_na
 
 EXACT_TYPES = ("Q8_0", "Q4_0", "Q5_0")
 ASYMMETRIC_TYPES = ("Q4_1", "Q5_1")
-PROMPTS = ("Write one sentence about the sea.", "What is 12 plus 7?", "Name three colours.")
-GREEDY_TOKENS = 24
 def read_back(path: Path, model, names: list[str], n_layers: int, requantized: bool = False) -> tuple[dict, dict]:
     """({Linear name: weight read back from the file, in the model dtype}, weight check summary). `requantized`:
     llama.cpp's quantizer made every tensor from the source (K-quants, including its fallbacks to Q8_0 etc. for
@@ -84,17 +83,6 @@ def runtime_logprobs(llm, windows: torch.Tensor) -> torch.Tensor:
     return torch.stack(out)
 
 
-def _chat_ids(tokenizer, prompt: str) -> list[int]:
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                        tokenize=True)
-    return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
-
-
-def _eos_ids(model) -> set[int]:
-    eos = model.generation_config.eos_token_id if getattr(model, "generation_config", None) else None
-    return set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
-
-
 @torch.no_grad()
 def transformers_greedy(model, tokenizer, device, prompts=PROMPTS, n_tokens: int = GREEDY_TOKENS) -> list[list[int]]:
     """Greedy continuation token ids of each prompt (through the chat template) by `model` in transformers; the
@@ -102,7 +90,7 @@ def transformers_greedy(model, tokenizer, device, prompts=PROMPTS, n_tokens: int
     out = []
     model.to(device)
     for prompt in prompts:
-        ids = _chat_ids(tokenizer, prompt)
+        ids = chat_ids(tokenizer, prompt)
         with evaluation_precision(model, device):
             gen = model.generate(torch.tensor([ids], device=device), max_new_tokens=n_tokens, do_sample=False,
                                  pad_token_id=tokenizer.pad_token_id)
@@ -117,7 +105,7 @@ def llama_greedy(llm, tokenizer, eos: set[int], prompts=PROMPTS, n_tokens: int =
     for prompt in prompts:
         llm.reset()
         theirs = []
-        for tok in llm.generate(_chat_ids(tokenizer, prompt), temp=0.0, top_k=1, reset=True):
+        for tok in llm.generate(chat_ids(tokenizer, prompt), temp=0.0, top_k=1, reset=True):
             theirs.append(int(tok))
             if len(theirs) >= n_tokens or int(tok) in eos:
                 break
@@ -151,7 +139,7 @@ def run_in_llama_cpp(path: Path, model, tokenizer, windows, src_logp, device,
     llm = _llama(path, int(windows.shape[1]), llama_cpp)
     try:
         logp = runtime_logprobs(llm, windows)
-        theirs = llama_greedy(llm, tokenizer, _eos_ids(model))
+        theirs = llama_greedy(llm, tokenizer, eos_ids(model))
     finally:
         llm.close() if hasattr(llm, "close") else None
     greedy = greedy_agreement(theirs, transformers_greedy(model, tokenizer, device), tokenizer,

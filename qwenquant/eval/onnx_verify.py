@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from qwenquant.eval.gguf_verify import GREEDY_TOKENS, PROMPTS, _chat_ids
+from qwenquant.eval.chat_prompts import GREEDY_TOKENS, PROMPTS, chat_ids
 from qwenquant.eval.perplexity import kl_stats, next_token_logprobs
 from qwenquant.eval.precision import evaluation_precision
 from qwenquant.eval.verify import _swapped_weights, verdict
@@ -122,7 +122,7 @@ def greedy_agreement(og_model, model, tokenizer, device, prompts=PROMPTS, n_toke
     eos = model.generation_config.eos_token_id if getattr(model, "generation_config", None) else None
     eos = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
     for prompt in prompts:
-        ids = _chat_ids(tokenizer, prompt)
+        ids = chat_ids(tokenizer, prompt)
         theirs, _ = genai_greedy(og_model, ids, n_tokens, eos)
         with evaluation_precision(model, device):
             gen = model.generate(torch.tensor([ids], device=device), max_new_tokens=n_tokens, do_sample=False,

@@ -11,14 +11,12 @@ source; for a quantized folder, `--source` or the source its qwenquant_report.js
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from qwenquant.device import resolve_device
 from qwenquant.errors import BadInputError, VerificationError
@@ -37,10 +35,8 @@ from qwenquant.model.qwen3 import adapter_for, linear_shapes
 from qwenquant.quant import intq
 from qwenquant.recipe import CalibrationConfig
 from qwenquant.reporting import environment_versions, report_header, write_atomic, write_json
+from qwenquant.runner.export_input import REPORT_JSON, REPORT_MD, read_folder, source_folder
 from qwenquant.runner.gguf_kquant import check_kquant_source, write_kquant
-
-REPORT_JSON, REPORT_MD = "qwenquant_report.json", "REPORT.md"
-
 
 @dataclass
 class GGUFExportRequest:
@@ -67,19 +63,6 @@ class GGUFExportRequest:
                 raise BadInputError(f"--{key.replace('_', '-')} must be positive, got {getattr(self, key)}")
         if not self.verify_max_kl > 0:
             raise BadInputError(f"--verify-max-kl must be positive, got {self.verify_max_kl}")
-
-
-def _read_folder(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    if not (folder / "config.json").is_file():
-        raise BadInputError(f"{folder}: no config.json; pass a Qwen3 checkpoint folder")
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise BadInputError(f"{folder}: no safetensors weights (a GGUF folder cannot be converted again)")
-    tensors = {}
-    for f in files:
-        with safe_open(str(f), framework="pt") as sf:
-            tensors.update({k: sf.get_tensor(k) for k in sf.keys()})
-    return json.loads((folder / "config.json").read_text()), tensors
 
 
 def _linear_names(config: dict) -> list[str]:
@@ -130,26 +113,13 @@ def records_and_items(config: dict, tensors: dict, qtype: str | None) -> tuple[d
     return records, items, how
 
 
-def _source_folder(request: GGUFExportRequest, quantized: bool) -> Path:
-    if not quantized:
-        return request.folder
-    if request.source is not None:
-        return request.source
-    report = request.folder / REPORT_JSON
-    ref = json.loads(report.read_text()).get("model", {}).get("reference") if report.is_file() else None
-    if ref and Path(ref).is_dir():
-        return Path(ref)
-    raise BadInputError("verification compares with the bf16 model this checkpoint came from: pass --source DIR "
-                        "(or --no-verify)")
-
-
 @torch.no_grad()
 def _verify(request: GGUFExportRequest, path: Path, records: dict, quantized: bool, tokenizer,
             names: list[str]) -> dict:
     from transformers import AutoModelForCausalLM
 
     device = resolve_device(request.device)
-    src = _source_folder(request, quantized)
+    src = source_folder(request.folder, request.source, quantized)
     model = unfuse_model(AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16).eval())  # experts by name
     text, _ = load_eval_text(request.eval_text)
     windows = eval_windows(tokenizer, text, request.window, math.ceil(request.kl_tokens / request.window))
@@ -179,7 +149,7 @@ def export_gguf(request: GGUFExportRequest, command: str = "", log=lambda msg: N
     started = time.time()
     folder = Path(request.folder)
     check_output_dir(request.out, request.overwrite)
-    config, tensors = _read_folder(folder)
+    config, tensors = read_folder(folder)
     qtype = request.type.upper() if request.type else None
     kquant = qtype in KQUANT_TYPES
     if kquant:

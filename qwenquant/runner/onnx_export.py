@@ -25,7 +25,7 @@ from qwenquant.export.writer import atomic_output_dir, check_output_dir
 from qwenquant.kernels.checkpoint_records import record_from_tensors
 from qwenquant.model.qwen3 import linear_shapes
 from qwenquant.reporting import environment_versions, report_header, write_atomic, write_json
-from qwenquant.runner.gguf_export import REPORT_JSON, REPORT_MD, _read_folder, _source_folder
+from qwenquant.runner.export_input import REPORT_JSON, REPORT_MD, read_folder, source_folder
 
 BUILDER_LOG = "builder.log"
 
@@ -87,7 +87,7 @@ def _verify(request: ONNXExportRequest, tmp: Path, names: list[str], expected, q
     from transformers import AutoModelForCausalLM
 
     device = resolve_device(request.device)
-    src = _source_folder(request, quantized)
+    src = source_folder(request.folder, request.source, quantized)
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
     text, _ = load_eval_text(request.eval_text)
     windows = eval_windows(tokenizer, text, request.window, math.ceil(request.kl_tokens / request.window))
@@ -115,14 +115,14 @@ def export_onnx(request: ONNXExportRequest, command: str = "", log=lambda msg: N
     started = time.time()
     folder = Path(request.folder)
     check_output_dir(request.out, request.overwrite)
-    config, tensors = _read_folder(folder)
+    config, tensors = read_folder(folder)
     plan = onnx_build.plan_build(config, request.precision, request.ep, request.qdq, request.group_size,
                                  request.accuracy_level)
     onnx_build.require_packages()
     names = _linear_names(config)
     expected = our_weights(config, tensors, names) if plan.quantized_input else None
     if request.verify and plan.quantized_input:
-        _source_folder(request, True)  # refused before the build when there is no reference
+        source_folder(request.folder, request.source, True)  # refused before the build when there is no reference
     tokenizer = AutoTokenizer.from_pretrained(folder)
     with atomic_output_dir(request.out, request.overwrite) as tmp:
         log(f"building {plan.precision}{' QDQ' if plan.qdq else ''} for {plan.ep} ({plan.codes})")
