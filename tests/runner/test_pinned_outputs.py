@@ -19,6 +19,13 @@ writes the measured hashes and then fails, so a re-pin is never silent). Re-pinn
   benchmarks/results/gptq_speed.md). The other speed-ups of that change (the column loop,
   the Hessian's triangle, reused o_proj / down_proj inputs) are bit-exact: with float32 matmuls off they wrote
   these pins' old hashes, and 64 x 512 records bit-identical to the old code.
+- every gptq case again (issue 16: N-rank GPTQ equal to one process bit for bit): the Hessian is now the float64 sum
+  of the batches' float32 X^T X, rounded to float32 once, instead of a float32 running mean; other bits follow.
+  Re-pinned on cpu-avx512-bf16-native only (the machine of that change); the cpu-bf16-emulated gptq pins are
+  dropped (`UNPINNED_SINCE`) until a machine of that class re-pins them. Mean KL on qwen3-mini (64 x 512
+  calibration, GPTQ w4g128, default evaluation) before -> after: seed 0 3.179e-3 -> 3.362e-3, seed 1 3.529e-3 ->
+  3.508e-3; the same code at 1 instead of 2 CPU threads gave 3.261e-3 for seed 0 (matmul splits change the bits),
+  so the change is within float noise.
 
 Resume and offload runs must also hash exactly like the uninterrupted in-memory run they stand for.
 
@@ -46,6 +53,13 @@ from conftest import run_cli, small_args
 from qwenquant.stages.context import slow_reduced_matmul
 
 PINS = Path(__file__).with_name("pinned_outputs.json")
+# numerics class -> case -> why its pin was dropped (a machine of that class must re-pin it from a commit known right)
+_F64 = ("GPTQ's Hessian became a float64 sum rounded once (issue 16), which changes its bits; re-pinned only on "
+        "cpu-avx512-bf16-native, where that change was made: re-pin on a bf16-emulating CPU with QWENQUANT_REPIN=1")
+UNPINNED_SINCE: dict[str, dict[str, str]] = {
+    "cpu-bf16-emulated": dict.fromkeys(["gptq", "gptq-actorder-group", "gptq-compensate", "gptq-compensate-layer",
+                                        "gptq-compensate-resumed", "gptq-g64-asym-gptq-format", "gptq-keep-sensitive",
+                                        "gptq-offload", "gptq-scale-search", "gptq-w3"], _F64)}
 
 # case -> (command and flags, the case whose checkpoint it must equal, or None)
 CASES: dict[str, tuple[list[str], str | None]] = {
@@ -161,6 +175,8 @@ def test_output_is_pinned(case, measured) -> None:
         pytest.skip(f"no pins for numerics class {key} (pinned: {', '.join(everything)}): bf16 matmuls round "
                     "differently on this CPU; pin it with QWENQUANT_REPIN=1 from a commit known to be right")
     pins = everything[key]
+    if case not in pins and case in UNPINNED_SINCE.get(key, ()):
+        pytest.skip(f"{case} has no pin for {key}: {UNPINNED_SINCE[key][case]}")
     got = measured(case)
     assert case in pins, f"{case} has no pin for {key} in {PINS.name} (QWENQUANT_REPIN=1 writes one)"
     assert got == pins[case]
