@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, NoReturn
 
 import torch
 
@@ -149,8 +149,19 @@ class World:
         values = self.gather_objects(value)
         differ = [r for r, v in enumerate(values) if v != values[0]]
         if differ:
-            raise BadInputError(f"ranks {differ} see a different {what} than rank 0; launch every rank with the same "
-                                "command, recipe and model files")
+            self.refuse(f"ranks {differ} see a different {what} than rank 0; launch every rank with the same "
+                        "command, recipe and model files")
+
+    def refuse(self, message: str) -> NoReturn:
+        """Raise BadInputError(message) on every rank, for a refusal all ranks reached together (rank 0 prints
+        it). The other ranks first wait until rank 0 has exited (their barrier then fails), so that the launcher
+        sees rank 0's exit status, not another rank's with rank 0 stopped before it could print."""
+        if self.distributed and not self.main and torch.distributed.is_initialized():
+            try:
+                torch.distributed.barrier()
+            except RuntimeError:
+                pass
+        raise BadInputError(message)
 
 
 def launched() -> bool:

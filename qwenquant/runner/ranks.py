@@ -67,11 +67,11 @@ def check_resume(world: World, out_tmp: Path, fingerprint: str) -> None:
     answers = world.gather_objects((verdict, done))
     first = next((v for v, _ in answers if v is not None), None)
     if first is not None:
-        raise BadInputError(first)
+        world.refuse(first)
     differ = [r for r, (_, d) in enumerate(answers) if d != answers[0][1]]
     if differ:
-        raise BadInputError(f"ranks {differ} see another journal in {out_tmp} than rank 0 ({answers[0][1]} layers "
-                            "done): --resume needs the output folder on a file system every rank sees")
+        world.refuse(f"ranks {differ} see another journal in {out_tmp} than rank 0 ({answers[0][1]} layers done): "
+                     "--resume needs the output folder on a file system every rank sees")
 
 
 def share_journal(world: World, journal: Journal | None) -> Journal:

@@ -213,26 +213,27 @@ def test_two_gloo_ranks_match_one_process(scheme, cli, tiny_qwen3, calib_txt, ev
         assert comp[1]["output_error_before"] == pytest.approx(comp[0]["output_error_before"], rel=1e-5)
 
 
-def _nproc(args: list, out: Path, *more: str, kill: str | None = None) -> subprocess.CompletedProcess:
-    """`qwenquant ARGS --out OUT MORE --nproc 2` in a subprocess (QWENQUANT_FAULT_KILL_AFTER_LAYER=`kill`)."""
+def _nproc(args: list, out: Path, *more: str, kill: str | None = None, n: int = 2) -> subprocess.CompletedProcess:
+    """`qwenquant ARGS --out OUT MORE --nproc N` in a subprocess (QWENQUANT_FAULT_KILL_AFTER_LAYER=`kill`)."""
     env = {k: v for k, v in os.environ.items() if k != "QWENQUANT_FAULT_KILL_AFTER_LAYER"} | {"OMP_NUM_THREADS": "1"}
     if kill is not None:
         env["QWENQUANT_FAULT_KILL_AFTER_LAYER"] = kill
     return subprocess.run([sys.executable, "-m", "qwenquant", *map(str, args), "--out", str(out), *more,
-                           "--nproc", "2"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+                           "--nproc", str(n)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
 
 def _journal_files(folder: Path) -> dict[str, int]:
     return {f.name: f.stat().st_mtime_ns for f in sorted((folder / "_journal").iterdir())}
 
 
-@pytest.mark.slow  # three 2-rank runs: ~75 s idle
+@pytest.mark.slow  # three 2-rank runs and a refused 3-rank one: ~90 s idle
 def test_a_killed_rank_leaves_a_journal_that_resumes_to_the_identical_checkpoint(cli, tiny_qwen3, calib_txt,
                                                                                   eval_text, tmp_path) -> None:
     """Rank 1 is SIGKILLed while journaling the last decoder layer (its shard written, before the barrier): the run
     ends (rank 0's collective fails at once) with one line naming the dead rank and --resume, the journal counts
     layer 0 only and holds each rank's shard of its outputs; a single-process --resume is refused (exit 2, one
-    line, nothing touched); --resume on 2 ranks writes the uninterrupted 2-rank run's checkpoint bit for bit."""
+    line, nothing touched), and so is one on 3 ranks (every rank refuses before loading, none waits for the
+    others); --resume on 2 ranks writes the uninterrupted 2-rank run's checkpoint bit for bit."""
     from safetensors.torch import load_file as load
 
     from qwenquant.export.writer import partial_dir
@@ -257,6 +258,11 @@ def test_a_killed_rank_leaves_a_journal_that_resumes_to_the_identical_checkpoint
     assert one.code == 2 and len(one.error_lines) == 1, one.err
     assert "interrupted run of 2 ranks but this run has 1 process" in one.error_lines[0], one.error_lines
     assert "--nproc 2" in one.error_lines[0] and "without --resume" in one.error_lines[0]
+    assert _journal_files(partial_dir(out)) == before and not out.exists()
+    three = _nproc(args, out, "--resume", n=3)
+    lines = [l for l in three.stderr.splitlines() if l.startswith("qwenquant: error:")]
+    assert three.returncode == 2 and len(lines) == 1, three.stderr[-3000:]
+    assert "interrupted run of 2 ranks but this run has 3 ranks; resume it with --nproc 2" in lines[0], lines
     assert _journal_files(partial_dir(out)) == before and not out.exists()
 
     resumed = _nproc(args, out, "--resume")
