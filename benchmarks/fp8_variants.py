@@ -31,7 +31,6 @@ from harness import (  # noqa: E402
     calibration_dependent,
     harness_from_args,
     load_partial,
-    markdown_table,
     save_partial,
     write_results,
 )

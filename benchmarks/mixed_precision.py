@@ -137,7 +137,7 @@ def findings(rows: list[dict], sensitivity: dict, bits_list: list[int], seeds: l
                      + ", ".join(f"{k.replace('_vs_', ' vs ')}: {v:+.3f}" for k, v in s["spearman_seeds_kl"].items())
                      + "; proxy (output error) vs end-to-end KL: "
                      + ", ".join(f"seed {k}: {v:+.3f}" for k, v in s["spearman_proxy_vs_kl"].items())
-                     + f"; top groups: " + ", ".join(f"seed {k}: {v[:3]}" for k, v in s["ranking"].items()))
+                     + "; top groups: " + ", ".join(f"seed {k}: {v[:3]}" for k, v in s["ranking"].items()))
     lines += ["", "| bits | variant | seed | kept groups | bf16 weight share | ppl | Δppl % | mean KL | top-1 |",
               "|---:|---|---:|---|---:|---:|---:|---:|---:|"]
     for r in rows:

@@ -126,7 +126,7 @@ def write_comparison(rows: list[dict], out: Path, meta: dict) -> dict:
     write_json(out / "compare.json", data)
     note = "" if len(evals) == 1 else "\n**Warning: these runs were not evaluated with the same settings.**\n"
     ev = rows[0]["eval"] if rows else {}
-    md = [f"# qwenquant comparison", "", f"Perplexity on {ev.get('text')}, windows of {ev.get('window')} tokens "
+    md = ["# qwenquant comparison", "", f"Perplexity on {ev.get('text')}, windows of {ev.get('window')} tokens "
           f"({ev.get('windows')} windows); mean KL is per token vs the source model.", note, render_table(rows), "",
           *_bench_notes(rows, meta), *[f"![{p}]({p})" for p in plots], ""]
     write_atomic(out / "COMPARE.md", "\n".join(md))

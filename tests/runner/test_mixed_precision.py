@@ -71,7 +71,7 @@ def test_keep_1_exports_the_most_sensitive_group_in_bf16(runs, tiny_qwen3) -> No
     assert mp["kept_groups"] == [mp["ranking"][0]["unit"]]  # the most sensitive one
     assert [r["kl"] for r in mp["ranking"]] == sorted((r["kl"] for r in mp["ranking"]), reverse=True)
     assert "## Mixed precision" in (out / "REPORT.md").read_text()
-    assert f"Mixed precision: 1 fused group(s) kept in the source dtype" in (out / "README.md").read_text()
+    assert "Mixed precision: 1 fused group(s) kept in the source dtype" in (out / "README.md").read_text()
 
     config = json.loads((out / "config.json").read_text())
     assert config["quantization_config"]["ignore"] == sorted([*group, "lm_head"])
