@@ -278,7 +278,7 @@ def yarn_part(yarn: dict) -> list[str]:
         "", f"- {qname} vs source: perplexity {d[0]:+.2f}% at {windows[0]} and {d[1]:+.2f}% at {windows[1]} tokens, "
         f"KL {1e3 * _kl(q, 'bf16'):.3f}e-3 nats at {windows[1]}. The source's mean NLL is {inside:.2f} in the first "
         f"half of the {windows[1]}-token window and {beyond:.2f} beyond the original 4096 positions: YaRN lets the "
-        "model run past its trained length, it does not make it use that context."]
+        "model run past its original positions; it does not make it use that context here."]
 
 
 def chat_section(chat: dict) -> str:
