@@ -16,6 +16,7 @@ from pathlib import Path
 from qwenquant.reporting import environment_versions, report_header, write_atomic, write_json
 
 REPORT_SCHEMA_VERSION = 1
+REPORT_JSON, REPORT_MD = "qwenquant_report.json", "REPORT.md"  # what every command writing a folder names its report
 
 
 def evaluation_section(eval_desc: dict, src_ppl, q_ppl, kl: dict, tasks: dict | None) -> dict:
@@ -294,8 +295,8 @@ def _kv_cache_section(layers: list[dict]) -> list[str]:
 
 
 def write_report(folder: Path, report: dict) -> None:
-    write_json(Path(folder) / "qwenquant_report.json", report)
-    write_atomic(Path(folder) / "REPORT.md", render_markdown(report))
+    write_json(Path(folder) / REPORT_JSON, report)
+    write_atomic(Path(folder) / REPORT_MD, render_markdown(report))
 
 
 def runtime_lines(runtime: dict | None) -> list[str]:

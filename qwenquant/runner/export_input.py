@@ -10,8 +10,7 @@ import torch
 from safetensors import safe_open
 
 from qwenquant.errors import BadInputError
-
-REPORT_JSON, REPORT_MD = "qwenquant_report.json", "REPORT.md"
+from qwenquant.report import REPORT_JSON, REPORT_MD  # noqa: F401 (re-exported to both export commands)
 
 
 def read_folder(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
