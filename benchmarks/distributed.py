@@ -168,15 +168,16 @@ def main() -> None:
     (results / f"{args.name}.partial.json").unlink(missing_ok=True)
     text = table(doc)
     (results / f"{args.name}.md").write_text(f"# 1 vs 2 gloo ranks (`benchmarks/distributed.py`)\n\n{doc['machine']}; "
-                                             f"torch {doc['torch']}; {doc['backend']}; seeds {seeds}: median "
-                                             "(min-max) over the seeds.\n\n" + text + "\n\n" + NOTES)
+                                             f"torch {doc['torch']}; {doc['backend']}; each row: median "
+                                             "(min-max) over its seeds (the calibration sampling seeds, also the "
+                                             "repeats).\n\n" + text + "\n\n" + NOTES)
     print(text)
 
 
 def table(doc: dict) -> str:
-    lines = ["| model | scheme | quantize s, 1 rank | quantize s, 2 ranks | speed-up (quantize) | command s, 1 / 2 "
+    lines = ["| model | scheme | seeds | quantize s, 1 rank | quantize s, 2 ranks | speed-up (quantize) | command s, 1 / 2 "
              "ranks | peak host GiB per rank while quantizing (2 ranks) | rank 0 peak GiB 1 / 2 | mean KL 1 / 2 "
-             "ranks (per seed) | 2-rank checkpoint vs 1-rank |", "|" + "---|" * 10]
+             "ranks (per seed) | 2-rank checkpoint vs 1-rank | load average after |", "|" + "---|" * 12]
     for row in doc["rows"]:
         runs = {int(k): v for k, v in row["runs"].items()}  # int keys in memory, strings once written as JSON
         one, two = runs[1], runs[2]
@@ -193,8 +194,9 @@ def table(doc: dict) -> str:
         kl = "; ".join(f"{a['mean_kl']:.3e} / {b['mean_kl']:.3e}" for a, b in ok)
         eq = "; ".join("identical" if b["vs_1_rank"]["identical"] else
                        f"{b['vs_1_rank']['differ']}/{b['vs_1_rank']['tensors']} tensors differ" for _, b in ok)
-        lines.append(f"| {row['model']} | {row['scheme']} | {med(q1)} | {med(q2)} | {med(speed, 2)} "
-                     f"| {med(w1)} / {med(w2)} | {peaks} | {p0} | {kl} | {eq} |")
+        lines.append(f"| {row['model']} | {row['scheme']} | {','.join(map(str, row['seeds']))} | {med(q1)} | {med(q2)} "
+                     f"| {med(speed, 2)} | {med(w1)} / {med(w2)} | {peaks} | {p0} | {kl} | {eq} "
+                     f"| {row.get('load_average_after', float('nan')):.1f} |")
     for scheme, res in doc["refused"].items():
         lines.append(f"| qwen3-mini | {scheme} | refused at 2 ranks (exit {res.get('exit')}): {res.get('error')} |")
     return "\n".join(lines)

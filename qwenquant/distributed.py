@@ -4,8 +4,8 @@
 A `World` is passed to what needs it (the run, the layer loop, the stages through `LayerContext.world`); there is
 no module state. Its collectives are the only ones the stages use:
 - `sum_` / `max_`: in-place all-reduce of a statistic (GPTQ's float64 X^T X sums and token counts, activation maxima);
-- `gather_rows`: every rank's rows of a tensor, concatenated in rank order (weight-parallel GPTQ: each rank solves
-  some output rows of a Linear group);
+- `gather_rows` / `gather_rows_of`: every rank's rows of a tensor (of several, in one exchange), concatenated in
+  rank order (weight-parallel GPTQ: each rank solves some output rows of a Linear group);
 - `all_same`: the ranks' answers to one question (recipe and source hash) compared before any work;
 - `barrier`: every rank got here (the run journal: a layer is counted as done once every rank wrote its share).
 A collective that fails (a rank died: the connection to it broke; or stalled past --dist-timeout) raises
@@ -113,14 +113,29 @@ class World:
 
     def gather_rows(self, t: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """Each rank's `t` [counts[rank], ...] concatenated along dim 0 in rank order (padded for the exchange)."""
+        return self.gather_rows_of([t], counts)[0]
+
+    def gather_rows_of(self, tensors: list[torch.Tensor], counts: list[int]) -> list[torch.Tensor]:
+        """`gather_rows` of several tensors with the same rows [counts[rank], ...] (any dtypes), in one exchange:
+        each row's bytes of every tensor side by side as uint8 [rows, bytes] (bit-exact: nothing is converted)."""
         if not self.distributed:
-            return t
+            return list(tensors)
+        rows = tensors[0].shape[0]
+        raw = [t.contiguous().view(rows, -1).view(torch.uint8) if t.numel() else
+               torch.empty(rows, 0, dtype=torch.uint8, device=t.device) for t in tensors]
+        packed = torch.cat(raw, dim=1)
         width = max(counts)
-        pad = torch.zeros((width - t.shape[0], *t.shape[1:]), dtype=t.dtype, device=t.device)
-        parts = [torch.empty((width, *t.shape[1:]), dtype=t.dtype, device=t.device) for _ in range(self.size)]
+        pad = torch.zeros((width - rows, packed.shape[1]), dtype=torch.uint8, device=packed.device)
+        parts = [torch.empty((width, packed.shape[1]), dtype=torch.uint8, device=packed.device) for _ in range(self.size)]
         with _collective(self, "an exchange of rows"):
-            torch.distributed.all_gather(parts, torch.cat([t, pad]).contiguous())
-        return torch.cat([p[:c] for p, c in zip(parts, counts)])
+            torch.distributed.all_gather(parts, torch.cat([packed, pad]).contiguous())
+        whole = torch.cat([p[:c] for p, c in zip(parts, counts)])  # [sum(counts), bytes]
+        out, start = [], 0
+        for t, r in zip(tensors, raw):
+            cols = whole[:, start:start + r.shape[1]].contiguous()
+            out.append(cols.view(t.dtype).reshape(whole.shape[0], *t.shape[1:]))
+            start += r.shape[1]
+        return out
 
     def gather_objects(self, obj) -> list:
         """Every rank's `obj` (small, picklable), in rank order."""

@@ -199,7 +199,12 @@ class Journal:
     # -- source evaluation ----------------------------------------------------------------------------------------
 
     def save_source_eval(self, result: dict) -> None:
+        """Keep the source model's evaluation; a journal without journal.json yet gets one (0 layers done), so that
+        a --resume after an interruption before the first layer finished compares the recipe and model fingerprint
+        before reusing this evaluation."""
         safe_store.save(result, self.folder / "source_eval", (PerplexityResult,))
+        if self.read_meta() is None:
+            self._write_meta(0, {}, inputs=False)
 
     def load_source_eval(self) -> dict | None:
         return _load(self.folder / "source_eval", (PerplexityResult,))

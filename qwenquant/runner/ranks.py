@@ -23,28 +23,30 @@ from qwenquant.stages.registry import spec_of
 
 def check_ranks(world: World, recipe, options, weight_files, streamed: bool) -> None:
     """Refuse (on every rank, one line, before any weight is loaded) what a distributed run cannot do, then check
-    that the ranks agree on the recipe, qwenquant's version and the source files."""
+    that the ranks agree on the recipe, qwenquant's version and the source files. Every rank reaches the same
+    refusal from the same command; `World.refuse` lets rank 0 print it and exit first (no second line from the
+    launcher about another rank's exit)."""
     if not world.distributed:
         return
     what = f"a distributed run ({world.size} ranks)"
     if streamed:
-        raise BadInputError(f"{what} splits calibration data; this recipe uses none (it streams tensor by tensor): "
-                            "run it without torchrun / --nproc")
+        world.refuse(f"{what} splits calibration data; this recipe uses none (it streams tensor by tensor): "
+                     "run it without torchrun / --nproc")
     if options.offload_dir is not None:
-        raise BadInputError(f"--offload-dir is not supported for {what}; drop it")
+        world.refuse(f"--offload-dir is not supported for {what}; drop it")
     unsupported = [spec_of(cfg).name for cfg in recipe.stages if not spec_of(cfg).data_parallel(cfg)]
     if unsupported:
-        raise BadInputError(f"stage {', '.join(unsupported)} does not run on several ranks yet (--keep-sensitive is "
-                            "single-process); run it without torchrun / --nproc")
+        world.refuse(f"stage {', '.join(unsupported)} does not run on several ranks yet (--keep-sensitive is "
+                     "single-process); run it without torchrun / --nproc")
     world.all_same("recipe, qwenquant version or source files", inputs_hash(recipe.to_yaml(), weight_files,
                                                                             __version__))
 
 
 def check_shardable(world: World, calib: torch.Tensor | None) -> None:
-    """Every rank needs at least one calibration sample."""
+    """Every rank needs at least one calibration sample (every rank builds the same samples, so all refuse)."""
     if world.distributed and calib is not None and calib.shape[0] < world.size:
-        raise BadInputError(f"{world.size} ranks but only {calib.shape[0]} calibration samples: use at most "
-                            f"{calib.shape[0]} ranks or more --num-samples")
+        world.refuse(f"{world.size} ranks but only {calib.shape[0]} calibration samples: use at most "
+                     f"{calib.shape[0]} ranks or more --num-samples")
 
 
 def check_resume(world: World, out_tmp: Path, fingerprint: str) -> None:

@@ -54,7 +54,8 @@ def solve_shared(world: World, weights: list[torch.Tensor], H: torch.Tensor, cfg
                  clip_ratios: list[float]) -> list[gptqq.GPTQResult]:
     """`quantize_weights_shared` on the INT grid; in a distributed world weight-parallel: GPTQ solves each output
     row on its own, so each rank solves a contiguous share of the stacked rows (`World.shard`) and the ranks
-    exchange their rows' codes, scales, zero points, losses and pre-rounding weights (`World.gather_rows`)."""
+    exchange their rows' codes, scales, zero points, losses and pre-rounding weights (`World.gather_rows_of`, one
+    exchange per solve)."""
     dtype = weights[0].dtype
     if not world.distributed:
         return gptqq.quantize_weights_shared(weights, H, cfg, scale_dtype=dtype, clip_ratios=clip_ratios)
@@ -63,11 +64,10 @@ def solve_shared(world: World, weights: list[torch.Tensor], H: torch.Tensor, cfg
     part = gptqq.quantize_rows(W[mine], H, cfg, dtype, clip[mine].to(H.device) if torch.is_tensor(clip) else clip)
     counts = world.counts(W.shape[0])
     rec = part.record
-    record = dataclasses.replace(
-        rec, q=world.gather_rows(rec.q, counts), scale=world.gather_rows(rec.scale, counts),
-        zero_point=world.gather_rows(rec.zero_point, counts) if rec.zero_point is not None else None)
-    rows = gptqq.RowsResult(record, world.gather_rows(part.loss, counts), world.gather_rows(part.pre_rounding, counts))
-    return gptqq.split_shared(weights, rows)
+    mine_out = [rec.q, rec.scale, part.loss, part.pre_rounding] + ([rec.zero_point] if rec.zero_point is not None else [])
+    q, scale, loss, pre, *zero = world.gather_rows_of(mine_out, counts)  # one exchange
+    record = dataclasses.replace(rec, q=q, scale=scale, zero_point=zero[0] if zero else None)
+    return gptqq.split_shared(weights, gptqq.RowsResult(record, loss, pre))
 
 
 def combined_hessian(ctx: LayerContext, name: str, S: torch.Tensor | None, n: int) -> torch.Tensor:

@@ -62,10 +62,12 @@ def _rank_main(rank: int, port: int, out: str) -> None:
         amax = world.max_(mine.abs().amax(dim=0).contiguous())
         cfg = GPTQStage(bits=4, group_size=32)
         results = solve_shared(world, weights, H, cfg, [1.0, 1.0])
+        asym = solve_shared(world, weights, H, GPTQStage(bits=4, group_size=32, symmetric=False), [1.0, 1.0])
         if rank == 0:
             torch.save({"H": H, "amax": amax, "q": [r.record.q for r in results],
                         "scale": [r.record.scale for r in results], "loss": [r.loss for r in results],
-                        "pre": [r.pre_rounding for r in results]}, out)
+                        "pre": [r.pre_rounding for r in results],
+                        "asym": [(r.record.q, r.record.scale, r.record.zero_point) for r in asym]}, out)
     finally:
         torch.distributed.destroy_process_group()
 
@@ -99,6 +101,12 @@ def test_two_ranks_combine_statistics_and_split_gptq_rows(tmp_path) -> None:
         assert torch.equal(got["q"][i], res.record.q) and torch.equal(got["scale"][i], res.record.scale)
         assert torch.equal(got["pre"][i], res.pre_rounding)
         assert got["loss"][i] == pytest.approx(res.loss, rel=1e-6)
+    asym = gptqq.quantize_weights_shared(weights, got["H"], GPTQStage(bits=4, group_size=32, symmetric=False),
+                                         scale_dtype=torch.float32)
+    for (q, scale, zero), res in zip(got["asym"], asym):  # zero points travel in the same exchange of bytes
+        assert zero is not None and zero.dtype == res.record.zero_point.dtype
+        assert torch.equal(q, res.record.q) and torch.equal(zero, res.record.zero_point)
+        assert torch.equal(scale, res.record.scale)
 
 
 def test_shards_are_contiguous_whole_batches_when_possible() -> None:

@@ -168,3 +168,16 @@ def test_finished_layers_records_leave_memory(tiny_qwen3, calib_txt, tmp_path) -
     for name in state.records:  # loaded back from the layer files, equal to the live (fake-quantized) weights
         w = model.get_submodule(name).weight
         assert torch.equal(state.records[name].dequantize(w.dtype), w.detach())
+
+
+def test_a_source_evaluation_alone_is_fingerprinted(tmp_path) -> None:
+    """A run interrupted after the source evaluation, before its first layer finished, leaves journal.json (0 layers
+    done), so a --resume of another recipe or model is refused instead of reusing that evaluation."""
+    from qwenquant.errors import BadInputError
+    from qwenquant.journal import Journal, layers_done_in
+
+    Journal(tmp_path, "recipe-a").save_source_eval({"kl_tokens": 1024})
+    assert layers_done_in(tmp_path, "recipe-a") == 0
+    with pytest.raises(BadInputError, match="different recipe or model"):
+        layers_done_in(tmp_path, "recipe-b")
+    assert Journal(tmp_path, "recipe-a").load_source_eval() == {"kl_tokens": 1024}
