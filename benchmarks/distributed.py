@@ -40,6 +40,8 @@ SCHEMES = {
     "fp8": ("FP8 static + smoothing", ["fp8", "--activations", "static", "--smooth", "--weights", "tensor"]),
     "awq": ("AWQ W4A16 g128", ["awq"]),
     "comp": ("GPTQ W4A16 g128 + compensation", ["gptq", "--compensate"]),
+    # decoder layers on disk, one in memory per rank (its own work dir under the folder): per-rank memory
+    "gptq-offload": ("GPTQ W4A16 g128, --offload-dir", ["gptq", "--offload-dir", "/tmp/qq-dist-offload"]),
 }
 REFUSED = {  # not distributed yet: run once each to record the one-line refusal
     "GPTQ + --keep-sensitive 2": ["gptq", "--keep-sensitive", "2"],

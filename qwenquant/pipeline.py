@@ -153,8 +153,8 @@ def run_sequential(
             state.layer_reports.append(report)
             if journal is not None:
                 journal.save_layer(i, ctx.prefix, layer, state, cache, float_cache)
-            if layer_store is not None:
-                layer_store.release(i, dirty=True)
+            if layer_store is not None:  # the other ranks stop after the loop: they never read a finished layer again
+                layer_store.release(i, dirty=world.main)
         if on_layer_done:
             on_layer_done(i + 1, len(layers))
     if device.type == "cuda":

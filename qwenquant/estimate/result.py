@@ -12,7 +12,7 @@ from qwenquant.estimate.memory import Phase, Traits, journal_bytes, memory_phase
 from qwenquant.estimate.need import missing_costs
 from qwenquant.estimate.size import OutputSize, output_size
 from qwenquant.estimate.stream import stream_phases, stream_time_estimate
-from qwenquant.estimate.time import dominant_stage, streaming_time, time_estimate
+from qwenquant.estimate.time import dominant_stage, repeated_stage_seconds, streaming_time, time_estimate
 from qwenquant.stages.registry import STAGES
 
 GiB = 2**30
@@ -36,6 +36,7 @@ class Estimate:
     dominant_stage: dict  # the longest part of the run (time.dominant_stage)
     streaming: dict | None = None  # the data-free streaming path's reads and writes (time.streaming_time), or None
     ranks: dict | None = None  # a distributed run's per-rank time and memory (estimate/ranks.py), or None
+    repeated_s: dict | None = None  # per stage, the seconds every rank repeats (time.repeated_stage_seconds)
 
     @property
     def ok(self) -> bool:
@@ -219,4 +220,5 @@ def build_estimate(recipe, facts: ModelFacts, shape: RunShape, probe, device, ba
         probe=probe.to_dict(),
         dominant_stage=dominant_stage(timings),
         streaming=streaming_time(facts, out) if traits.stream else None,
+        repeated_s=None if traits.stream else repeated_stage_seconds(recipe, facts, shape, probe),
     )

@@ -74,6 +74,14 @@ def stage_seconds(recipe, need: StageNeed, traits: Traits) -> tuple[dict[str, fl
     return stages, notes
 
 
+def repeated_stage_seconds(recipe, facts: ModelFacts, shape: RunShape, probe) -> dict[str, float]:
+    """Per stage, the part of its seconds every rank of a distributed run repeats in full (`StageSpec.
+    repeated_seconds`; 0 for a stage without one)."""
+    need = stage_need(recipe, facts, shape, probe)
+    return {spec_of(cfg).name: spec_of(cfg).repeated_seconds(cfg, need) for cfg in recipe.stages
+            if spec_of(cfg).seconds is not None and spec_of(cfg).repeated_seconds is not None}
+
+
 def _offload_io(recipe, need: StageNeed, out: OutputSize, timings: dict, stages: dict) -> None:
     """--offload-dir: only the resident tensors are loaded up front; each evaluation reads every decoder layer from
     disk (the source safetensors, checked finite on first read, then the work dir's layer files); the quantize phase

@@ -190,10 +190,12 @@ class LayerStore:
                 self.release(current, dirty=False)
 
 
-def offload_workdir(offload_dir: Path, out: Path) -> Path:
-    """The run's own subfolder of DIR (runs writing different --out folders can share one DIR)."""
+def offload_workdir(offload_dir: Path, out: Path, rank: int = 0) -> Path:
+    """The run's own subfolder of DIR (runs writing different --out folders can share one DIR); in a distributed run
+    each rank other than 0 has its own (`-rank<r>`), so ranks on one machine sharing DIR never touch each other's."""
     digest = hashlib.sha256(str(Path(out).resolve()).encode()).hexdigest()[:12]
-    return Path(offload_dir).expanduser().resolve() / f"qwenquant-offload-{Path(out).name}-{digest}"
+    return Path(offload_dir).expanduser().resolve() / (f"qwenquant-offload-{Path(out).name}-{digest}"
+                                                       + (f"-rank{rank}" if rank else ""))
 
 
 def check_offload_dir(offload_dir: Path, out: Path, model_path: Path | None = None) -> None:
@@ -218,12 +220,13 @@ def check_offload_dir(offload_dir: Path, out: Path, model_path: Path | None = No
 
 
 @contextmanager
-def offload_session(offload_dir: Path, out: Path) -> Iterator[Path]:
-    """Create the run's work dir (and DIR if missing), yield it, and always remove it (and DIR if created here).
-    A work dir left by a killed run of the same --out is replaced."""
+def offload_session(offload_dir: Path, out: Path, rank: int = 0) -> Iterator[Path]:
+    """Create the run's work dir (this rank's: `offload_workdir`; and DIR if missing), yield it, and always remove
+    it (and DIR if created here and empty: another rank's work dir may still be in it). A work dir left by a killed
+    run of the same --out is replaced."""
     d = Path(offload_dir).expanduser().resolve()
     created = not d.exists()
-    work = offload_workdir(d, out)
+    work = offload_workdir(d, out, rank)
     try:
         work.parent.mkdir(parents=True, exist_ok=True)
         if work.exists():

@@ -55,18 +55,26 @@ def _concat_outputs(x: torch.Tensor) -> Callable[[list[torch.Tensor]], torch.Ten
     return lambda weights: torch.cat([x @ w.T for w in weights], dim=-1)
 
 
+def alpha_grid(n_grid: int) -> list[float]:
+    """The scale search's exponents {0, 1/n_grid, ..., (n_grid-1)/n_grid}."""
+    if n_grid < 1:
+        raise ValueError(f"n_grid must be >= 1, got {n_grid}")
+    return [i / n_grid for i in range(n_grid)]
+
+
 @torch.no_grad()
-def search_scales(
+def scale_errors(
     x: torch.Tensor,
     weights: list[torch.Tensor],
+    alphas: list[float],
     forward: Callable[[list[torch.Tensor]], torch.Tensor] | None = None,
     bits: int = 4,
     group_size: int = 128,
     symmetric: bool = True,
-    n_grid: int = 20,
     scale_dtype: torch.dtype = torch.bfloat16,
-) -> AWQScaleResult:
-    """Grid-search alpha in {0, 1/n_grid, ..., (n_grid-1)/n_grid} for s = mean|x|^alpha (normalised).
+) -> list[float]:
+    """Mean squared output error || f(Q(W_i s) / s) - f(W) ||^2 / numel for s = `scales_for_ratio`(mean|x|, alpha),
+    one per alpha of `alphas` (each independent of the others: a distributed run splits the grid over ranks).
 
     x [T, K] is the input shared by `weights` [N_i, K]. `forward` maps weights (in the original input basis,
     i.e. Q(W_i s) / s) to the output whose error is measured; default: the layers' concatenated outputs.
@@ -75,8 +83,6 @@ def search_scales(
         raise ValueError(f"expected calibration inputs [T, K], got shape {tuple(x.shape)}")
     if not weights:
         raise ValueError("AWQ scale search needs at least one balance weight")
-    if n_grid < 1:
-        raise ValueError(f"n_grid must be >= 1, got {n_grid}")
     k = x.shape[1]
     for w in weights:
         if w.dim() != 2 or w.shape[1] != k:
@@ -88,18 +94,40 @@ def search_scales(
     f = forward if forward is not None else _concat_outputs(x)
     act_mean = activation_scale_stats(x)  # [K]
     reference = f(weights).float()
-    grid = [i / n_grid for i in range(n_grid)]
     errors: list[float] = []
-    best_err, best_alpha, best_s = float("inf"), 0.0, torch.ones_like(act_mean)
-    for alpha in grid:
+    for alpha in alphas:
         s = scales_for_ratio(act_mean, alpha)  # [K]
         # W_i s -> Q -> / s: the effective weight seen by the original x
         q_weights = [fake_quantize_rtn(w * s, bits, group_size, symmetric, scale_dtype) / s for w in weights]
-        err = float((f(q_weights).float() - reference).pow(2).mean())
-        errors.append(err)
+        errors.append(float((f(q_weights).float() - reference).pow(2).mean()))
+    return errors
+
+
+def best_scale(x: torch.Tensor, grid: list[float], errors: list[float]) -> AWQScaleResult:
+    """The grid's first alpha with the smallest error (none below inf, e.g. all NaN: alpha 0, s = 1) and its s [K]."""
+    best_err, best_alpha = float("inf"), None
+    for alpha, err in zip(grid, errors):
         if err < best_err:
-            best_err, best_alpha, best_s = err, alpha, s
-    return AWQScaleResult(scales=best_s, ratio=best_alpha, errors=errors, grid=grid)
+            best_err, best_alpha = err, alpha
+    act_mean = activation_scale_stats(x.float())
+    s = scales_for_ratio(act_mean, best_alpha) if best_alpha is not None else torch.ones_like(act_mean)
+    return AWQScaleResult(scales=s, ratio=best_alpha or 0.0, errors=list(errors), grid=list(grid))
+
+
+def search_scales(
+    x: torch.Tensor,
+    weights: list[torch.Tensor],
+    forward: Callable[[list[torch.Tensor]], torch.Tensor] | None = None,
+    bits: int = 4,
+    group_size: int = 128,
+    symmetric: bool = True,
+    n_grid: int = 20,
+    scale_dtype: torch.dtype = torch.bfloat16,
+) -> AWQScaleResult:
+    """Grid-search alpha in `alpha_grid(n_grid)` for s = mean|x|^alpha (normalised): `scale_errors` of every alpha,
+    then `best_scale`. x [T, K], weights [N_i, K], `forward` as in `scale_errors`."""
+    grid = alpha_grid(n_grid)
+    return best_scale(x, grid, scale_errors(x, weights, grid, forward, bits, group_size, symmetric, scale_dtype))
 
 
 def clip_grid(max_shrink: float = 0.5, n_grid: int = 20) -> list[float]:

@@ -21,7 +21,7 @@ from qwenquant.pipeline import CALIBRATION_BATCH
 from qwenquant.stages.registry import spec_of
 
 
-def check_ranks(world: World, recipe, options, weight_files, streamed: bool) -> None:
+def check_ranks(world: World, recipe, weight_files, streamed: bool) -> None:
     """Refuse (on every rank, one line, before any weight is loaded) what a distributed run cannot do, then check
     that the ranks agree on the recipe, qwenquant's version and the source files. Every rank reaches the same
     refusal from the same command; `World.refuse` lets rank 0 print it and exit first (no second line from the
@@ -32,8 +32,6 @@ def check_ranks(world: World, recipe, options, weight_files, streamed: bool) -> 
     if streamed:
         world.refuse(f"{what} splits calibration data; this recipe uses none (it streams tensor by tensor): "
                      "run it without torchrun / --nproc")
-    if options.offload_dir is not None:
-        world.refuse(f"--offload-dir is not supported for {what}; drop it")
     unsupported = [spec_of(cfg).name for cfg in recipe.stages if not spec_of(cfg).data_parallel(cfg)]
     if unsupported:
         world.refuse(f"stage {', '.join(unsupported)} does not run on several ranks yet (--keep-sensitive is "

@@ -267,7 +267,7 @@ def _run_recipe(recipe: Recipe, options: RunOptions, reporter: Reporter | None, 
     run = Run(recipe, options, reporter or Reporter(quiet=True), device, world=world)
     with run.timed("load"):
         run.resolve()
-    check_ranks(world, recipe, options, run.resolved.weight_files, options.stream and streams(recipe))
+    check_ranks(world, recipe, run.resolved.weight_files, options.stream and streams(recipe))
     if recipe.eval.kl_tokens == 0 and not (options.stream and streams(recipe)):
         raise BadInputError("--kl-tokens 0 (no KL) applies to data-free streamed runs only; this run quantizes in "
                             f"memory ({'; '.join(streaming_blockers(recipe) or ['--no-stream'])}): drop --kl-tokens 0")
@@ -280,7 +280,8 @@ def _run_recipe(recipe: Recipe, options: RunOptions, reporter: Reporter | None, 
         return report
     if options.resume and recipe.stage("mixed_precision") is None:  # refuse a journal this run cannot continue
         check_resume(world, partial_dir(out), run.fingerprint())
-    sessions = offload_session(options.offload_dir, out) if options.offload_dir is not None else nullcontext()
+    sessions = offload_session(options.offload_dir, out, world.rank) if options.offload_dir is not None \
+        else nullcontext()
     with sessions as offload_folder:
         with run.timed("load"):
             run.load(offload_folder)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from qwenquant.distributed import World
 from qwenquant.quant import awq as awqq
 from qwenquant.stages.context import LayerContext
 from qwenquant.stages.fold import fold_mapping
@@ -17,6 +18,7 @@ from qwenquant.stages.spec import StageSpec
 from qwenquant.validation import boolean, positive
 
 MAX_AWQ_TOKENS = 8192  # calibration tokens kept per input for AWQ's searches (bounds memory)
+CLIP_ROW_BATCH = 64  # output rows per step of the clip search (bounds memory; the unit ranks split rows in)
 
 
 @dataclass
@@ -39,6 +41,8 @@ def awq_layer(ctx: LayerContext, cfg: AWQStage) -> dict:
     """AWQ: per smoothing group, search the activation-aware scale, fold it, then search clipping per group.
 
     v_proj -> o_proj is skipped under GQA (one v channel feeds several heads, so no exact per-channel fold).
+    In a distributed world the ranks share the alpha grids and the clip searches' rows (`search_scales_shared`,
+    `search_clip_shared`): the same choices as a single process, each rank computing a share of them.
     """
     mc = ctx.model_config
     gqa = mc.num_attention_heads != mc.num_key_value_heads
@@ -53,8 +57,7 @@ def awq_layer(ctx: LayerContext, cfg: AWQStage) -> dict:
         balance = [ctx.linear(b) for b in m.balance]
         x = xs[input_of[m.balance[0]]]
         dtype = balance[0].weight.dtype
-        res = awqq.search_scales(x, [b.weight.data for b in balance], None, cfg.bits, cfg.group_size, cfg.symmetric,
-                                 cfg.n_grid, scale_dtype=dtype)
+        res = search_scales_shared(ctx.world, x, [b.weight.data for b in balance], cfg, dtype)
         s = res.scales.to(ctx.device)
         s = fold_mapping(ctx, m, s)
         xs[input_of[m.balance[0]]] = x / s.to(x.device)
@@ -63,11 +66,36 @@ def awq_layer(ctx: LayerContext, cfg: AWQStage) -> dict:
         w = ctx.linear(name).weight.data
         clip = None
         if cfg.clip:
-            clip = awqq.search_clip(w.float(), xs[input_of[name]].to(w.device), cfg.bits, cfg.group_size, cfg.symmetric,
-                                    scale_dtype=w.dtype)
+            clip = search_clip_shared(ctx.world, w.float(), xs[input_of[name]].to(w.device), cfg, w.dtype)
         qw = awqq.quantize_weight(w.float(), clip, cfg.bits, cfg.group_size, cfg.symmetric, scale_dtype=w.dtype)
         store_int(ctx, name, qw, report, {"mean_clip": float(clip.mean()) if clip is not None else 1.0})
     return report
+
+
+def search_scales_shared(world: World, x: torch.Tensor, weights: list[torch.Tensor], cfg: AWQStage,
+                         dtype: torch.dtype) -> awqq.AWQScaleResult:
+    """`awqq.search_scales`; in a distributed world weight-parallel: every rank holds the same sampled inputs x,
+    evaluates a contiguous share of the alpha grid (`World.shard`) and the ranks exchange their errors, so every
+    rank picks the single process's alpha (the first smallest error) and computes the same scales."""
+    grid = awqq.alpha_grid(cfg.n_grid)
+    mine = grid[world.shard(len(grid))]
+    errors = awqq.scale_errors(x, weights, mine, None, cfg.bits, cfg.group_size, cfg.symmetric, dtype)
+    if world.distributed:
+        errors = [e for part in world.gather_objects(errors) for e in part]  # rank order = grid order
+    return awqq.best_scale(x, grid, errors)
+
+
+def search_clip_shared(world: World, w: torch.Tensor, x: torch.Tensor, cfg: AWQStage,
+                       dtype: torch.dtype) -> torch.Tensor:
+    """`awqq.search_clip` [N, n_groups]; in a distributed world weight-parallel: each rank searches a contiguous
+    share of the output rows, cut at multiples of the search's row batch (so every batch is the single process's:
+    the same bits), and the ranks exchange their rows' ratios. Fewer batches than ranks: every rank searches all."""
+    batch = CLIP_ROW_BATCH
+    if not world.distributed or -(-w.shape[0] // batch) < world.size:
+        return awqq.search_clip(w, x, cfg.bits, cfg.group_size, cfg.symmetric, batch_size=batch, scale_dtype=dtype)
+    mine = world.shard(w.shape[0], batch)
+    part = awqq.search_clip(w[mine], x, cfg.bits, cfg.group_size, cfg.symmetric, batch_size=batch, scale_dtype=dtype)
+    return world.gather_rows(part, world.counts(w.shape[0], batch))
 
 
 # -- the estimator's cost model (StageSpec cost fields; qwenquant/estimate/) ----------------------------------------
@@ -105,6 +133,12 @@ def _seconds(cfg: AWQStage, need) -> tuple[float, str]:
     return need.calibration_forwards() + search + clip + need.quant_pass, ""
 
 
+def _repeated_seconds(cfg: AWQStage, need) -> float:
+    """What every rank of a distributed run repeats in full: the quantizer pass over every weight (the forwards, the
+    alpha grid and the clip search's rows are split over the ranks)."""
+    return need.quant_pass
+
+
 def _probe(cfg: AWQStage, kit) -> dict[str, float]:
     """The clip search per weight, on one batch of 64 output rows (search_clip works in such batches)."""
     xs = torch.randn(min(512, max(kit.tokens, 1)), kit.weight.shape[1], device=kit.device)
@@ -119,6 +153,7 @@ def _tag(cfg: AWQStage) -> str:
 
 
 SPEC = StageSpec("awq", AWQStage, "quantizer", awq_layer, record_kind="int", check_linear=check_group_size,
-                 host_bytes=_host_bytes, seconds=_seconds, record_bytes=int_record_bytes, label=int_label,
+                 host_bytes=_host_bytes, seconds=_seconds, repeated_seconds=_repeated_seconds,
+                 record_bytes=int_record_bytes, label=int_label,
                  probe_quantize=int_probe_quantize, probe=_probe, tag=_tag,
                  serving_scheme=int_serving_scheme, data_parallel=lambda _cfg: True)

@@ -198,6 +198,12 @@ def _seconds(cfg: GPTQStage, need) -> tuple[float, str]:
     return t, ROUGH_TIME_NOTE if cfg.clip_search else ""
 
 
+def _repeated_seconds(cfg: GPTQStage, need) -> float:
+    """The part of `_seconds` every rank repeats in a distributed run: each group's factorization (1.3 K^3) and the
+    column loop's per-column steps (the ranks split the rows, not the columns)."""
+    return sum(1.3 * g[0].k**3 / need.fp32_flops + g[0].k * need.probe.gptq_s_per_column for g in need.groups)
+
+
 def _record_bytes(cfg: GPTQStage, n: int, k: int, dtype_bytes: int) -> int:
     """An INT record, with the [K] int32 group index of act-order `group`."""
     return int_record_bytes(cfg, n, k, dtype_bytes) + (4 * k if cfg.actorder == "group" else 0)
@@ -221,6 +227,7 @@ def _probe(cfg: GPTQStage, kit) -> dict[str, float]:
 
 
 SPEC = StageSpec("gptq", GPTQStage, "quantizer", gptq_layer, record_kind="int", check_linear=check_group_size, resolve=resolve_clip("gptq"),
-                 host_bytes=_host_bytes, seconds=_seconds, record_bytes=_record_bytes, label=int_label,
+                 host_bytes=_host_bytes, seconds=_seconds, repeated_seconds=_repeated_seconds,
+                 record_bytes=_record_bytes, label=int_label,
                  probe_quantize=int_probe_quantize, probe=_probe, tag=int_tag(default_symmetric=True),
                  serving_scheme=int_serving_scheme, data_parallel=lambda _cfg: True)

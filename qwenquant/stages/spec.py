@@ -33,6 +33,9 @@ instead of knowing it:
     layer (host memory on the CPU, device memory on CUDA) and what it is; `(0, "")` when nothing worth counting;
   - `seconds(cfg, need) -> (seconds, note)`: its wall time over the whole model, and a caveat for the estimate's
     notes ("" when none; `ROUGH_TIME_NOTE` for times modelled from layer forwards instead of probed);
+  - `repeated_seconds(cfg, need) -> seconds`: (data-parallel stages) the part of `seconds` that every rank of a
+    distributed run repeats in full (GPTQ's factorizations and per-column steps); a distributed estimate divides
+    only the rest by the number of ranks (qwenquant/estimate/ranks.py); absent: all of it divides;
   - `record_bytes(cfg, n, k, dtype_bytes) -> bytes`: (quantizers) host bytes of the record (QuantizedWeight) one
     Linear [N, K] gets;
   - `kept_linears(cfg, facts) -> (names, note)`: (plan stages) full names of the Linears left in the source dtype
@@ -93,6 +96,7 @@ class StageSpec:
     resolve: Callable[[Any, dict], Any] = _unchanged
     host_bytes: Callable[[Any, Any], tuple[int, str]] | None = None
     seconds: Callable[[Any, Any], tuple[float, str]] | None = None
+    repeated_seconds: Callable[[Any, Any], float] | None = None
     record_bytes: Callable[[Any, int, int, int], int] | None = None
     kept_linears: Callable[[Any, Any], tuple[set[str], str]] | None = None
     label: Callable[[Any], str] | None = None

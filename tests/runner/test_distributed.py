@@ -18,7 +18,6 @@ from qwenquant.distributed import World
 from qwenquant.errors import BadInputError
 from qwenquant.quant import gptq as gptqq
 from qwenquant.recipe_builder import quantize_recipe
-from qwenquant.runner.options import RunOptions
 from qwenquant.runner.ranks import check_ranks, check_resume, check_shardable
 
 REPO = Path(__file__).resolve().parents[2]
@@ -127,14 +126,14 @@ def test_refusals_before_any_work(tiny_qwen3) -> None:
     recipe = quantize_recipe({"model": {"id": str(tiny_qwen3)}, "gptq": {}})
     files = sorted(tiny_qwen3.glob("*.safetensors"))
     two = World(0, 2, "gloo")
-    check_ranks(_Agreeing(0, 2, "gloo"), recipe, RunOptions(out=Path("x"), resume=True), files, streamed=False)  # allowed
+    check_ranks(_Agreeing(0, 2, "gloo"), recipe, files, streamed=False)  # allowed
     with pytest.raises(BadInputError, match="uses none"):
-        check_ranks(two, recipe, RunOptions(out=Path("x")), files, streamed=True)
+        check_ranks(two, recipe, files, streamed=True)
     mixed = quantize_recipe({"model": {"id": str(tiny_qwen3)}, "gptq": {}, "mixed_precision": {"keep_sensitive": 2}})
     with pytest.raises(BadInputError, match="stage mixed_precision does not run on several ranks"):
-        check_ranks(two, mixed, RunOptions(out=Path("x")), files, streamed=False)
+        check_ranks(two, mixed, files, streamed=False)
     with pytest.raises(BadInputError, match=r"ranks \[1\] see a different recipe"):
-        check_ranks(_Disagreeing(0, 2, "gloo"), recipe, RunOptions(out=Path("x")), files, streamed=False)
+        check_ranks(_Disagreeing(0, 2, "gloo"), recipe, files, streamed=False)
     with pytest.raises(BadInputError, match="3 ranks but only 2 calibration samples"):
         check_shardable(World(0, 3, "gloo"), torch.zeros(2, 8, dtype=torch.long))
 
@@ -184,11 +183,12 @@ def test_launch_refusals_are_one_line(cli, tiny_args, tmp_path, monkeypatch) -> 
 @pytest.mark.parametrize("scheme", [["fp8", "--activations", "static", "--smooth", "--scale-search", "--kv-cache", "fp8",
                                      "--kv-cache-strategy", "head"],
                                     ["gptq", "--group-size", "32"],
+                                    ["awq", "--group-size", "32"],
                                     ["gptq", "--group-size", "32", "--compensate", "--compensate-steps", "10"]])
 def test_two_gloo_ranks_match_one_process(scheme, cli, tiny_qwen3, calib_txt, eval_text, tmp_path) -> None:
     """16 samples = 2 batches of 8: each rank forms one of the single process's batches. Maxima (static FP8,
-    smoothing) and the sampled inputs of the searches (clip ratios, smoothing alpha; AWQ's too) then give the same
-    bits; so does GPTQ: its Hessian is a float64 sum of the same float32 batch products, rounded to float32 once
+    smoothing) and the sampled inputs of the searches (clip ratios, smoothing alpha; AWQ's too, whose alpha grid and
+    clip rows the ranks split) then give the same bits; so does GPTQ: its Hessian is a float64 sum of the same float32 batch products, rounded to float32 once
     (here each rank's partial sum is one batch: exact), and the rows the ranks solve are the single solve's.
     Compensation steps on the ranks' averaged gradients (one minibatch per rank and step, as DDP): the KL vs the
     source must stay as good, and layer 0's output error before compensation (the same quantized layer, summed
@@ -219,6 +219,26 @@ def test_two_gloo_ranks_match_one_process(scheme, cli, tiny_qwen3, calib_txt, ev
         comp = [r["layers"][0]["compensate"] for r in reports]
         assert comp[0]["samples"] == comp[1]["samples"] == 16
         assert comp[1]["output_error_before"] == pytest.approx(comp[0]["output_error_before"], rel=1e-5)
+
+
+@pytest.mark.slow  # a 1-process and a 2-rank run: ~40 s idle
+def test_two_ranks_offloaded_match_one_resident_process(cli, tiny_qwen3, calib_txt, eval_text, tmp_path) -> None:
+    """--offload-dir with 2 ranks: each rank holds only the resident tensors and the decoder layer in use (its own
+    work dir under DIR; only rank 0 writes finished layers), and the checkpoint is the resident single process's bit
+    for bit; DIR (created by the run) is gone afterwards."""
+    args = ["gptq", "--group-size", "32", "--model", tiny_qwen3, "--calib", calib_txt, "--num-samples", "16",
+            "--seq-len", "64", "--eval-windows", "1", "--eval-window", "128", "--eval-text", eval_text,
+            "--kl-tokens", "512", "--device", "cpu", "--quiet"]
+    single = cli([*args, "--out", tmp_path / "n1"])
+    assert single.code == 0, single.err
+    offload = tmp_path / "offload"
+    two = _nproc(args, tmp_path / "n2", "--offload-dir", str(offload))
+    assert two.returncode == 0, two.stderr
+    one, two = (load_file(tmp_path / f"n{n}" / "model.safetensors") for n in (1, 2))
+    assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
+    report = json.loads((tmp_path / "n2" / "qwenquant_report.json").read_text())
+    assert report["ranks"]["world_size"] == 2 and report["memory"]["offload_dir"] == str(offload.resolve())
+    assert not offload.exists()
 
 
 def _nproc(args: list, out: Path, *more: str, kill: str | None = None, n: int = 2) -> subprocess.CompletedProcess:
@@ -287,7 +307,8 @@ def test_a_killed_rank_leaves_a_journal_that_resumes_to_the_identical_checkpoint
 
 
 def test_dry_run_knows_ranks(cli, tiny_args, tmp_path) -> None:
-    """--dry-run --nproc 2: the quantize phase halves, rank-0-only phases do not, per-rank memory is reported."""
+    """--dry-run --nproc 2: the quantize phase halves except what every rank repeats (GPTQ's factorizations and
+    per-column steps), rank-0-only phases do not divide, per-rank memory is reported."""
     docs = {}
     for n in (1, 2):
         res = cli(["gptq", *tiny_args, "--out", tmp_path / "out", "--dry-run", "--json", "--nproc", str(n)])
@@ -297,7 +318,11 @@ def test_dry_run_knows_ranks(cli, tiny_args, tmp_path) -> None:
     assert one["ranks"] is None and two["ranks"]["world_size"] == 2 and not (tmp_path / "out").exists()
     # each run probes the machine afresh: compare each estimate with its own single-process numbers
     t = two["timings_s"]
-    assert t["total"] == pytest.approx(two["ranks"]["total_s_one_process"] - t["quantize"], rel=1e-9)
+    r = two["ranks"]
+    assert t["total"] == pytest.approx(r["total_s_one_process"] - r["quantize_s_one_process"] + t["quantize"], rel=1e-9)
+    repeated = two["repeated_s"]["gptq"]
+    assert 0 < repeated < two["timings_s"]["stages"]["gptq"]
+    assert r["quantize_s_one_process"] / 2 < t["quantize"] < r["quantize_s_one_process"]
     assert t["quantize"] == pytest.approx(sum(t["stages"].values()), rel=1e-9)
     assert 0 < two["ranks"]["peak_host_bytes_per_rank"] <= two["memory"]["peak_host_bytes"]
     assert two["ranks"]["peak_host_bytes_this_machine"] == 2 * two["ranks"]["peak_host_bytes_per_rank"]
