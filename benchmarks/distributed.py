@@ -50,27 +50,28 @@ EVAL = ["--no-ppl", "--kl-tokens", "1024", "--device", "cpu"]
 
 
 NOTES = """- Quantize s: rank 0's `timings_s.quantize`, the phase the ranks share (calibration forwards over each rank's
-  share, GPTQ solves split by rows, the collectives). Command s: the whole command, which also holds what rank 0
-  does alone (load, source and quantized evaluation, export, verification) and, at 2 ranks, a second process
-  importing torch and loading the model beside it.
-- The machine: 2 CPU cores shared with other jobs (load averages of 8-14 on 2 cores during these runs, each
-  process getting a fraction of a core). Identical runs differ by 2-3x here, so the speed-ups in this table
-  measure the machine's load as much as the method: they are not evidence for or against the 1.7x target. A
-  speed-up measurement needs an idle machine with a core (or GPU) per rank.
+  share, GPTQ solves split by rows, AWQ's alpha grid and clip rows split, the collectives). Command s: the whole
+  command, which also holds what rank 0 does alone (load, source and quantized evaluation, export, verification)
+  and, at 2 ranks, a second process importing torch and loading the model beside it.
+- The machine: 2 CPU cores (AMD EPYC, one thread per core, one shared L3), nothing else of ours running (the load
+  average column is the ranks themselves); it is a shared host, so identical runs still differ by 10-20%: each
+  seed runs 1 and then 2 ranks back to back, and the table gives the median and range over the seeds.
+- What does not divide at 2 ranks: GPTQ's factorizations and its column loop's per-column steps (the ranks split
+  the rows, and at qwen3-mini's widths a column costs about the same for 768 rows as for 1536), the time ranks wait
+  for each other at the collectives, and two single-threaded processes sharing one L3 and memory bus (each rank's
+  calibration forwards run 10-20% slower than the single process's).
 - Compensation at N ranks takes the same number of steps, each on N minibatches (one per rank, gradients
   averaged, as DDP), so its per-rank work per step is the single process's: only the forwards over the samples
-  (targets, errors before and after) are split. A speed-up above 2 in its row (superlinear) can only be the
-  machine's load changing between the runs.
+  (targets, errors before and after) are split.
 - Peak host memory: every rank loads the whole model (only the calibration activations are split), so per-rank
-  memory does not fall with N and one machine needs N times it; rank 0 peaks later, in evaluation.
-- Checkpoint vs 1 rank: FP8 static + smoothing (maxima) and AWQ (sampled rows) see exactly the single process's
-  statistics when the shards are whole batches (as here: 128 samples = 16 batches of 8; the 2-rank tests check
-  the bits on the tiny model); GPTQ's Hessian is summed
-  in another order (last bits), which GPTQ's rounding turns into different codes, and compensation steps on
-  gradients averaged over 2 minibatches: compare the KL columns (seed to seed spread beside the rank difference).
-- Not measured: AWQ rows and FP8 on the random model (the machine's load made each random-model run take 7-11
-  minutes; AWQ's 2-rank checkpoint equals the single process's bit for bit on the tiny model, checked by hand
-  with the commands of tests/runner/test_distributed.py); NCCL: there is no GPU on this machine.
+  memory does not fall with N and one machine needs N times it; with --offload-dir (its row) each rank holds the
+  resident tensors and the decoder layer in use. Rank 0 peaks later, in evaluation.
+- Checkpoint vs 1 rank: with whole-batch shards (128 samples = 16 batches of 8) FP8 static + smoothing (maxima),
+  AWQ (the same sampled rows; the grid and rows the ranks split are the single process's) and GPTQ (float64 Hessian
+  sums of the same float32 batch products, rounded once) give the single process's bits, each rank running one
+  torch thread as the single process does. Compensation steps on gradients averaged over 2 minibatches, so its
+  checkpoint differs: compare the KL columns (seed to seed spread beside the rank difference).
+- Not measured: NCCL (no GPU on this machine), more than 2 ranks (2 cores), several machines.
 """
 
 
@@ -162,7 +163,7 @@ def main() -> None:
         refusals |= {} if isinstance(doc_other, list) else doc_other.get("refused", {})
         rows = [r for r in rows if (r["model"], r["scheme"]) not in {(o["model"], o["scheme"]) for o in other_rows}]
         rows += other_rows
-    doc = {"machine": f"{os.cpu_count()} cores, shared with other jobs (load average 1/5/15 min at the end: "
+    doc = {"machine": f"{os.cpu_count()} cores on a shared host (load average 1/5/15 min at the end: "
                       f"{'/'.join(f'{x:.1f}' for x in os.getloadavg())})",
            "torch": torch.__version__, "backend": "gloo (CPU); no NCCL numbers: no GPU here", "seeds": seeds,
            "rows": rows, "refused": refusals}

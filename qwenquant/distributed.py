@@ -6,6 +6,7 @@ no module state. Its collectives are the only ones the stages use:
 - `sum_` / `max_`: in-place all-reduce of a statistic (GPTQ's float64 X^T X sums and token counts, activation maxima);
 - `gather_rows` / `gather_rows_of`: every rank's rows of a tensor (of several, in one exchange), concatenated in
   rank order (weight-parallel GPTQ: each rank solves some output rows of a Linear group);
+- `map`: a function over a list of items (per-unit searches), each rank computing a share, results exchanged;
 - `all_same`: the ranks' answers to one question (recipe and source hash) compared before any work;
 - `barrier`: every rank got here (the run journal: a layer is counted as done once every rank wrote its share).
 A collective that fails (a rank died: the connection to it broke; or stalled past --dist-timeout) raises
@@ -136,6 +137,15 @@ class World:
             out.append(cols.view(t.dtype).reshape(whole.shape[0], *t.shape[1:]))
             start += r.shape[1]
         return out
+
+    def map(self, fn, items: list) -> list:
+        """[fn(item) for item in items] with each rank computing a contiguous share of the items (`shard`) and the
+        ranks exchanging their (small, picklable) results in rank order: weight-parallel per-unit searches. Every
+        item is computed by one rank from the same inputs as in a single process, so the results are its."""
+        mine = [fn(item) for item in items[self.shard(len(items))]]
+        if not self.distributed:
+            return mine
+        return [r for part in self.gather_objects(mine) for r in part]
 
     def gather_objects(self, obj) -> list:
         """Every rank's `obj` (small, picklable), in rank order."""

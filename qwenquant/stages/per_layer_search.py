@@ -48,7 +48,8 @@ def layer_granularity(ctx: LayerContext, cfg, names: list[str]) -> tuple[dict[st
     input_of = {n: g[0] for g in ctx.adapter.sequential_groups for n in g}
     xs = sample_inputs(ctx, sorted({input_of[n] for n in names}), MAX_SEARCH_TOKENS)
     choice, details = {}, {}
-    for u in units:
+
+    def unit_errors(u: list[str]) -> dict[str, float]:
         errors = {}
         for g, mode in (("channel", "token"), ("block", "group")):
             if g == "block" and any(ctx.linear(n).weight.shape[1] % cfg.block_size for n in u):
@@ -63,6 +64,9 @@ def layer_granularity(ctx: LayerContext, cfg, names: list[str]) -> tuple[dict[st
                 num += float((xq @ wq.T - ref).pow(2).sum())
                 den += float(ref.pow(2).sum())
             errors[g] = num / max(den, 1e-30)
+        return errors
+
+    for u, errors in zip(units, ctx.world.map(unit_errors, units)):  # the ranks share the units
         best = min(errors, key=lambda g: (errors[g], g != "channel"))
         for n in u:
             choice[n] = best
@@ -102,12 +106,15 @@ def layer_clips(ctx: LayerContext, cfg, key: str, names: list[str],
 
     weights = {tuple(u): torch.cat([ctx.linear(n).weight.data.float() for n in u]) for u in units}
     x_of = {u: xs[input_of[u[0]]].to(ctx.device) for u in weights}
-    baseline = {u: ss.search_clip(w, x_of[u], (1.0,), quantizer(u)).best_error for u, w in weights.items()}
+    # the ranks share the units (`World.map`): each unit's search runs on one rank, from the same inputs
+    baseline = dict(zip(weights, ctx.world.map(
+        lambda u: ss.search_clip(weights[u], x_of[u], (1.0,), quantizer(u)).best_error, list(weights))))
     reference = statistics.median(baseline.values())
+    grids = {u: ss.choose_grid(baseline[u], reference, ss.CLIP_GRID_COARSE, ss.CLIP_GRID_FINE) for u in weights}
+    results = ctx.world.map(lambda u: ss.search_clip(weights[u], x_of[u], grids[u], quantizer(u)), list(weights))
     clips, details = {}, {}
-    for u, w in weights.items():
-        grid = ss.choose_grid(baseline[u], reference, ss.CLIP_GRID_COARSE, ss.CLIP_GRID_FINE)
-        res = ss.search_clip(w, x_of[u], grid, quantizer(u))
+    for u, res in zip(weights, results):
+        grid = grids[u]
         for n in u:
             clips[n] = res.best
             details[n] = {"clip": res.best, "error_at_1": baseline[u], "error": res.best_error,
@@ -130,8 +137,9 @@ def layer_alpha(ctx: LayerContext, cfg, quantizer, mappings, absmax) -> tuple[fl
     quantize_weight, quantize_input = quantizer.search_rounding(dtype)
 
     def errors(grid) -> list[list[float]]:
-        out = []
-        for m in mappings:
+        """Per mapping (the ranks share the mappings: `World.map`), the output error at each alpha of `grid`."""
+
+        def mapping_errors(m) -> list[float]:
             a_max = absmax[m.balance[0]]
             ws = [ctx.linear(b).weight.data for b in m.balance]
 
@@ -145,8 +153,9 @@ def layer_alpha(ctx: LayerContext, cfg, quantizer, mappings, absmax) -> tuple[fl
             def rounded_input(x: torch.Tensor, s: torch.Tensor, a_max=a_max) -> torch.Tensor:
                 return quantize_input(x, s, a_max)
 
-            out.append(ss.alpha_errors(xs[m.balance[0]], ws, grid, factors, quantize_weight, rounded_input))
-        return out
+            return ss.alpha_errors(xs[m.balance[0]], ws, grid, factors, quantize_weight, rounded_input)
+
+        return ctx.world.map(mapping_errors, list(mappings))
 
     base_errors = errors([cfg.alpha])
     baseline = sum(e[0] for e in base_errors)
