@@ -65,7 +65,8 @@ NOTES = """- Quantize s: rank 0's `timings_s.quantize`, the phase the ranks shar
   (targets, errors before and after) are split.
 - Peak host memory: every rank loads the whole model (only the calibration activations are split), so per-rank
   memory does not fall with N and one machine needs N times it; with --offload-dir (its row) each rank holds the
-  resident tensors and the decoder layer in use. Rank 0 peaks later, in evaluation.
+  resident tensors and the decoder layer in use. The per-rank peak is the process's peak so far (ru_maxrss):
+  rank 0's includes its source evaluation, which runs before the layer loop; rank 1's is the quantize phase's.
 - Checkpoint vs 1 rank: with whole-batch shards (128 samples = 16 batches of 8) FP8 static + smoothing (maxima),
   AWQ (the same sampled rows; the grid and rows the ranks split are the single process's) and GPTQ (float64 Hessian
   sums of the same float32 batch products, rounded once) give the single process's bits, each rank running one

@@ -276,7 +276,9 @@ def relaunch(nproc: int, argv: list[str]) -> int:
     except ChildFailedError as err:
         failed = {f.local_rank: f.exitcode for f in err.failures.values()}
         killed = {r: c for r, c in failed.items() if r and c < 0 and c != -signal.SIGTERM}
-        if failed.get(0, 0) > 0 and not killed:  # rank 0 failed on its own: its one-line error is above
+        # rank 0 failed on its own (its one-line error is above), or refused bad input, which every rank refuses
+        # together: another rank's death after that (gloo can abort a process whose peer is gone) is a consequence
+        if failed.get(0, 0) > 0 and (not killed or failed[0] == BadInputError.exit_code):
             return failed[0]
         # the rank that failed first: one killed by a signal, not one the launcher then stopped with SIGTERM
         rank, code = min(killed.items() or failed.items(), key=lambda rc: (rc[1] == -signal.SIGTERM, rc[0]))
