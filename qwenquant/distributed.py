@@ -45,6 +45,14 @@ class RankLost(ResumableError):
     """A collective of this rank failed: another rank died or stalled longer than --dist-timeout."""
 
 
+def _ignore_sigterm() -> None:
+    """From here on this rank's run is over: ignore the launcher's SIGTERM so the error report can finish."""
+    try:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    except ValueError:  # not the main thread
+        pass
+
+
 @contextmanager
 def _collective(world: World, what: str) -> Iterator[None]:
     """Turn a failed collective (gloo: RuntimeError "Connection reset by peer" / "Timed out"; NCCL:
@@ -53,10 +61,7 @@ def _collective(world: World, what: str) -> Iterator[None]:
     try:
         yield
     except RuntimeError as err:
-        try:
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        except ValueError:  # not the main thread
-            pass
+        _ignore_sigterm()
         first = re.sub(r"^\[[^\]]*\]\s*", "", (str(err).strip().splitlines() or [""])[0]).split(". This")[0][:200]
         raise RankLost(f"rank {world.rank} of {world.size} lost contact with the other ranks in {what} (another rank "
                        f"died, or stalled longer than --dist-timeout): {first}") from err
@@ -181,6 +186,9 @@ class World:
         """Raise BadInputError(message) on every rank, for a refusal all ranks reached together (rank 0 prints
         it). The other ranks first wait until rank 0 has exited (their barrier then fails), so that the launcher
         sees rank 0's exit status, not another rank's with rank 0 stopped before it could print."""
+        if self.distributed and self.main:
+            _ignore_sigterm()  # the others exit once rank 0 leaves the group: the launcher's SIGTERM must not cut
+            # rank 0's error line (or its exit status 2) short
         if self.distributed and not self.main and torch.distributed.is_initialized():
             try:
                 torch.distributed.barrier()

@@ -220,12 +220,13 @@ def check_offload_dir(offload_dir: Path, out: Path, model_path: Path | None = No
 
 
 @contextmanager
-def offload_session(offload_dir: Path, out: Path, rank: int = 0) -> Iterator[Path]:
+def offload_session(offload_dir: Path, out: Path, rank: int = 0, remove_dir: bool | None = None) -> Iterator[Path]:
     """Create the run's work dir (this rank's: `offload_workdir`; and DIR if missing), yield it, and always remove
-    it (and DIR if created here and empty: another rank's work dir may still be in it). A work dir left by a killed
-    run of the same --out is replaced."""
+    it, and DIR too when `remove_dir` (None: when it was missing before) and it is empty. A distributed run decides
+    `remove_dir` once for all ranks (rank 0 removes DIR, at the end: the others finish first). A work dir left by a
+    killed run of the same --out is replaced."""
     d = Path(offload_dir).expanduser().resolve()
-    created = not d.exists()
+    created = not d.exists() if remove_dir is None else remove_dir
     work = offload_workdir(d, out, rank)
     try:
         work.parent.mkdir(parents=True, exist_ok=True)

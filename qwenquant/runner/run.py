@@ -280,8 +280,10 @@ def _run_recipe(recipe: Recipe, options: RunOptions, reporter: Reporter | None, 
         return report
     if options.resume and recipe.stage("mixed_precision") is None:  # refuse a journal this run cannot continue
         check_resume(world, partial_dir(out), run.fingerprint())
-    sessions = offload_session(options.offload_dir, out, world.rank) if options.offload_dir is not None \
-        else nullcontext()
+    sessions = nullcontext()
+    if options.offload_dir is not None:  # whether the run creates DIR: rank 0's view, before any rank creates it
+        missing = world.gather_objects(not Path(options.offload_dir).expanduser().exists())[0]
+        sessions = offload_session(options.offload_dir, out, world.rank, remove_dir=missing and world.main)
     with sessions as offload_folder:
         with run.timed("load"):
             run.load(offload_folder)
